@@ -1,0 +1,142 @@
+"""Registry errors in the OCI wire format, rendered in one place.
+
+Code raises a RegistryError subclass; ``error_middleware`` turns it (and anything
+unexpected) into ``{"errors": [{"code", "message", "detail"}]}`` with the right
+status, so no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+API_VERSION_HEADER = {"Docker-Distribution-Api-Version": "registry/2.0"}
+
+
+class RegistryError(Exception):
+    """An error a client is told about, with a distribution-spec error code."""
+
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self, message: str, detail: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            err["detail"] = self.detail
+        return {"errors": [err]}
+
+
+class NameInvalid(RegistryError):
+    code, status = "NAME_INVALID", 400
+
+
+class NameUnknown(RegistryError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class DigestInvalid(RegistryError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class ManifestUnknown(RegistryError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class ManifestInvalid(RegistryError):
+    code, status = "MANIFEST_INVALID", 502
+
+
+class BlobUnknown(RegistryError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class RangeNotSatisfiable(RegistryError):
+    code, status = "RANGE_INVALID", 416
+
+
+class Unsupported(RegistryError):
+    code, status = "UNSUPPORTED", 405
+
+
+class NotFound(RegistryError):
+    """A path that is not part of the API."""
+
+    code, status = "UNSUPPORTED", 404
+
+
+class Unauthorized(RegistryError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class BadGateway(RegistryError):
+    """Upstreams answered, but not usefully (5xx, 401, bad bytes)."""
+
+    code, status = "UNAVAILABLE", 502
+
+
+class Unavailable(RegistryError):
+    """No upstream could be reached, or the mirror cannot serve right now."""
+
+    code, status = "UNAVAILABLE", 503
+
+
+class GatewayTimeout(RegistryError):
+    code, status = "UNAVAILABLE", 504
+
+
+def error_response(err: RegistryError, *, head: bool = False) -> web.Response:
+    body = json.dumps(err.body()).encode()
+    headers = {**API_VERSION_HEADER, **err.headers}
+    resp = web.Response(
+        status=err.status,
+        body=None if head else body,
+        content_type="application/json",
+        headers=headers,
+    )
+    if head:
+        resp.content_length = len(body)
+    return resp
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as an OCI error body; log the unexpected ones once."""
+    head = request.method == "HEAD"
+    try:
+        return await handler(request)
+    except RegistryError as err:
+        return error_response(err, head=head)
+    except web.HTTPMethodNotAllowed as err:
+        return error_response(
+            Unsupported(
+                f"{request.method} is not supported by a pull-through mirror",
+                headers={"Allow": ",".join(sorted(err.allowed_methods))},
+            ),
+            head=head,
+        )
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no such endpoint {request.path[:200]!r}"), head=head)
+    except web.HTTPException:
+        raise
+    except ConnectionResetError:
+        raise  # the client went away: nothing to answer
+    except Exception:
+        logger.exception("internal error serving %s %s", request.method, request.path)
+        return error_response(RegistryError("internal error"), head=head)

@@ -1,0 +1,66 @@
+"""Every Prometheus metric, declared against an injected registry.
+
+Labels are bounded: a namespace is a configured name, an endpoint a configured URL;
+never a repository or a digest.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.cache_requests = Counter(
+            "mirrorproxy_cache_requests",
+            "Manifest and blob requests by how the cache answered them.",
+            ["namespace", "kind", "result"],
+            registry=r,
+        )
+        self.cache_bytes = Counter(
+            "mirrorproxy_cache_bytes",
+            "Bytes sent to clients, by where they came from.",
+            ["namespace", "source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirrorproxy_upstream_requests",
+            "Requests sent upstream, by HTTP status or error/timeout.",
+            ["namespace", "endpoint", "code"],
+            registry=r,
+        )
+        self.upstream_failovers = Counter(
+            "mirrorproxy_upstream_failovers",
+            "Times a request moved on to the next upstream endpoint.",
+            ["namespace"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirrorproxy_upstream_up",
+            "1 while an endpoint is usable, 0 while it is in cooldown.",
+            ["namespace", "endpoint"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "mirrorproxy_request_duration_seconds",
+            "Time to answer a client request (to the end of the body).",
+            ["method", "kind"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.inflight_requests = Gauge(
+            "mirrorproxy_inflight_requests", "Client requests being answered.", registry=r
+        )
+        self.digest_mismatches = Counter(
+            "mirrorproxy_digest_mismatches",
+            "Upstream content whose bytes did not hash to the requested digest.",
+            ["namespace"],
+            registry=r,
+        )
+        self.cache_write_errors = Counter(
+            "mirrorproxy_cache_write_errors",
+            "Cache writes that failed (disk full, read-only, I/O error).",
+            registry=r,
+        )

@@ -1,0 +1,41 @@
+"""Which configured namespace serves a request: the ``ns`` query, else the default.
+
+Pure. A registry that is not configured (and not covered by a wildcard) is refused
+here, before any connection: the mirror is never an open proxy to a host a client
+names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mirrorproxy.config import Config, Namespace
+from mirrorproxy.errors import NameInvalid, NameUnknown
+
+_NS_RE = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+)
+
+
+def resolve(config: Config, ns_param: str | None) -> tuple[Namespace, str]:
+    """Return (namespace config, registry name) for a request's ``ns`` value.
+
+    Raises:
+        NameInvalid: ``ns`` is not a registry host name.
+        NameUnknown: no namespace (nor a wildcard) serves it; containerd then
+            moves on to its next host.
+    """
+    name = (ns_param or "").strip().lower()
+    if not name:
+        name = config.server.default_namespace or ""
+        if not name:
+            raise NameUnknown("this mirror needs ?ns=<registry> (no default_namespace set)")
+    if len(name) > 255 or not _NS_RE.fullmatch(name):
+        raise NameInvalid(f"invalid ns {name[:100]!r}: not a registry host name")
+    ns = config.namespace(name)
+    if ns is None:
+        raise NameUnknown(
+            f"registry {name!r} is not configured on this mirror", {"namespace": name}
+        )
+    return ns, name

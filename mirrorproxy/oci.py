@@ -1,0 +1,148 @@
+"""The OCI distribution grammar: names, tags, digests, Range and Accept headers.
+
+Pure and synchronous. Everything a client sends is checked here before it touches
+the disk or the network; a value that passes cannot escape the cache directory
+(digest hex is the only part of a request that becomes a path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from mirrorproxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable, Unsupported
+
+MAX_NAME_LENGTH = 255  # the spec's note on client limits; also bounds path length
+
+# distribution-spec: <name> = path-component ("/" path-component)*
+_NAME_RE = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
+_HEX = {"sha256": 64, "sha512": 128}
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, DOCKER_V1_SIGNED)
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A validated ``algorithm:hex`` content digest (sha256 or sha512)."""
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def parse_name(name: str) -> str:
+    """Validate a repository name (``library/alpine``).
+
+    Raises:
+        NameInvalid: not in the distribution-spec grammar, or too long.
+    """
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise NameInvalid(f"invalid repository name {name[:300]!r}")
+    return name
+
+
+def parse_digest(text: str) -> Digest:
+    """Validate a digest; only sha256 and sha512 are accepted.
+
+    Raises:
+        DigestInvalid: malformed, or the hex has the wrong length or case.
+        Unsupported: a well-formed digest with another algorithm.
+    """
+    m = _DIGEST_RE.fullmatch(text)
+    if m is None:
+        raise DigestInvalid(f"invalid digest {text[:200]!r}")
+    algorithm, encoded = m.groups()
+    if algorithm not in _HEX:
+        raise Unsupported(f"digest algorithm {algorithm!r} is not supported (sha256, sha512)")
+    if len(encoded) != _HEX[algorithm] or not re.fullmatch(r"[0-9a-f]+", encoded):
+        raise DigestInvalid(f"invalid {algorithm} digest {text[:200]!r}")
+    return Digest(algorithm, encoded)
+
+
+def parse_reference(text: str) -> str | Digest:
+    """Return a tag (str) or a Digest for a manifest reference.
+
+    Raises:
+        DigestInvalid/Unsupported: a reference with a colon that is no valid digest.
+        NameInvalid: neither a tag nor a digest (the spec's code for a bad tag).
+    """
+    if ":" in text:
+        return parse_digest(text)
+    if not _TAG_RE.fullmatch(text):
+        raise NameInvalid(f"invalid tag {text[:200]!r}")
+    return text
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """Turn a single ``bytes=a-b`` range into inclusive (start, end) within ``size``.
+
+    Returns None when there is no usable single range: the header is absent, or has
+    several ranges, which a server may answer with the whole body.
+
+    Raises:
+        RangeNotSatisfiable: a well-formed range outside the blob.
+    """
+    if not header:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
+    if m is None:
+        return None
+    first, last = m.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable(f"range {header!r} is empty")
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise RangeNotSatisfiable(f"range {header!r} not satisfiable for size {size}")
+    return start, end
+
+
+def accept_types(header: str | None) -> tuple[str, ...]:
+    """Media types a client accepts, sorted and without parameters (a stable cache key)."""
+    if not header:
+        return ()
+    types = {part.split(";", 1)[0].strip().lower() for part in header.split(",")}
+    types.discard("")
+    return tuple(sorted(types))
+
+
+def acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
+    """Whether a stored manifest of ``media_type`` may answer a client's Accept."""
+    return not accepted or media_type in accepted or "*/*" in accepted
+
+
+def manifest_media_type(body: bytes, header: str | None) -> str:
+    """The manifest's media type: the upstream's header, else its ``mediaType`` field."""
+    if header:
+        ctype = header.split(";", 1)[0].strip()
+        if ctype and ctype not in ("application/json", "application/octet-stream", "text/plain"):
+            return ctype
+    m = re.search(rb'"mediaType"\s*:\s*"([^"]{1,255})"', body[:4096])
+    if m:
+        return m.group(1).decode("ascii", "replace")
+    return OCI_MANIFEST

@@ -1,0 +1,1 @@
+"""Talking to upstream registries: the only package that opens network connections."""

@@ -1,0 +1,278 @@
+"""UpstreamClient: requests to a namespace's endpoints, in order, with failover.
+
+It knows endpoints, timeouts, cooldowns and HTTP; it knows nothing of the cache.
+A request goes to the first endpoint not in cooldown and moves on when one fails
+(connection error, timeout, any status but 200/206). An endpoint that failed at
+the transport level or with 5xx/429 is skipped for a cooldown that doubles per
+consecutive failure, so a dead first mirror does not cost every request a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from mirrorproxy import __version__
+from mirrorproxy.config import Config, Namespace, Upstream
+from mirrorproxy.errors import (
+    BadGateway,
+    GatewayTimeout,
+    RegistryError,
+    Unavailable,
+)
+from mirrorproxy.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = f"mirrorproxy/{__version__}"
+MAX_RETRY_AFTER = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one endpoint answered, for error messages and the final status."""
+
+    endpoint: str
+    outcome: str  # "404", "503", "timeout", "connection refused", ...
+    status: int | None = None  # HTTP status when the endpoint answered
+
+    def __str__(self) -> str:
+        return f"{self.endpoint}: {self.outcome}"
+
+
+class UpstreamError(Exception):
+    """Every endpoint of a namespace failed; carries what each one said."""
+
+    def __init__(self, what: str, attempts: list[Attempt]) -> None:
+        self.what = what
+        self.attempts = attempts
+        summary = "; ".join(str(a) for a in attempts) or "no endpoint tried"
+        super().__init__(f"{what}: {summary}")
+
+    @property
+    def not_found(self) -> bool:
+        """True when every endpoint that was asked said 404: the thing does not exist."""
+        return bool(self.attempts) and all(a.status == 404 for a in self.attempts)
+
+    def registry_error(self) -> RegistryError:
+        """The error for the client when this was not a plain not-found."""
+        detail = {"upstreams": [str(a) for a in self.attempts]}
+        message = f"no upstream could serve {self.what}"
+        if any(a.status is not None for a in self.attempts):
+            return BadGateway(message, detail)
+        if self.attempts and all(a.outcome == "timeout" for a in self.attempts):
+            return GatewayTimeout(message, detail)
+        return Unavailable(message, detail)
+
+
+class UpstreamResponse:
+    """An open upstream response; the caller reads the body and must ``release()``."""
+
+    def __init__(self, upstream: Upstream, resp: aiohttp.ClientResponse, offset: int) -> None:
+        self.upstream = upstream
+        self.resp = resp
+        self.offset = offset  # byte position of the first body byte (Range resumes)
+
+    @property
+    def status(self) -> int:
+        return self.resp.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.resp.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self.resp.content_length
+
+    def release(self) -> None:
+        self.resp.release()
+
+    def close(self) -> None:
+        """Drop the connection (after a body error it cannot be reused)."""
+        self.resp.close()
+
+
+@dataclass(slots=True)
+class _Health:
+    failures: int = 0
+    until: float = 0.0
+
+
+class UpstreamClient:
+    """Failover over a namespace's endpoints, one ClientSession per endpoint."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._health: dict[tuple[str, str], _Health] = {}
+
+    async def start(self) -> None:
+        for ns in self._config.namespaces.values():
+            for up in ns.upstreams:
+                if up.url not in self._sessions:
+                    self._sessions[up.url] = aiohttp.ClientSession(
+                        auto_decompress=False,  # blob bytes must reach clients untouched
+                        headers={"User-Agent": USER_AGENT},
+                        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60),
+                    )
+                self._metrics.upstream_up.labels(ns.name, up.url).set(1)
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    def in_cooldown(self, ns: Namespace, up: Upstream) -> bool:
+        h = self._health.get((ns.name, up.url))
+        return h is not None and h.until > self._clock()
+
+    def mark_failed(
+        self, ns: Namespace, up: Upstream, *, retry_after: float | None = None
+    ) -> None:
+        """Put an endpoint in cooldown: given by Retry-After, else doubling per failure."""
+        h = self._health.setdefault((ns.name, up.url), _Health())
+        h.failures += 1
+        d = self._config.defaults
+        if retry_after is not None:
+            delay = min(retry_after, MAX_RETRY_AFTER)
+        else:
+            delay = min(d.cooldown * 2 ** (h.failures - 1), d.max_cooldown)
+        h.until = self._clock() + delay
+        self._metrics.upstream_up.labels(ns.name, up.url).set(0)
+        logger.warning("upstream %s (%s) in cooldown for %.1fs", up.url, ns.name, delay)
+
+    def _mark_ok(self, ns: Namespace, up: Upstream) -> None:
+        if self._health.pop((ns.name, up.url), None) is not None:
+            self._metrics.upstream_up.labels(ns.name, up.url).set(1)
+            logger.info("upstream %s (%s) is healthy again", up.url, ns.name)
+
+    def candidates(self, ns: Namespace) -> list[Upstream]:
+        """Endpoints to try, in order: those not cooling down, or all if every one is."""
+        ready = [u for u in ns.upstreams if not self.in_cooldown(ns, u)]
+        return ready or list(ns.upstreams)
+
+    def url_for(self, up: Upstream, ns_name: str, path: str) -> URL:
+        url = URL(up.origin + up.path + "/" + path, encoded=True)
+        return url.update_query(ns=ns_name) if up.ns else url
+
+    async def open(
+        self,
+        ns: Namespace,
+        ns_name: str,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        start: int = 0,
+        stream: bool = False,
+    ) -> UpstreamResponse:
+        """Send a request to the first endpoint that answers 200 (or 206 for ``start``).
+
+        Args:
+            ns: the configured namespace; ns_name: the registry the client asked for.
+            path: below the API root, e.g. ``library/alpine/manifests/3`` (validated).
+            what: names the object in errors ("manifest library/alpine:3").
+            start: resume a blob at this byte with ``Range: bytes=start-``.
+            stream: a blob body (no total timeout, only connect and read timeouts).
+
+        Raises:
+            UpstreamError: every candidate endpoint failed.
+        """
+        attempts: list[Attempt] = []
+        req_headers = dict(headers or {})
+        if start:
+            req_headers["Range"] = f"bytes={start}-"
+        for i, up in enumerate(self.candidates(ns)):
+            if i:
+                self._metrics.upstream_failovers.labels(ns.name).inc()
+            attempt = await self._try(
+                ns, ns_name, up, method, path, req_headers, query, start, stream
+            )
+            if isinstance(attempt, UpstreamResponse):
+                return attempt
+            attempts.append(attempt)
+        raise UpstreamError(what, attempts)
+
+    async def _try(
+        self,
+        ns: Namespace,
+        ns_name: str,
+        up: Upstream,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        query: Mapping[str, str] | None,
+        start: int,
+        stream: bool,
+    ) -> UpstreamResponse | Attempt:
+        url = self.url_for(up, ns_name, path)
+        if query:
+            url = url.update_query(query)
+        timeout = aiohttp.ClientTimeout(
+            total=None if stream else up.connect_timeout + up.read_timeout,
+            sock_connect=up.connect_timeout,
+            sock_read=up.read_timeout,
+        )
+        count = self._metrics.upstream_requests
+        try:
+            resp = await self._sessions[up.url].request(
+                method, url, headers=headers, timeout=timeout, allow_redirects=True
+            )
+        except TimeoutError:
+            count.labels(ns.name, up.url, "timeout").inc()
+            self.mark_failed(ns, up)
+            return Attempt(up.url, "timeout")
+        except aiohttp.ClientConnectorError as err:
+            count.labels(ns.name, up.url, "error").inc()
+            self.mark_failed(ns, up)
+            return Attempt(up.url, f"cannot connect ({err.os_error.strerror or err.os_error})")
+        except aiohttp.ClientError as err:
+            count.labels(ns.name, up.url, "error").inc()
+            self.mark_failed(ns, up)
+            return Attempt(up.url, f"{type(err).__name__}: {err}"[:200])
+        count.labels(ns.name, up.url, str(resp.status)).inc()
+        if resp.status == 200 or (resp.status == 206 and start):
+            offset = _range_offset(resp) if resp.status == 206 else 0
+            if offset is None or offset > start:
+                resp.close()
+                self.mark_failed(ns, up)
+                return Attempt(up.url, "bad Content-Range on resume", resp.status)
+            self._mark_ok(ns, up)
+            return UpstreamResponse(up, resp, offset)
+        resp.release()
+        if resp.status == 429:
+            self.mark_failed(ns, up, retry_after=_retry_after(resp.headers.get("Retry-After")))
+        elif resp.status >= 500:
+            self.mark_failed(ns, up)
+        logger.info("upstream %s answered %d for %s %s", up.url, resp.status, method, path)
+        return Attempt(up.url, str(resp.status), resp.status)
+
+
+def _range_offset(resp: aiohttp.ClientResponse) -> int | None:
+    """The first byte of a 206 body, from ``Content-Range: bytes a-b/n``."""
+    value = resp.headers.get("Content-Range", "")
+    unit, _, rest = value.partition(" ")
+    first = rest.split("-", 1)[0]
+    return int(first) if unit == "bytes" and first.isdigit() else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None  # HTTP-date form: fall back to the normal cooldown
