@@ -1,0 +1,225 @@
+"""BlobFill: one upstream download of a blob, shared by every client that wants it.
+
+The download runs as its own task, detached from any client, so it completes (and
+the cache gets the blob) even when the client that started it goes away. Clients
+follow the temp file as it grows, each at its own pace. The last byte is held back
+until the digest is verified, so a corrupt download never reaches a client whole.
+A connection cut mid-blob resumes with ``Range`` on the next usable endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+
+from mirrorproxy.cache import BlobInfo
+from mirrorproxy.cache.blobs import BlobWriter, DigestMismatch, FileBlobStore
+from mirrorproxy.config import Namespace
+from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
+from mirrorproxy.metrics import Metrics
+from mirrorproxy.oci import Digest
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+WRITE_BATCH = 1024 * 1024  # bytes gathered before one write: fewer thread hops
+READ_CHUNK = 1024 * 1024
+MAX_RESUMES = 3
+
+
+class FillFailed(Exception):
+    """The shared download failed; followers must abort their response."""
+
+
+class BlobFill:
+    def __init__(
+        self,
+        *,
+        ns: Namespace,
+        ns_name: str,
+        repo: str,
+        digest: Digest,
+        client: UpstreamClient,
+        store: FileBlobStore,
+        metrics: Metrics,
+        on_done: Callable[[BlobFill], None],
+    ) -> None:
+        self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
+        self._client, self._store, self._metrics, self._on_done = client, store, metrics, on_done
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()  # upstream said 200 (size known)
+        self.size: int | None = None
+        self.result: BlobInfo | None = None
+        self.error: BaseException | None = None
+        self._writer: BlobWriter | None = None
+        self._tick: asyncio.Future[None] = loop.create_future()
+        self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def _notify(self) -> None:
+        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+        tick.set_result(None)
+
+    def _readable(self) -> int:
+        if self._writer is None:
+            return 0
+        if self.result is not None:
+            return self._writer.written
+        return max(0, self._writer.written - 1)
+
+    async def follow(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) as the download provides them.
+
+        Raises:
+            FillFailed: the download failed; the response must be aborted.
+        """
+        # Open synchronously, right after checking state: the temp file is renamed
+        # on commit, and an open descriptor follows it across the rename.
+        if self.error is not None or self._writer is None:
+            raise FillFailed(str(self.error or "download not started"))
+        path = self.result.path if self.result is not None else self._writer.tmp_path
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pos = start
+            while end is None or pos < end:
+                limit = self._readable()
+                if end is not None:
+                    limit = min(limit, end)
+                if pos < limit:
+                    data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, limit - pos), pos)
+                    if not data:
+                        raise FillFailed("blob file shrank while reading")
+                    pos += len(data)
+                    yield data
+                    continue
+                if self.error is not None:
+                    raise FillFailed(str(self.error))
+                if self.result is not None:
+                    return  # everything readable was sent
+                await asyncio.shield(self._tick)
+        finally:
+            os.close(fd)
+
+    async def _run(self) -> None:
+        resp: UpstreamResponse | None = None
+        path = f"{self.repo}/blobs/{self.digest}"
+        what = f"blob {self.digest}"
+        try:
+            resp = await self._client.open(
+                self.ns, self.ns_name, "GET", path, what=what, stream=True
+            )
+            self.size = resp.content_length
+            self._writer = self._store.begin(self.digest)
+            self.ready.set_result(None)
+            resumes = 0
+            while True:
+                try:
+                    await self._pump(resp, self._writer)
+                    break
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    resumes += 1
+                    logger.warning(
+                        "blob %s: upstream %s failed after %d bytes (%s); resuming",
+                        self.digest,
+                        resp.upstream.url,
+                        self._writer.written,
+                        err,
+                    )
+                    resp.close()
+                    self._client.mark_failed(self.ns, resp.upstream)
+                    if resumes > MAX_RESUMES:
+                        raise
+                    resp = await self._client.open(
+                        self.ns,
+                        self.ns_name,
+                        "GET",
+                        path,
+                        what=what,
+                        stream=True,
+                        start=self._writer.written,
+                    )
+            if self.size is not None and self._writer.written != self.size:
+                raise BadGateway(
+                    f"upstream sent {self._writer.written} bytes of {self.size} for {what}"
+                )
+            self.result = await self._writer.commit()
+            logger.info(
+                "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
+            )
+        except BaseException as err:
+            self.error = err
+            self._log_failure(err, resp)
+            if self._writer is not None:
+                await self._writer.abort()
+            if not self.ready.done():
+                self.ready.set_exception(_client_error(err, what))
+                self.ready.exception()  # retrieved here; waiters get it too
+            if isinstance(err, asyncio.CancelledError):
+                raise
+        finally:
+            if resp is not None:
+                resp.release()
+            self._notify()
+            self._on_done(self)
+
+    async def _pump(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
+        """Copy the body to the writer; after a resume from 0, skip what we have."""
+        skip = writer.written - resp.offset
+        buf = bytearray()
+        try:
+            while True:
+                data = await resp.resp.content.readany()
+                if not data:
+                    break
+                if skip:
+                    cut = min(skip, len(data))
+                    data, skip = data[cut:], skip - cut
+                buf += data
+                if len(buf) >= WRITE_BATCH:
+                    await writer.write(buf)
+                    buf = bytearray()
+                    self._notify()
+        finally:
+            if buf:  # good bytes before a cut still count: resume after them
+                await writer.write(buf)
+                self._notify()
+
+    def _log_failure(self, err: BaseException, resp: UpstreamResponse | None) -> None:
+        endpoint = resp.upstream.url if resp is not None else "-"
+        if isinstance(err, DigestMismatch):
+            self._metrics.digest_mismatches.labels(self.ns.name).inc()
+            if resp is not None:
+                self._client.mark_failed(self.ns, resp.upstream)
+            logger.error("blob %s from %s discarded: %s", self.digest, endpoint, err)
+        elif isinstance(err, OSError):
+            self._metrics.cache_write_errors.inc()
+            logger.error("blob %s: cache write failed: %s", self.digest, err)
+        elif isinstance(err, UpstreamError | RegistryError):
+            logger.warning("blob %s: %s", self.digest, err)
+        elif not isinstance(err, asyncio.CancelledError):
+            logger.error("blob %s: download from %s failed: %r", self.digest, endpoint, err)
+
+
+def _client_error(err: BaseException, what: str) -> Exception:
+    """What a client waiting for the response headers is told."""
+    if isinstance(err, UpstreamError):
+        return BlobUnknown(f"{what} not found upstream") if err.not_found else err.registry_error()
+    if isinstance(err, RegistryError):
+        return err
+    return BadGateway(f"could not fetch {what}: {err}")
+
+
+async def cancel_fills(fills: list[BlobFill]) -> None:
+    for fill in fills:
+        fill.task.cancel()
+    for fill in fills:
+        with contextlib.suppress(BaseException):
+            await fill.task

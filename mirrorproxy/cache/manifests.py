@@ -1,0 +1,142 @@
+"""Manifests by digest (immutable) and tag -> digest records, on disk and hot in memory.
+
+A manifest file holds its media type on the first line and the exact bytes after
+it. A tag record (``tags/<xx>/<hash>.json``) maps each Accept set a client used to
+what the tag resolved to, so an index and a single-platform manifest under the
+same tag never answer for each other. Files are written temp + rename.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from mirrorproxy.cache import StoredManifest, TagEntry
+from mirrorproxy.oci import Digest, parse_digest
+
+logger = logging.getLogger(__name__)
+
+
+class FileManifestStore:
+    def __init__(self, root: Path, *, memory_bytes: int = 64 * 1024 * 1024) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self._memory_bytes = memory_bytes
+        self._hot: OrderedDict[Digest, StoredManifest] = OrderedDict()
+        self._hot_size = 0
+        self._tags: dict[tuple[str, str, str], dict[str, TagEntry]] = {}
+
+    def prepare(self) -> None:
+        for sub in ("manifests", "tags", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: Digest) -> Path:
+        return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def _tag_path(self, ns: str, repo: str, tag: str) -> Path:
+        key = hashlib.sha256(f"{ns}\0{repo}\0{tag}".encode()).hexdigest()
+        return self.root / "tags" / key[:2] / f"{key}.json"
+
+    async def get(self, digest: Digest) -> StoredManifest | None:
+        hot = self._hot.get(digest)
+        if hot is not None:
+            self._hot.move_to_end(digest)
+            return hot
+        try:
+            raw = await asyncio.to_thread(self._path(digest).read_bytes)
+        except OSError:
+            return None
+        media_type, sep, body = raw.partition(b"\n")
+        if not sep or Digest.of(body, digest.algorithm) != digest:
+            logger.warning("dropping corrupt cached manifest %s", digest)
+            with contextlib.suppress(OSError):
+                self._path(digest).unlink()
+            return None
+        manifest = StoredManifest(digest, media_type.decode(), body)
+        self._remember(manifest)
+        return manifest
+
+    async def put(self, manifest: StoredManifest) -> None:
+        data = manifest.media_type.encode() + b"\n" + manifest.body
+        await asyncio.to_thread(_atomic_write, self.tmp, self._path(manifest.digest), data)
+        self._remember(manifest)
+
+    def _remember(self, manifest: StoredManifest) -> None:
+        if manifest.digest in self._hot or len(manifest.body) > self._memory_bytes // 4:
+            return
+        self._hot[manifest.digest] = manifest
+        self._hot_size += len(manifest.body)
+        while self._hot_size > self._memory_bytes:
+            _, old = self._hot.popitem(last=False)
+            self._hot_size -= len(old.body)
+
+    async def get_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
+        key = (ns, repo, tag)
+        entries = self._tags.get(key)
+        if entries is None:
+            entries = await asyncio.to_thread(self._read_tag, ns, repo, tag)
+            self._tags[key] = entries
+        return entries
+
+    async def put_tag(self, ns: str, repo: str, tag: str, accept: str, entry: TagEntry) -> None:
+        entries = dict(await self.get_tag(ns, repo, tag))
+        entries[accept] = entry
+        self._tags[(ns, repo, tag)] = entries
+        record = {
+            "namespace": ns,
+            "repository": repo,
+            "tag": tag,
+            "entries": {
+                k: {
+                    "digest": str(e.digest),
+                    "media_type": e.media_type,
+                    "size": e.size,
+                    "fetched": e.fetched,
+                }
+                for k, e in entries.items()
+            },
+        }
+        data = json.dumps(record, indent=1).encode()
+        await asyncio.to_thread(_atomic_write, self.tmp, self._tag_path(ns, repo, tag), data)
+
+    def _read_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
+        path = self._tag_path(ns, repo, tag)
+        try:
+            record: Any = json.loads(path.read_bytes())
+            out = {}
+            for k, e in record["entries"].items():
+                out[str(k)] = TagEntry(
+                    digest=parse_digest(e["digest"]),
+                    media_type=str(e["media_type"]),
+                    size=int(e["size"]),
+                    fetched=float(e["fetched"]),
+                )
+            return out
+        except FileNotFoundError:
+            return {}
+        except Exception:  # a torn or foreign file is a cache miss, not an outage
+            logger.warning("ignoring unreadable tag record %s", path)
+            return {}
+
+
+def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
+    tmp = tmp_dir / f"{final.name[:16]}-{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

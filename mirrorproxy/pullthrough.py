@@ -1,0 +1,357 @@
+"""Pull-through policy: the only module that knows both the cache and the upstreams.
+
+- Digests (manifests and blobs) are local-first: immutable, so a cached copy is
+  always right. A miss is fetched, verified against the digest, and stored.
+- Tags are remote-first once stale: fresh for ``tag_ttl``, then revalidated with a
+  HEAD; when every upstream fails, the last known answer is served, marked stale.
+- Concurrent misses for the same thing share one upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from mirrorproxy.blobfill import BlobFill, cancel_fills
+from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
+from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.config import Config, Namespace
+from mirrorproxy.errors import (
+    BadGateway,
+    BlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+)
+from mirrorproxy.metrics import Metrics
+from mirrorproxy.oci import (
+    MANIFEST_TYPES,
+    Digest,
+    accept_types,
+    acceptable,
+    manifest_media_type,
+    parse_digest,
+)
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HIT, MISS, STALE = "hit", "miss", "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request points: the namespace serving it and the repository."""
+
+    ns: Namespace
+    ns_name: str  # the registry the client asked for (ns=), may differ under a wildcard
+    repo: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    manifest: StoredManifest
+    result: str  # hit, miss or stale
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """A cached file to sendfile, or a running fill to follow."""
+
+    size: int | None
+    info: BlobInfo | None = None
+    fill: BlobFill | None = None
+
+
+class PullThrough:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        blobs: FileBlobStore,
+        manifests: FileManifestStore,
+        client: UpstreamClient,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._blobs = blobs
+        self._manifests = manifests
+        self._client = client
+        self._metrics = metrics
+        self._clock = clock
+        self._fills: dict[Digest, BlobFill] = {}
+        self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
+
+    async def close(self) -> None:
+        await cancel_fills(list(self._fills.values()))
+
+    def _count(self, t: Target, kind: str, result: str) -> None:
+        self._metrics.cache_requests.labels(t.ns.name, kind, result).inc()
+
+    # -- manifests ---------------------------------------------------------------
+
+    async def manifest(self, t: Target, ref: str | Digest, accept: str | None) -> ManifestAnswer:
+        """Answer a manifest request by tag or digest.
+
+        Raises:
+            ManifestUnknown: no upstream has it (and no stale copy exists for a tag).
+            RegistryError: upstreams failed in another way.
+        """
+        if isinstance(ref, Digest):
+            answer = await self._manifest_by_digest(t, ref, accept)
+        else:
+            answer = await self._manifest_by_tag(t, ref, accept)
+        self._count(t, "manifest", answer.result)
+        return answer
+
+    async def _manifest_by_digest(
+        self, t: Target, digest: Digest, accept: str | None
+    ) -> ManifestAnswer:
+        cached = await self._manifests.get(digest)
+        if cached is not None:
+            return ManifestAnswer(cached, HIT)
+        # Ask for every manifest type: content by digest is fixed, and some
+        # registries refuse an index to a client whose Accept lacks it.
+        wanted = ", ".join(dict.fromkeys([*accept_types(accept), *MANIFEST_TYPES]))
+        try:
+            manifest = await self._coalesce(
+                ("m", t.ns_name, t.repo, digest),
+                lambda: self._fetch_manifest(t, str(digest), wanted, digest),
+            )
+        except UpstreamError as err:
+            raise _manifest_error(err, f"{t.repo}@{digest}") from None
+        return ManifestAnswer(manifest, MISS)
+
+    async def _manifest_by_tag(self, t: Target, tag: str, accept: str | None) -> ManifestAnswer:
+        key = ",".join(accept_types(accept))
+        entries = await self._manifests.get_tag(t.ns_name, t.repo, tag)
+        entry = entries.get(key)
+        cached = await self._manifests.get(entry.digest) if entry is not None else None
+        fresh = entry is not None and self._clock() - entry.fetched < t.ns.tag_ttl
+        if cached is not None and fresh:
+            return ManifestAnswer(cached, HIT)
+        try:
+            return await self._coalesce(
+                ("t", t.ns_name, t.repo, tag, key),
+                lambda: self._refresh_tag(t, tag, accept, key, cached),
+            )
+        except UpstreamError as err:
+            if err.not_found:
+                raise ManifestUnknown(f"manifest {t.repo}:{tag} not found upstream") from None
+            stale = await self._stale(entries, key, accept)
+            if stale is None:
+                raise _manifest_error(err, f"{t.repo}:{tag}") from None
+            logger.warning("serving stale %s/%s:%s: %s", t.ns_name, t.repo, tag, err)
+            return ManifestAnswer(stale, STALE)
+
+    async def _refresh_tag(
+        self, t: Target, tag: str, accept: str | None, key: str, cached: StoredManifest | None
+    ) -> ManifestAnswer:
+        """Revalidate a known tag with a HEAD, or fetch it; update the tag record."""
+        path = f"{t.repo}/manifests/{tag}"
+        headers = {"Accept": accept} if accept else {}
+        if cached is not None:
+            resp = await self._client.open(
+                t.ns, t.ns_name, "HEAD", path, what=f"manifest {t.repo}:{tag}", headers=headers
+            )
+            resp.release()
+            upstream_digest = resp.headers.get("Docker-Content-Digest", "")
+            if upstream_digest == str(cached.digest):
+                await self._remember_tag(t, tag, key, cached)
+                return ManifestAnswer(cached, HIT)
+        manifest = await self._fetch_manifest(t, tag, accept, None)
+        await self._remember_tag(t, tag, key, manifest)
+        return ManifestAnswer(manifest, MISS)
+
+    async def _remember_tag(self, t: Target, tag: str, key: str, m: StoredManifest) -> None:
+        entry = TagEntry(m.digest, m.media_type, len(m.body), self._clock())
+        await self._manifests.put_tag(t.ns_name, t.repo, tag, key, entry)
+
+    async def _stale(
+        self, entries: Mapping[str, TagEntry], key: str, accept: str | None
+    ) -> StoredManifest | None:
+        """The last answer for this Accept set, else any stored one the client accepts."""
+        accepted = accept_types(accept)
+        ordered = [entries[key]] if key in entries else []
+        ordered += sorted(
+            (e for k, e in entries.items() if k != key and acceptable(e.media_type, accepted)),
+            key=lambda e: -e.fetched,
+        )
+        for entry in ordered:
+            manifest = await self._manifests.get(entry.digest)
+            if manifest is not None:
+                return manifest
+        return None
+
+    async def _fetch_manifest(
+        self, t: Target, ref: str, accept: str | None, expect: Digest | None
+    ) -> StoredManifest:
+        """GET a manifest upstream, check size and digest, store it."""
+        what = f"manifest {t.repo}:{ref}" if expect is None else f"manifest {t.repo}@{ref}"
+        resp = await self._client.open(
+            t.ns,
+            t.ns_name,
+            "GET",
+            f"{t.repo}/manifests/{ref}",
+            what=what,
+            headers={"Accept": accept} if accept else {},
+        )
+        try:
+            body = await self._read_manifest(resp, what)
+        finally:
+            resp.release()
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if expect is not None:
+            digest = Digest.of(body, expect.algorithm)
+            if digest != expect:
+                self._metrics.digest_mismatches.labels(t.ns.name).inc()
+                self._client.mark_failed(t.ns, resp.upstream)
+                raise BadGateway(f"{resp.upstream.url} sent a {what} with digest {digest}")
+        else:
+            digest = Digest.of(body)
+            if (
+                header_digest
+                and header_digest.startswith("sha256:")
+                and header_digest != str(digest)
+            ):
+                raise BadGateway(
+                    f"{resp.upstream.url} sent a {what} whose digest {digest} differs "
+                    f"from its Docker-Content-Digest {header_digest}"
+                )
+            if header_digest and header_digest.startswith("sha512:"):
+                sha512 = parse_digest(header_digest)
+                if Digest.of(body, "sha512") == sha512:
+                    digest = sha512
+        media_type = manifest_media_type(body, resp.headers.get("Content-Type"))
+        manifest = StoredManifest(digest, media_type, body)
+        try:
+            await self._manifests.put(manifest)
+        except OSError as err:
+            self._metrics.cache_write_errors.inc()
+            logger.error("cannot cache %s: %s", what, err)
+        return manifest
+
+    async def _read_manifest(self, resp: UpstreamResponse, what: str) -> bytes:
+        limit = self._config.cache.max_manifest_size
+        if (resp.content_length or 0) > limit:
+            raise ManifestInvalid(f"{what} is larger than the {limit}-byte manifest limit")
+        body = bytearray()
+        async for chunk in resp.resp.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > limit:
+                raise ManifestInvalid(f"{what} is larger than the {limit}-byte manifest limit")
+        return bytes(body)
+
+    # -- blobs -------------------------------------------------------------------
+
+    async def blob(self, t: Target, digest: Digest) -> BlobAnswer:
+        """A cached blob, or a fill shared with every other client asking for it.
+
+        Raises:
+            BlobUnknown: no upstream has it.
+            RegistryError: upstreams failed in another way.
+        """
+        info = await self._blobs.lookup(digest)
+        if info is not None:
+            self._count(t, "blob", HIT)
+            return BlobAnswer(info.size, info=info)
+        fill = self._fills.get(digest)
+        if fill is None:
+            fill = BlobFill(
+                ns=t.ns,
+                ns_name=t.ns_name,
+                repo=t.repo,
+                digest=digest,
+                client=self._client,
+                store=self._blobs,
+                metrics=self._metrics,
+                on_done=self._fill_done,
+            )
+            self._fills[digest] = fill
+        await asyncio.shield(fill.ready)
+        self._count(t, "blob", MISS)
+        return BlobAnswer(fill.size, fill=fill)
+
+    def _fill_done(self, fill: BlobFill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+
+    async def blob_size(self, t: Target, digest: Digest) -> int | None:
+        """Size for a HEAD: from the cache, a running fill, or an upstream HEAD."""
+        info = await self._blobs.lookup(digest)
+        if info is not None:
+            self._count(t, "blob", HIT)
+            return info.size
+        fill = self._fills.get(digest)
+        if fill is not None and fill.ready.done() and not fill.ready.exception():
+            return fill.size
+        try:
+            resp = await self._client.open(
+                t.ns, t.ns_name, "HEAD", f"{t.repo}/blobs/{digest}", what=f"blob {digest}"
+            )
+        except UpstreamError as err:
+            if err.not_found:
+                raise BlobUnknown(f"blob {digest} not found upstream") from None
+            raise err.registry_error() from None
+        resp.release()
+        return resp.content_length
+
+    # -- pass-through ------------------------------------------------------------
+
+    async def tags_list(self, t: Target, query: Mapping[str, str]) -> tuple[bytes, str]:
+        """Tag listing is live data: passed through, never cached."""
+        params = {k: v for k, v in query.items() if k in ("n", "last")}
+        try:
+            resp = await self._client.open(
+                t.ns,
+                t.ns_name,
+                "GET",
+                f"{t.repo}/tags/list",
+                what=f"tags of {t.repo}",
+                query=params,
+            )
+        except UpstreamError as err:
+            if err.not_found:
+                raise NameUnknown(f"repository {t.repo} not found upstream") from None
+            raise err.registry_error() from None
+        try:
+            body = await self._read_manifest(resp, f"tags of {t.repo}")
+        finally:
+            resp.release()
+        return body, resp.headers.get("Content-Type", "application/json")
+
+    async def _coalesce(self, key: tuple[object, ...], make: Callable[[], Awaitable[T]]) -> T:
+        """Run ``make`` once for concurrent callers with the same key; all share its outcome."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)  # type: ignore[arg-type]
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            result = await make()
+        except BaseException as err:
+            if not isinstance(err, asyncio.CancelledError):
+                fut.set_exception(err)
+                fut.exception()  # mark retrieved: followers may be none
+            else:
+                fut.cancel()
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            del self._pending[key]
+
+
+def _manifest_error(err: UpstreamError, what: str) -> Exception:
+    if err.not_found:
+        return ManifestUnknown(f"manifest {what} not found upstream")
+    return err.registry_error()
