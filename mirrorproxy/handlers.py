@@ -1,0 +1,159 @@
+"""HTTP translation: parse the request, ask PullThrough, build the response.
+
+No policy and no I/O of its own beyond writing the response body.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mirrorproxy import keys
+from mirrorproxy.blobfill import BlobFill, FillFailed
+from mirrorproxy.cache import BlobInfo
+from mirrorproxy.errors import API_VERSION_HEADER, Unavailable
+from mirrorproxy.namespaces import resolve
+from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
+from mirrorproxy.pullthrough import HIT, STALE, Target
+
+logger = logging.getLogger(__name__)
+
+STALE_WARNING = '110 - "Response is Stale"'
+BLOB_TYPE = "application/octet-stream"
+
+
+def _target(request: web.Request) -> Target:
+    ns, ns_name = resolve(request.app[keys.CONFIG], request.query.get("ns"))
+    return Target(ns=ns, ns_name=ns_name, repo=parse_name(request.match_info["name"]))
+
+
+async def v2_root(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    target = _target(request)
+    ref = parse_reference(request.match_info["reference"])
+    pt = request.app[keys.PULLTHROUGH]
+    answer = await pt.manifest(target, ref, request.headers.get("Accept"))
+    m = answer.manifest
+    headers = {
+        "Content-Type": m.media_type,
+        "Docker-Content-Digest": str(m.digest),
+        "ETag": f'"{m.digest}"',
+    }
+    if answer.result == STALE:
+        headers["Warning"] = STALE_WARNING
+    if request.method == "HEAD":
+        resp = web.Response(headers=headers)
+        resp.body = None
+        return _with_length(resp, len(m.body))
+    source = "cache" if answer.result in (HIT, STALE) else "upstream"
+    request.app[keys.METRICS].cache_bytes.labels(target.ns.name, source).inc(len(m.body))
+    return web.Response(body=m.body, headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    target = _target(request)
+    digest = parse_digest(request.match_info["digest"])
+    pt = request.app[keys.PULLTHROUGH]
+    if request.method == "HEAD":
+        size = await pt.blob_size(target, digest)
+        resp = web.Response(headers={"Docker-Content-Digest": str(digest)})
+        resp.content_type = BLOB_TYPE
+        return _with_length(resp, size)
+    answer = await pt.blob(target, digest)
+    if answer.info is not None:
+        return _serve_file(request, target, digest, answer.info)
+    if answer.fill is None:  # pragma: no cover - BlobAnswer holds one or the other
+        raise RuntimeError("blob answer without file or fill")
+    return await _serve_fill(request, target, digest, answer.fill, answer.size)
+
+
+def _serve_file(
+    request: web.Request, target: Target, digest: Digest, info: BlobInfo
+) -> web.FileResponse:
+    rng = _requested_range(request, info.size)
+    sent = info.size if rng is None else rng[1] - rng[0] + 1
+    request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "cache").inc(sent)
+    # FileResponse brings sendfile, Range/If-Range and conditional requests.
+    return web.FileResponse(
+        info.path,
+        chunk_size=1024 * 1024,
+        headers={"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE},
+    )
+
+
+def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    try:
+        return parse_range(request.headers.get("Range"), size)
+    except Exception:
+        return None  # FileResponse answers 416 itself
+
+
+async def _serve_fill(
+    request: web.Request, target: Target, digest: Digest, fill: BlobFill, size: int | None
+) -> web.StreamResponse:
+    """Stream a blob that is still downloading, following the shared fill."""
+    rng = parse_range(request.headers.get("Range"), size) if size is not None else None
+    resp = web.StreamResponse(status=200 if rng is None else 206)
+    resp.headers["Docker-Content-Digest"] = str(digest)
+    resp.content_type = BLOB_TYPE
+    start, end = 0, None
+    if rng is not None and size is not None:
+        start, end = rng[0], rng[1] + 1
+        resp.headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
+        resp.content_length = end - start
+    elif size is not None:
+        resp.content_length = size
+        resp.headers["Accept-Ranges"] = "bytes"
+    await resp.prepare(request)
+    counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
+    try:
+        async for chunk in fill.follow(start, end):
+            await resp.write(chunk)
+            counter.inc(len(chunk))
+    except FillFailed as err:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        logger.warning("aborting response for blob %s: %s", digest, err)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def _with_length(resp: web.Response, size: int | None) -> web.Response:
+    """A HEAD answer that states the length of the body it does not send."""
+    if size is not None:
+        resp.headers["Content-Length"] = str(size)
+    return resp
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    target = _target(request)
+    body, ctype = await request.app[keys.PULLTHROUGH].tags_list(target, request.query)
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = ctype
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[keys.METRICS].registry)
+    resp = web.Response(body=data)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cache_dir = request.app[keys.CONFIG].cache.dir
+    if not os.access(cache_dir / "tmp", os.W_OK):
+        raise Unavailable(f"cache directory {cache_dir} is not writable")
+    return web.json_response({"status": "ready"}, headers=API_VERSION_HEADER)

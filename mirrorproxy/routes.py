@@ -1,0 +1,19 @@
+"""The route table, and nothing else. GET routes answer HEAD too."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirrorproxy import handlers
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v2/", handlers.v2_root)
+    r.add_get("/v2", handlers.v2_root)
+    r.add_get(r"/v2/{name:.+}/manifests/{reference}", handlers.manifest)
+    r.add_get(r"/v2/{name:.+}/blobs/{digest}", handlers.blob)
+    r.add_get(r"/v2/{name:.+}/tags/list", handlers.tags_list)
+    r.add_get("/metrics", handlers.metrics)
+    r.add_get("/healthz", handlers.healthz)
+    r.add_get("/readyz", handlers.readyz)
