@@ -1,0 +1,92 @@
+"""Fixtures and skip policy for end-to-end tests with real containerd and docker-registry.
+
+Without the binaries (or root) the suite skips with the reason and the apt package;
+CI sets ``MIRRORPROXY_REQUIRE_E2E=1`` so a broken image fails instead of silently
+skipping every end-to-end test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import (
+    Containerd,
+    MirrorFactory,
+    MirrorProcess,
+    Registry,
+    RegistryFactory,
+    free_port,
+    missing_e2e_requirements,
+)
+
+REQUIRE_ENV = "MIRRORPROXY_REQUIRE_E2E"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def e2e_requirements() -> None:
+    """Skip (or, when required, fail) every e2e test if a prerequisite is missing."""
+    reasons = missing_e2e_requirements()
+    if not reasons:
+        return
+    reason = "end-to-end prerequisites missing: " + "; ".join(reasons)
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def upstream_registry(e2e_requirements: None, tmp_path: Path) -> Iterator[RegistryFactory]:
+    """Factory for plain (or proxy-mode) docker-registry instances."""
+    started: list[Registry] = []
+    counter = itertools.count()
+
+    def make(*, proxy_remoteurl: str | None = None) -> Registry:
+        reg = Registry(tmp_path / f"registry{next(counter)}", proxy_remoteurl=proxy_remoteurl)
+        started.append(reg)
+        return reg
+
+    yield make
+    for reg in started:
+        reg.stop()
+
+
+@pytest.fixture
+def containerd(e2e_requirements: None) -> Iterator[Containerd]:
+    """A private containerd per test: it starts in ~0.1 s and isolates content stores."""
+    with Containerd() as ctd:
+        yield ctd
+
+
+@pytest.fixture
+def hosts_dir(tmp_path: Path) -> Path:
+    """An empty directory for ``ctr --hosts-dir``."""
+    path = tmp_path / "certs.d"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def mirror_port() -> int:
+    """A free port for the mirror, to put in its config before starting it."""
+    return free_port()
+
+
+@pytest.fixture
+def mirror_process(e2e_requirements: None, tmp_path: Path) -> Iterator[MirrorFactory]:
+    """Factory for mirror CLI subprocesses; all are stopped at teardown."""
+    started: list[MirrorProcess] = []
+    counter = itertools.count()
+
+    def make(config_text: str, port: int) -> MirrorProcess:
+        proc = MirrorProcess(tmp_path / f"mirror{next(counter)}", config_text, port)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
