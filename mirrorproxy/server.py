@@ -39,7 +39,7 @@ def serve(config: Config) -> None:
     app = create_app(config)
     host, port = config.server.host, config.server.port
     logger.info(
-        "mirrorproxy listening on %s, cache %s, namespaces %s",
+        "mirrorproxy starting on %s, cache %s, namespaces %s",
         config.server.listen,
         config.cache.dir,
         ", ".join(config.namespaces),
