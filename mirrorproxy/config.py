@@ -11,7 +11,9 @@ read it in the matching ``_load_*`` function with ``_Table.take``, document it i
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,16 +44,46 @@ class ConfigError(Exception):
         self.message = message
 
 
+class Secret:
+    """A credential that never shows itself in a repr, a log line or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One endpoint of a namespace."""
 
-    url: str  # as configured (display and metric label)
+    url: str  # as configured (display and metric label); never holds credentials
     origin: str  # scheme://host[:port]
     path: str  # the API root: "/v2", or the path given in the URL (override_path)
     ns: bool = False  # append ?ns=<namespace>, for chaining to another mirror
     connect_timeout: float = 5.0  # seconds to establish a connection
     read_timeout: float = 30.0  # seconds of silence tolerated while reading
+    username: str | None = None  # for Basic auth and for Bearer token requests
+    password: Secret | None = None  # from password, password_file or password_env
+    ca: Path | None = None  # PEM bundle to trust instead of the system CAs
+    client_cert: Path | None = None  # PEM client certificate (mutual TLS)
+    client_key: Path | None = None  # its key, if not inside client_cert
+    skip_verify: bool = False  # accept any server certificate (test setups only)
+    proxy: str | None = None  # HTTP proxy for this upstream; else HTTP(S)_PROXY env
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +154,19 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, source=src, base_dir=Path(path).resolve().parent)
 
 
-def parse_config(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
-    """Validate already-parsed TOML data (relative paths resolve against base_dir)."""
-    root = _Table(data, "", source)
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    source: str,
+    base_dir: Path,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate already-parsed TOML data (relative paths resolve against base_dir).
+
+    ``environ`` is where ``password_env`` is looked up (default: the process's).
+    """
+    env = os.environ if environ is None else environ
+    root = _Table(data, "", source, base_dir=base_dir, environ=env)
     defaults = _load_defaults(root.table("defaults"))
     cache = _load_cache(root.table("cache"), base_dir)
     namespaces_t = root.table("namespaces", required=True)
@@ -192,10 +234,20 @@ def parse_upstream_url(text: str) -> tuple[str, str]:
 class _Table:
     """A TOML table being read: typed access, key paths in errors, unknown keys caught."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, source: str) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        source: str,
+        *,
+        base_dir: Path = Path("."),
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.data = data
         self.path = path
         self.source = source
+        self.base_dir = base_dir
+        self.environ: Mapping[str, str] = environ or {}
         self.seen: set[str] = set()
 
     def sub(self, key: str) -> str:
@@ -214,7 +266,20 @@ class _Table:
             value = {}
         if not isinstance(value, dict):
             raise self.error(key, f"expected a table, got {_tname(value)}")
-        return _Table(value, self.sub(key), self.source)
+        return self.child(value, self.sub(key))
+
+    def child(self, data: Mapping[str, Any], path: str) -> _Table:
+        return _Table(data, path, self.source, base_dir=self.base_dir, environ=self.environ)
+
+    def file(self, key: str) -> Path | None:
+        """A path to an existing readable file, relative to the config's directory."""
+        raw = self.take(key, str, "")
+        if not raw:
+            return None
+        path = (self.base_dir / Path(raw).expanduser()).resolve()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise self.error(key, f"no readable file at {str(path)!r}")
+        return path
 
     def take(self, key: str, kind: type[T], default: T) -> T:
         self.seen.add(key)
@@ -303,19 +368,20 @@ def _load_namespace(
     if not raw:
         raise t.error("upstreams", "no upstreams (give at least one URL)")
     upstreams = tuple(
-        _load_upstream(item, f"{t.sub('upstreams')}[{i}]", t.source, defaults)
+        _load_upstream(t, item, f"{t.sub('upstreams')}[{i}]", defaults)
         for i, item in enumerate(raw)
     )
     t.done()
     return Namespace(name=name, upstreams=upstreams, tag_ttl=tag_ttl)
 
 
-def _load_upstream(item: object, key: str, source: str, defaults: UpstreamDefaults) -> Upstream:
+def _load_upstream(parent: _Table, item: object, key: str, defaults: UpstreamDefaults) -> Upstream:
+    source = parent.source
     if isinstance(item, str):
         item = {"url": item}
     if not isinstance(item, dict):
         raise ConfigError(source, key, f"expected a URL string or a table, got {_tname(item)}")
-    t = _Table(item, key, source)
+    t = parent.child(item, key)
     url = t.take("url", str, "")
     if not url:
         raise ConfigError(source, f"{key}.url", "missing")
@@ -323,6 +389,18 @@ def _load_upstream(item: object, key: str, source: str, defaults: UpstreamDefaul
         origin, path = parse_upstream_url(url)
     except ValueError as err:
         raise ConfigError(source, f"{key}.url", str(err)) from None
+    proxy = t.take("proxy", str, "") or None
+    if proxy is not None:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise t.error("proxy", f"not an http(s) proxy URL: {proxy!r}")
+    username = t.take("username", str, "") or None
+    password = _load_password(t)
+    if password is not None and username is None:
+        raise t.error("username", "missing (a password needs a username)")
+    client_cert, client_key = t.file("client_cert"), t.file("client_key")
+    if client_key is not None and client_cert is None:
+        raise t.error("client_cert", "missing (client_key needs client_cert)")
     out = Upstream(
         url=url.rstrip("/"),
         origin=origin,
@@ -330,6 +408,60 @@ def _load_upstream(item: object, key: str, source: str, defaults: UpstreamDefaul
         ns=t.take("ns", bool, False),
         connect_timeout=t.convert("connect_timeout", parse_duration, defaults.connect_timeout),
         read_timeout=t.convert("read_timeout", parse_duration, defaults.read_timeout),
+        username=username,
+        password=password,
+        ca=t.file("ca"),
+        client_cert=client_cert,
+        client_key=client_key,
+        skip_verify=t.take("skip_verify", bool, False),
+        proxy=proxy,
     )
+    _check_tls(t, out)
     t.done()
     return out
+
+
+def _check_tls(t: _Table, up: Upstream) -> None:
+    """Load the TLS files now, so a bad PEM is a config error naming its key."""
+    tls_keys = [k for k in ("ca", "client_cert", "skip_verify") if k in t.data]
+    if not up.origin.startswith("https:"):
+        if tls_keys:
+            raise t.error(tls_keys[0], "only applies to an https:// upstream")
+        return
+    ctx = ssl.create_default_context()
+    try:
+        if up.ca is not None:
+            ctx.load_verify_locations(cafile=str(up.ca))
+    except (ssl.SSLError, ValueError) as err:
+        raise t.error("ca", f"not a PEM CA bundle ({err})") from None
+    try:
+        if up.client_cert is not None:
+            ctx.load_cert_chain(up.client_cert, up.client_key)
+    except (ssl.SSLError, ValueError) as err:
+        raise t.error("client_cert", f"cannot load certificate and key ({err})") from None
+
+
+def _load_password(t: _Table) -> Secret | None:
+    """One of password, password_file (first line) or password_env."""
+    given = [k for k in ("password", "password_file", "password_env") if k in t.data]
+    if len(given) > 1:
+        raise t.error(given[1], "give only one of password, password_file, password_env")
+    if not given:
+        return None
+    key = given[0]
+    if key == "password":
+        value = t.take("password", str, "")
+    elif key == "password_file":
+        path = t.file("password_file")
+        try:
+            value = path.read_text().splitlines()[0] if path else ""
+        except (OSError, IndexError, UnicodeDecodeError):
+            raise t.error(key, "cannot read a password from that file") from None
+    else:
+        name = t.take("password_env", str, "")
+        if name not in t.environ:
+            raise t.error(key, f"environment variable {name!r} is not set")
+        value = t.environ[name]
+    if not value:
+        raise t.error(key, "empty password")
+    return Secret(value)

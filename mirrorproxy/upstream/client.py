@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from mirrorproxy.errors import (
     Unavailable,
 )
 from mirrorproxy.metrics import Metrics
+from mirrorproxy.upstream.auth import Authenticator, AuthError, parse_www_authenticate, scope_for
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +120,21 @@ class UpstreamClient:
         self._config = config
         self._metrics = metrics
         self._clock = clock
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
         self._health: dict[tuple[str, str], _Health] = {}
+        self._auth = Authenticator(clock=clock)
 
     async def start(self) -> None:
         for ns in self._config.namespaces.values():
             for up in ns.upstreams:
-                if up.url not in self._sessions:
-                    self._sessions[up.url] = aiohttp.ClientSession(
+                if up not in self._sessions:
+                    self._sessions[up] = aiohttp.ClientSession(
                         auto_decompress=False,  # blob bytes must reach clients untouched
                         headers={"User-Agent": USER_AGENT},
-                        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60),
+                        connector=aiohttp.TCPConnector(
+                            limit=256, ttl_dns_cache=60, ssl=ssl_context(up)
+                        ),
+                        trust_env=True,  # HTTP(S)_PROXY and NO_PROXY; `proxy =` overrides
                     )
                 self._metrics.upstream_up.labels(ns.name, up.url).set(1)
 
@@ -231,9 +237,10 @@ class UpstreamClient:
         )
         count = self._metrics.upstream_requests
         try:
-            resp = await self._sessions[up.url].request(
-                method, url, headers=headers, timeout=timeout, allow_redirects=True
-            )
+            resp = await self._send(up, method, url, headers, timeout, scope_for(path))
+        except AuthError as err:
+            count.labels(ns.name, up.url, "401").inc()
+            return Attempt(up.url, f"401 unauthorized: {err}", 401)
         except TimeoutError:
             count.labels(ns.name, up.url, "timeout").inc()
             self.mark_failed(ns, up)
@@ -262,6 +269,57 @@ class UpstreamClient:
             self.mark_failed(ns, up)
         logger.info("upstream %s answered %d for %s %s", up.url, resp.status, method, path)
         return Attempt(up.url, str(resp.status), resp.status)
+
+    async def _send(
+        self,
+        up: Upstream,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        client_timeout: aiohttp.ClientTimeout,
+        scope: str,
+    ) -> aiohttp.ClientResponse:
+        """Send once; on a 401 with a challenge we can answer, authenticate and resend."""
+        session = self._sessions[up]
+        auth = self._auth.cached(up, scope)
+        resp = await session.request(
+            method,
+            url,
+            headers=headers if auth is None else {**headers, "Authorization": auth},
+            timeout=client_timeout,
+            proxy=up.proxy,
+        )
+        if resp.status != 401:
+            return resp
+        challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+        resp.release()
+        fresh = await self._auth.authorize(
+            session, up, challenges, scope, rejected=auth, client_timeout=client_timeout
+        )
+        if fresh is None:
+            if up.username is None:
+                raise AuthError(f"{up.url} requires credentials and none are configured")
+            raise AuthError(f"{up.url} rejected the configured credentials")
+        return await session.request(
+            method,
+            url,
+            headers={**headers, "Authorization": fresh},
+            timeout=client_timeout,
+            proxy=up.proxy,
+        )
+
+
+def ssl_context(up: Upstream) -> ssl.SSLContext | bool:
+    """The TLS settings of one upstream: its CA, client certificate, or no checks."""
+    if not up.origin.startswith("https:"):
+        return True  # plain http: unused
+    ctx = ssl.create_default_context(cafile=str(up.ca) if up.ca else None)
+    if up.skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if up.client_cert is not None:
+        ctx.load_cert_chain(up.client_cert, up.client_key)
+    return ctx
 
 
 def _range_offset(resp: aiohttp.ClientResponse) -> int | None:
