@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides [server] listen)")
     serve.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
     serve.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help="never contact upstreams; serve only what is cached (overrides [cache] offline)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -86,7 +92,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mirrorproxy.log import configure_logging
     from mirrorproxy.server import ServeError, serve
 
-    config = with_overrides(_load(args), listen=args.listen, cache_dir=args.cache_dir)
+    config = with_overrides(
+        _load(args), listen=args.listen, cache_dir=args.cache_dir, offline=args.offline
+    )
     configure_logging(args.log_level, args.log_format)
     try:
         serve(config)

@@ -112,6 +112,7 @@ class CacheConfig:
     tag_ttl: float = 300.0  # 5m: how long tag -> digest stays fresh
     max_manifest_size: int = 4 * 1024 * 1024  # the distribution-spec's suggested limit
     memory_manifests: int = 64 * 1024 * 1024  # bytes of hot manifests kept in memory
+    offline: bool = False  # never contact upstreams; serve what is cached, tags past TTL too
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +186,11 @@ def parse_config(
 
 
 def with_overrides(
-    config: Config, *, listen: str | None = None, cache_dir: str | None = None
+    config: Config,
+    *,
+    listen: str | None = None,
+    cache_dir: str | None = None,
+    offline: bool | None = None,
 ) -> Config:
     """Apply command-line overrides, validated like the file's values."""
     server, cache = config.server, config.cache
@@ -197,6 +202,8 @@ def with_overrides(
         server = replace(server, host=host, port=port)
     if cache_dir is not None:
         cache = replace(cache, dir=Path(cache_dir).resolve())
+    if offline is not None:
+        cache = replace(cache, offline=offline)
     return replace(config, server=server, cache=cache)
 
 
@@ -344,6 +351,7 @@ def _load_cache(t: _Table, base_dir: Path) -> CacheConfig:
         tag_ttl=t.convert("tag_ttl", parse_duration, d.tag_ttl),
         max_manifest_size=t.convert("max_manifest_size", parse_size, d.max_manifest_size),
         memory_manifests=t.convert("memory_manifests", parse_size, d.memory_manifests),
+        offline=t.take("offline", bool, d.offline),
     )
     t.done()
     return out

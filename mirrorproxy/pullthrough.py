@@ -27,6 +27,7 @@ from mirrorproxy.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    Unavailable,
 )
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import (
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HIT, MISS, STALE = "hit", "miss", "stale"
+OFFLINE = "the mirror is offline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,8 @@ class PullThrough:
         cached = await self._manifests.get(digest)
         if cached is not None:
             return ManifestAnswer(cached, HIT)
+        if self._config.cache.offline:
+            raise ManifestUnknown(f"manifest {t.repo}@{digest} is not cached and {OFFLINE}")
         # Ask for every manifest type: content by digest is fixed, and some
         # registries refuse an index to a client whose Accept lacks it.
         wanted = ", ".join(dict.fromkeys([*accept_types(accept), *MANIFEST_TYPES]))
@@ -138,6 +142,11 @@ class PullThrough:
         fresh = entry is not None and self._clock() - entry.fetched < t.ns.tag_ttl
         if cached is not None and fresh:
             return ManifestAnswer(cached, HIT)
+        if self._config.cache.offline:
+            stale = await self._stale(entries, key, accept)
+            if stale is None:
+                raise ManifestUnknown(f"manifest {t.repo}:{tag} is not cached and {OFFLINE}")
+            return ManifestAnswer(stale, STALE)
         try:
             return await self._coalesce(
                 ("t", t.ns_name, t.repo, tag, key),
@@ -263,6 +272,8 @@ class PullThrough:
         if info is not None:
             self._count(t, "blob", HIT)
             return BlobAnswer(info.size, info=info)
+        if self._config.cache.offline:
+            raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         fill = self._fills.get(digest)
         if fill is None:
             fill = BlobFill(
@@ -293,6 +304,8 @@ class PullThrough:
         fill = self._fills.get(digest)
         if fill is not None and fill.ready.done() and not fill.ready.exception():
             return fill.size
+        if self._config.cache.offline:
+            raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         try:
             resp = await self._client.open(
                 t.ns, t.ns_name, "HEAD", f"{t.repo}/blobs/{digest}", what=f"blob {digest}"
@@ -308,6 +321,8 @@ class PullThrough:
 
     async def tags_list(self, t: Target, query: Mapping[str, str]) -> tuple[bytes, str]:
         """Tag listing is live data: passed through, never cached."""
+        if self._config.cache.offline:
+            raise Unavailable(f"tag lists are not cached and {OFFLINE}")
         params = {k: v for k, v in query.items() if k in ("n", "last")}
         try:
             resp = await self._client.open(
