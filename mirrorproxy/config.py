@@ -11,6 +11,8 @@ read it in the matching ``_load_*`` function with ``_Table.take``, document it i
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import ssl
@@ -28,9 +30,11 @@ T = TypeVar("T")
 WILDCARD = "*"
 # A registry host as containerd names it: DNS name or IPv4, optional port, or [v6]:port.
 _NS_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+)
+_HOST_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 
 
@@ -152,6 +156,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(src, "", f"cannot read: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(src, "", f"not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(src, "", "not UTF-8 text") from None
     return parse_config(data, source=src, base_dir=Path(path).resolve().parent)
 
 
@@ -175,7 +181,9 @@ def parse_config(
     for name in namespaces_t.data:
         key = namespaces_t.sub(name)
         if name != WILDCARD and not _NS_RE.fullmatch(name):
-            raise ConfigError(source, key, "not a registry host name (e.g. 'docker.io')")
+            raise ConfigError(
+                source, key, "not a registry host name (lower case, e.g. 'docker.io')"
+            )
         namespaces[name] = _load_namespace(namespaces_t.table(name), name, cache, defaults)
     namespaces_t.done()
     if not namespaces:
@@ -214,6 +222,13 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"bad listen address {text!r} (use host:port or [v6]:port)")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
+    if m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {text!r}") from None
+    elif not _HOST_RE.fullmatch(host):
+        raise ValueError(f"bad host in listen address {text!r}")
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     return host, port
@@ -232,6 +247,10 @@ def parse_upstream_url(text: str) -> tuple[str, str]:
         port = parts.port
     except ValueError:
         raise ValueError(f"bad port in {text!r}") from None
+    if port == 0:
+        raise ValueError(f"bad port in {text!r}")
+    if ":" not in parts.hostname and not _HOST_RE.fullmatch(parts.hostname):
+        raise ValueError(f"bad host name in {text!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     origin = f"{parts.scheme}://{host}" + (f":{port}" if port else "")
     path = parts.path.rstrip("/") or "/v2"
@@ -258,7 +277,7 @@ class _Table:
         self.seen: set[str] = set()
 
     def sub(self, key: str) -> str:
-        k = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else f'"{key}"'
+        k = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
         return f"{self.path}.{k}" if self.path else k
 
     def error(self, key: str, message: str) -> ConfigError:
@@ -360,6 +379,8 @@ def _load_cache(t: _Table, base_dir: Path) -> CacheConfig:
 def _load_server(t: _Table, namespaces: Mapping[str, Namespace]) -> ServerConfig:
     host, port = t.convert("listen", parse_listen, ("127.0.0.1", 5000))
     default_ns = t.take("default_namespace", str, "")
+    if default_ns and not _NS_RE.fullmatch(default_ns):
+        raise t.error("default_namespace", "not a registry host name (lower case)")
     if default_ns and default_ns not in namespaces and WILDCARD not in namespaces:
         raise t.error("default_namespace", f"{default_ns!r} is not a configured namespace")
     if not default_ns and "docker.io" in namespaces:
@@ -436,6 +457,8 @@ def _check_tls(t: _Table, up: Upstream) -> None:
         if tls_keys:
             raise t.error(tls_keys[0], "only applies to an https:// upstream")
         return
+    if up.ca is None and up.client_cert is None:
+        return  # nothing to load (building a context costs ~25 ms)
     ctx = ssl.create_default_context()
     try:
         if up.ca is not None:

@@ -26,7 +26,10 @@ def resolve(config: Config, ns_param: str | None) -> tuple[Namespace, str]:
         NameUnknown: no namespace (nor a wildcard) serves it; containerd then
             moves on to its next host.
     """
-    name = (ns_param or "").strip().lower()
+    name = (ns_param or "").strip()
+    if not name.isascii():
+        raise NameInvalid(f"invalid ns {name[:100]!r}: not a registry host name")
+    name = name.lower()
     if not name:
         name = config.server.default_namespace or ""
         if not name:

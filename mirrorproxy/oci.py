@@ -8,6 +8,7 @@ the disk or the network; a value that passes cannot escape the cache directory
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -112,6 +113,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     if not first:  # suffix: the last N bytes
         n = int(last)
+        if size == 0:
+            return None  # the whole (empty) body satisfies a suffix range
         if n == 0:
             raise RangeNotSatisfiable(f"range {header!r} is empty")
         return max(0, size - n), size - 1
@@ -142,7 +145,16 @@ def manifest_media_type(body: bytes, header: str | None) -> str:
         ctype = header.split(";", 1)[0].strip()
         if ctype and ctype not in ("application/json", "application/octet-stream", "text/plain"):
             return ctype
-    m = re.search(rb'"mediaType"\s*:\s*"([^"]{1,255})"', body[:4096])
-    if m:
-        return m.group(1).decode("ascii", "replace")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return OCI_MANIFEST
+    if isinstance(doc, dict):
+        declared = doc.get("mediaType")
+        if isinstance(declared, str) and declared:
+            return declared
+        if "manifests" in doc:
+            return OCI_INDEX
+        if doc.get("schemaVersion") == 1:
+            return DOCKER_V1_SIGNED
     return OCI_MANIFEST

@@ -42,13 +42,10 @@ def parse_duration(text: str) -> float:
     s = text.strip().lower()
     if not s:
         raise ValueError("empty duration")
-    try:
+    if re.fullmatch(r"-\d+(?:\.\d+)?", s):
+        raise ValueError(f"negative duration {text!r}")
+    if re.fullmatch(r"\d+(?:\.\d+)?", s):
         value = float(s)
-    except ValueError:
-        pass
-    else:
-        if value < 0:
-            raise ValueError(f"negative duration {text!r}")
         return value
     total = 0.0
     pos = 0
