@@ -101,15 +101,14 @@ class GatewayTimeout(RegistryError):
 def error_response(err: RegistryError, *, head: bool = False) -> web.Response:
     body = json.dumps(err.body()).encode()
     headers = {**API_VERSION_HEADER, **err.headers}
-    resp = web.Response(
+    if head:  # a HEAD answer states the length of the body it does not send
+        headers["Content-Length"] = str(len(body))
+    return web.Response(
         status=err.status,
         body=None if head else body,
         content_type="application/json",
         headers=headers,
     )
-    if head:
-        resp.content_length = len(body)
-    return resp
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

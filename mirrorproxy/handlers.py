@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mirrorproxy import keys
 from mirrorproxy.blobfill import BlobFill, FillFailed
 from mirrorproxy.cache import BlobInfo
-from mirrorproxy.errors import API_VERSION_HEADER, Unavailable
+from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupported
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
 from mirrorproxy.pullthrough import HIT, STALE, Target
@@ -139,6 +139,15 @@ async def tags_list(request: web.Request) -> web.Response:
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = ctype
     return resp
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    if request.method in ("GET", "HEAD"):
+        raise NotFound(f"no such endpoint {request.path[:200]!r}")
+    raise Unsupported(
+        f"{request.method} is not supported by a pull-through mirror",
+        headers={"Allow": "GET,HEAD"},
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

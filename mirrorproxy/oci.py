@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from mirrorproxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable, Unsupported
+from mirrorproxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable
 
 MAX_NAME_LENGTH = 255  # the spec's note on client limits; also bounds path length
 
@@ -66,15 +66,14 @@ def parse_digest(text: str) -> Digest:
     """Validate a digest; only sha256 and sha512 are accepted.
 
     Raises:
-        DigestInvalid: malformed, or the hex has the wrong length or case.
-        Unsupported: a well-formed digest with another algorithm.
+        DigestInvalid: malformed, another algorithm, or hex of the wrong length or case.
     """
     m = _DIGEST_RE.fullmatch(text)
     if m is None:
         raise DigestInvalid(f"invalid digest {text[:200]!r}")
     algorithm, encoded = m.groups()
     if algorithm not in _HEX:
-        raise Unsupported(f"digest algorithm {algorithm!r} is not supported (sha256, sha512)")
+        raise DigestInvalid(f"digest algorithm {algorithm!r} is not supported (sha256, sha512)")
     if len(encoded) != _HEX[algorithm] or not re.fullmatch(r"[0-9a-f]+", encoded):
         raise DigestInvalid(f"invalid {algorithm} digest {text[:200]!r}")
     return Digest(algorithm, encoded)
@@ -84,7 +83,7 @@ def parse_reference(text: str) -> str | Digest:
     """Return a tag (str) or a Digest for a manifest reference.
 
     Raises:
-        DigestInvalid/Unsupported: a reference with a colon that is no valid digest.
+        DigestInvalid: a reference with a colon that is no valid digest.
         NameInvalid: neither a tag nor a digest (the spec's code for a bad tag).
     """
     if ":" in text:
@@ -109,6 +108,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if m is None:
         return None
     first, last = m.groups()
+    unsatisfied = {"Content-Range": f"bytes */{size}"}
     if not first and not last:
         return None
     if not first:  # suffix: the last N bytes
@@ -116,12 +116,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if size == 0:
             return None  # the whole (empty) body satisfies a suffix range
         if n == 0:
-            raise RangeNotSatisfiable(f"range {header!r} is empty")
+            raise RangeNotSatisfiable(f"range {header!r} is empty", headers=unsatisfied)
         return max(0, size - n), size - 1
     start = int(first)
     end = min(int(last), size - 1) if last else size - 1
     if start >= size or (last and int(last) < start):
-        raise RangeNotSatisfiable(f"range {header!r} not satisfiable for size {size}")
+        raise RangeNotSatisfiable(
+            f"range {header!r} not satisfiable for size {size}", headers=unsatisfied
+        )
     return start, end
 
 

@@ -128,11 +128,21 @@ class PullThrough:
         try:
             manifest = await self._coalesce(
                 ("m", t.ns_name, t.repo, digest),
-                lambda: self._fetch_manifest(t, str(digest), wanted, digest),
+                lambda: self._fetch_by_digest(t, digest, wanted),
             )
         except UpstreamError as err:
             raise _manifest_error(err, f"{t.repo}@{digest}") from None
         return ManifestAnswer(manifest, MISS)
+
+    async def _fetch_by_digest(self, t: Target, digest: Digest, accept: str) -> StoredManifest:
+        """Fetch by digest; a wrong body cools its endpoint down and the next one is asked."""
+        for attempt in range(len(t.ns.upstreams)):
+            try:
+                return await self._fetch_manifest(t, str(digest), accept, digest)
+            except _WrongDigest:
+                if attempt == len(t.ns.upstreams) - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _manifest_by_tag(self, t: Target, tag: str, accept: str | None) -> ManifestAnswer:
         key = ",".join(accept_types(accept))
@@ -223,7 +233,7 @@ class PullThrough:
             if digest != expect:
                 self._metrics.digest_mismatches.labels(t.ns.name).inc()
                 self._client.mark_failed(t.ns, resp.upstream)
-                raise BadGateway(f"{resp.upstream.url} sent a {what} with digest {digest}")
+                raise _WrongDigest(f"{resp.upstream.url} sent a {what} with digest {digest}")
         else:
             digest = Digest.of(body)
             if (
@@ -275,6 +285,13 @@ class PullThrough:
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         fill = self._fills.get(digest)
+        if fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
+            # Bytes are shared across repositories (they are verified by digest), but
+            # not failures: another namespace's upstreams may lack what ours have.
+            try:
+                await asyncio.shield(fill.ready)
+            except Exception:
+                fill = None
         if fill is None:
             fill = BlobFill(
                 ns=t.ns,
@@ -364,6 +381,10 @@ class PullThrough:
             return result
         finally:
             del self._pending[key]
+
+
+class _WrongDigest(BadGateway):
+    """An upstream sent bytes that do not hash to the digest asked for."""
 
 
 def _manifest_error(err: UpstreamError, what: str) -> Exception:

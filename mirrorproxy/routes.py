@@ -14,6 +14,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(r"/v2/{name:.+}/manifests/{reference}", handlers.manifest)
     r.add_get(r"/v2/{name:.+}/blobs/{digest}", handlers.blob)
     r.add_get(r"/v2/{name:.+}/tags/list", handlers.tags_list)
+    # Push, delete and unknown API paths: an OCI error instead of a bare 404.
+    r.add_route("*", "/v2/{tail:.*}", handlers.unsupported)
     r.add_get("/metrics", handlers.metrics)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)

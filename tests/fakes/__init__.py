@@ -1,0 +1,1 @@
+"""Fake collaborators for tests: real aiohttp apps with knobs, never mocks."""

@@ -1,0 +1,281 @@
+"""Manifests through the mirror: tag freshness, revalidation, stale-if-error, Accept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST
+from tests.integration.conftest import (
+    NS,
+    REPO,
+    FakeFactory,
+    Mirror,
+    MirrorFactory,
+    RunningFake,
+    manifest_path,
+)
+
+INDEX_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}"
+
+
+async def test_tag_miss_then_hit(fake: RunningFake, mirror: Mirror) -> None:
+    img = fake.registry.add_image(REPO, "3")
+
+    first = await mirror.client.get(manifest_path(REPO, "3"), headers={"Accept": OCI_MANIFEST})
+    assert first.status == 200
+    assert await first.read() == img.manifest
+    assert first.headers["Content-Type"] == OCI_MANIFEST
+    assert first.headers["Docker-Content-Digest"] == img.digest
+    assert first.headers["ETag"] == f'"{img.digest}"'
+    upstream_gets = fake.registry.calls("GET", "manifests")
+    assert [r.path for r in upstream_gets] == [f"/v2/{REPO}/manifests/3"]
+    assert upstream_gets[0].headers["Accept"] == OCI_MANIFEST
+
+    second = await mirror.client.get(manifest_path(REPO, "3"), headers={"Accept": OCI_MANIFEST})
+    assert second.status == 200
+    assert await second.read() == img.manifest
+    assert second.headers["Docker-Content-Digest"] == img.digest
+    assert len(fake.registry.requests) == 1  # fresh: answered from the cache
+
+
+async def test_head_by_tag_has_digest_length_type_and_no_body(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    img = fake.registry.add_image(REPO, "3")
+    for _ in range(2):  # a miss, then a hit
+        resp = await mirror.client.head(manifest_path(REPO, "3"), headers={"Accept": OCI_MANIFEST})
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == img.digest
+        assert resp.headers["Content-Length"] == str(len(img.manifest))
+        assert resp.headers["Content-Type"] == OCI_MANIFEST
+        assert resp.headers["ETag"] == f'"{img.digest}"'
+        assert await resp.read() == b""
+    assert len(fake.registry.calls(kind="manifests")) == 1
+
+
+async def test_by_digest_is_cached_forever(fake: RunningFake, start_mirror: MirrorFactory) -> None:
+    mirror = await start_mirror([fake.url], tag_ttl="0s")
+    img = fake.registry.add_image(REPO, "3")
+    resp = await mirror.client.get(manifest_path(REPO, img.digest))
+    assert resp.status == 200
+    assert await resp.read() == img.manifest
+    assert resp.headers["ETag"] == f'"{img.digest}"'
+    assert [r.path for r in fake.registry.requests] == [f"/v2/{REPO}/manifests/{img.digest}"]
+
+    fake.registry.faults.status = 500  # the upstream breaks: digests do not care
+    for method in ("GET", "HEAD", "GET"):
+        resp = await mirror.client.request(method, manifest_path(REPO, img.digest))
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == img.digest
+        assert resp.headers["Content-Length"] == str(len(img.manifest))
+        assert await resp.read() == (img.manifest if method == "GET" else b"")
+    assert len(fake.registry.requests) == 1
+
+
+async def test_concurrent_tag_misses_share_one_upstream_request(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    img = fake.registry.add_image(REPO, "3")
+    fake.registry.faults.delay = 0.1  # keep the first request open while the others arrive
+    async with asyncio.timeout(5):
+        responses = await asyncio.gather(
+            *(mirror.client.get(manifest_path(REPO, "3")) for _ in range(20))
+        )
+        bodies = [await r.read() for r in responses]
+    assert [r.status for r in responses] == [200] * 20
+    assert bodies == [img.manifest] * 20
+    assert len(fake.registry.requests) == 1
+
+
+async def test_expired_tag_is_revalidated_with_head(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    mirror = await start_mirror([fake.url], tag_ttl="150ms")
+    img = fake.registry.add_image(REPO, "3")
+    path = manifest_path(REPO, "3")
+    assert (await mirror.client.get(path)).status == 200
+    assert (await mirror.client.get(path)).status == 200
+    assert [r.method for r in fake.registry.requests] == ["GET"]
+
+    await asyncio.sleep(0.2)
+    resp = await mirror.client.get(path)
+    assert resp.status == 200
+    assert await resp.read() == img.manifest
+    # Unchanged digest: one HEAD, no GET of the body.
+    assert [r.method for r in fake.registry.requests] == ["GET", "HEAD"]
+    assert fake.registry.requests[1].path == f"/v2/{REPO}/manifests/3"
+
+    # The revalidation made the tag fresh again.
+    assert (await mirror.client.get(path)).status == 200
+    assert len(fake.registry.requests) == 2
+
+
+async def test_moved_tag_serves_the_new_digest(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    mirror = await start_mirror([fake.url], tag_ttl="100ms")
+    old = fake.registry.add_image(REPO, "3", seed="old")
+    path = manifest_path(REPO, "3")
+    assert (await mirror.client.get(path)).headers["Docker-Content-Digest"] == old.digest
+
+    new = fake.registry.add_image(REPO, "3", seed="new")
+    assert new.digest != old.digest
+    # Still fresh: the old answer.
+    assert (await mirror.client.get(path)).headers["Docker-Content-Digest"] == old.digest
+    await asyncio.sleep(0.15)
+    resp = await mirror.client.get(path)
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == new.digest
+    assert await resp.read() == new.manifest
+    assert [r.method for r in fake.registry.requests] == ["GET", "HEAD", "GET"]
+    # The old manifest stays available by digest, from the cache.
+    resp = await mirror.client.get(manifest_path(REPO, old.digest))
+    assert await resp.read() == old.manifest
+    assert len(fake.registry.requests) == 3
+
+
+async def test_stale_tag_served_when_every_upstream_is_down(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    one, two = await start_fake(), await start_fake()
+    img = one.registry.add_image(REPO, "3")
+    mirror = await start_mirror([one.url, two.url], tag_ttl="100ms")
+    path = manifest_path(REPO, "3")
+    assert (await mirror.client.get(path)).status == 200
+
+    one.registry.faults.status = 503
+    await two.server.close()
+    await asyncio.sleep(0.15)
+    for method in ("GET", "HEAD"):
+        resp = await mirror.client.request(method, path)
+        assert resp.status == 200
+        assert resp.headers["Docker-Content-Digest"] == img.digest
+        assert resp.headers["Warning"].startswith("110 ")
+        assert await resp.read() == (img.manifest if method == "GET" else b"")
+    # The stale answer came after asking upstream, not instead of it.
+    assert one.registry.calls("HEAD", "manifests")
+    stale = await mirror.metric(
+        "mirrorproxy_cache_requests_total", namespace=NS, kind="manifest", result="stale"
+    )
+    assert stale == 2
+
+
+async def test_deleted_tag_is_404_even_with_a_stale_copy(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    mirror = await start_mirror([fake.url], tag_ttl="0s")
+    fake.registry.add_image(REPO, "3")
+    assert (await mirror.client.get(manifest_path(REPO, "3"))).status == 200
+    fake.registry.remove_tag(REPO, "3")
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert "Warning" not in resp.headers
+
+
+async def test_failing_upstreams_without_cache_give_502_naming_them(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    one, two = await start_fake(), await start_fake()
+    one.registry.faults.status = 500
+    two.registry.faults.status = 503
+    mirror = await start_mirror([one.url, two.url])
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 502
+    assert resp.content_type == "application/json"
+    err = (await resp.json())["errors"][0]
+    assert err["code"] == "UNAVAILABLE"
+    upstreams = err["detail"]["upstreams"]
+    assert len(upstreams) == 2
+    assert upstreams[0] == f"{one.url}: 500"
+    assert upstreams[1] == f"{two.url}: 503"
+    assert "Warning" not in resp.headers
+
+
+async def test_unreachable_upstreams_without_cache_give_503_naming_them(
+    start_mirror: MirrorFactory, closed_port_url: str
+) -> None:
+    mirror = await start_mirror([closed_port_url])
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 503
+    err = (await resp.json())["errors"][0]
+    assert err["code"] == "UNAVAILABLE"
+    assert err["detail"]["upstreams"][0].startswith(closed_port_url)
+
+
+@pytest.mark.parametrize("index_first", [True, False])
+async def test_accept_dependent_tag(fake: RunningFake, mirror: Mirror, index_first: bool) -> None:
+    img = fake.registry.add_image(REPO, "3")
+    index_digest, index_body = fake.registry.add_index(REPO, "3", [img])
+    path = manifest_path(REPO, "3")
+
+    async def pull(accept: str) -> tuple[str, bytes]:
+        resp = await mirror.client.get(path, headers={"Accept": accept})
+        assert resp.status == 200
+        return resp.headers["Content-Type"], await resp.read()
+
+    index = (OCI_INDEX, index_body)
+    platform = (OCI_MANIFEST, img.manifest)
+    clients = [(INDEX_ACCEPT, index), (OCI_MANIFEST, platform)]
+    if not index_first:
+        clients.reverse()
+    for accept, expected in clients:
+        assert await pull(accept) == expected
+    gets = fake.registry.calls("GET", "manifests")
+    assert [r.headers["Accept"] for r in gets] == [accept for accept, _ in clients]
+    # Both are cached now, each for its own Accept set, and neither answers for the other.
+    for accept, expected in clients * 2:
+        assert await pull(accept) == expected
+    assert len(fake.registry.requests) == 2
+    assert json.loads(index_body)["manifests"][0]["digest"] == img.digest
+    assert index_digest != img.digest
+
+
+async def test_index_only_tag_is_404_for_a_platform_only_client(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    """A tag that only exists as an index is 404 upstream for a platform-only client."""
+    img = fake.registry.add_image(REPO, "other")
+    fake.registry.add_index(REPO, "3", [img])
+    ok = await mirror.client.get(manifest_path(REPO, "3"), headers={"Accept": INDEX_ACCEPT})
+    assert ok.status == 200
+    resp = await mirror.client.get(manifest_path(REPO, "3"), headers={"Accept": OCI_MANIFEST})
+    assert resp.status == 404
+    assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert fake.registry.calls("GET", "manifests")[-1].headers["Accept"] == OCI_MANIFEST
+
+
+async def test_stale_index_is_not_served_to_a_platform_only_client(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    mirror = await start_mirror([fake.url], tag_ttl="0s")
+    img = fake.registry.add_image(REPO, "3")
+    _, index_body = fake.registry.add_index(REPO, "3", [img])
+    path = manifest_path(REPO, "3")
+    assert await (await mirror.client.get(path, headers={"Accept": INDEX_ACCEPT})).read() == (
+        index_body
+    )
+    fake.registry.faults.status = 503
+    stale = await mirror.client.get(path, headers={"Accept": INDEX_ACCEPT})
+    assert stale.status == 200
+    assert await stale.read() == index_body
+    assert stale.headers["Warning"].startswith("110 ")
+    resp = await mirror.client.get(path, headers={"Accept": OCI_MANIFEST})
+    assert resp.status == 502
+    assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_tags_list_is_passed_through(fake: RunningFake, mirror: Mirror) -> None:
+    for tag in ("3", "3.19", "latest"):
+        fake.registry.add_image(REPO, tag)
+    resp = await mirror.client.get(f"/v2/{REPO}/tags/list?ns={NS}&n=2")
+    assert resp.status == 200
+    assert await resp.json() == {"name": REPO, "tags": ["3", "3.19"]}
+    (req,) = fake.registry.calls("GET", "tags")
+    assert req.path == f"/v2/{REPO}/tags/list"
+    assert req.query.get("n") == "2"
+    assert "ns" not in req.query
