@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -82,8 +82,16 @@ def mirror_process(e2e_requirements: None, tmp_path: Path) -> Iterator[MirrorFac
     started: list[MirrorProcess] = []
     counter = itertools.count()
 
-    def make(config_text: str, port: int) -> MirrorProcess:
-        proc = MirrorProcess(tmp_path / f"mirror{next(counter)}", config_text, port)
+    def make(
+        config_text: str,
+        port: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> MirrorProcess:
+        proc = MirrorProcess(
+            tmp_path / f"mirror{next(counter)}", config_text, port, env=env, args=args
+        )
         started.append(proc)
         return proc
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import random
+import ssl
 import tarfile
 import urllib.error
 import urllib.parse
@@ -272,6 +273,15 @@ class Response:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    """The no-proxy opener, trusting ``context`` for https when given."""
+    if context is None:
+        return _OPENER
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+
+
 def request(
     method: str,
     url: str,
@@ -279,15 +289,17 @@ def request(
     data: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Response:
     """Send one HTTP request; raise RegistryHTTPError on any status >= 400.
 
     Args:
         method: HTTP method.
-        url: absolute ``http://`` URL.
+        url: absolute ``http://`` or ``https://`` URL.
         data: request body.
         headers: request headers.
         timeout: seconds for connect and each read.
+        ssl_context: TLS settings for https (e.g. trusting a test CA).
 
     Returns:
         Status, headers (names lower-cased) and body.
@@ -301,7 +313,7 @@ def request(
         url, data=data, method=method, headers=dict(headers or {})
     )
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with _opener(ssl_context).open(req, timeout=timeout) as resp:
             headers = {k.lower(): v for k, v in resp.headers.items()}
             return Response(resp.status, headers, resp.read())
     except urllib.error.HTTPError as err:
@@ -310,9 +322,25 @@ def request(
         raise RegistryHTTPError(method, url, err.code, body) from err
 
 
-def _push_blob(base: str, repo: str, digest: str, data: bytes, timeout: float) -> None:
+def _push_blob(
+    base: str,
+    repo: str,
+    digest: str,
+    data: bytes,
+    timeout: float,
+    *,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """Upload one blob monolithically: POST for a session, PUT it with ?digest=."""
-    resp = request("POST", f"{base}/v2/{repo}/blobs/uploads/", timeout=timeout)
+    extra = dict(headers or {})
+    resp = request(
+        "POST",
+        f"{base}/v2/{repo}/blobs/uploads/",
+        headers=extra,
+        timeout=timeout,
+        ssl_context=ssl_context,
+    )
     location = resp.headers.get("location")
     if not location:
         raise RuntimeError(f"registry gave no upload Location for {repo}")
@@ -323,8 +351,9 @@ def _push_blob(base: str, repo: str, digest: str, data: bytes, timeout: float) -
         "PUT",
         url,
         data=data,
-        headers={"Content-Type": "application/octet-stream"},
+        headers=extra | {"Content-Type": "application/octet-stream"},
         timeout=timeout,
+        ssl_context=ssl_context,
     )
 
 
@@ -336,14 +365,17 @@ def put_manifest(
     body: bytes,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> str:
     """PUT one manifest by tag or digest; return the digest the registry reports."""
     resp = request(
         "PUT",
         f"{registry_url.rstrip('/')}/v2/{repo}/manifests/{reference}",
         data=body,
-        headers={"Content-Type": media_type},
+        headers=dict(headers or {}) | {"Content-Type": media_type},
         timeout=timeout,
+        ssl_context=ssl_context,
     )
     return resp.headers.get("docker-content-digest", "")
 
@@ -355,6 +387,8 @@ def push(
     image: Image,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Push an image: blobs, child manifests by digest, then the top one by tag.
 
@@ -364,6 +398,9 @@ def push(
         tag: tag for the top manifest; None pushes it by digest only.
         image: what to push.
         timeout: per-request bound in seconds.
+        headers: sent with every request; an ``Authorization`` value (Basic, or a
+            Bearer token the test minted) pushes to a registry that requires auth.
+        ssl_context: TLS settings for an ``https://`` registry (e.g. its test CA).
 
     Raises:
         RegistryHTTPError: the registry refused a request.
@@ -371,11 +408,20 @@ def push(
     """
     base = registry_url.rstrip("/")
     for digest, data in image.blobs.items():
-        _push_blob(base, repo, digest, data, timeout)
+        _push_blob(base, repo, digest, data, timeout, headers=headers, ssl_context=ssl_context)
     for digest, (media_type, body) in image.manifests.items():
         is_top = digest == image.digest
         ref = tag if is_top and tag is not None else digest
-        got = put_manifest(base, repo, ref, media_type, body, timeout=timeout)
+        got = put_manifest(
+            base,
+            repo,
+            ref,
+            media_type,
+            body,
+            timeout=timeout,
+            headers=headers,
+            ssl_context=ssl_context,
+        )
         if got and got != digest:
             raise RuntimeError(f"registry stored {ref} as {got}, expected {digest}")
 

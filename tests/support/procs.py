@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol, Self
+from typing import IO, Any, Protocol, Self
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -51,6 +52,19 @@ CTR_ENV_OVERRIDES = {
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def _unverified_context() -> ssl.SSLContext:
+    """TLS without checks: a readiness probe only asks whether something listens."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+_NO_PROXY_TLS_OPENER = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_unverified_context())
+)
+
+
 def missing_e2e_requirements() -> list[str]:
     """Return one human reason per missing e2e prerequisite (empty when all present)."""
     reasons = [
@@ -74,10 +88,14 @@ def free_port() -> int:
         return port
 
 
-def v2_answers(port: int, *, timeout: float = 2.0) -> bool:
-    """Tell whether anything speaking HTTP answers ``GET /v2/`` (any status counts)."""
+def v2_answers(port: int, *, timeout: float = 2.0, scheme: str = "http") -> bool:
+    """Tell whether anything speaking HTTP answers ``GET /v2/`` (any status counts).
+
+    With ``scheme="https"`` the certificate is not checked: this only probes.
+    """
+    opener = _NO_PROXY_TLS_OPENER if scheme == "https" else _NO_PROXY_OPENER
     try:
-        with _NO_PROXY_OPENER.open(f"http://127.0.0.1:{port}/v2/", timeout=timeout):
+        with opener.open(f"{scheme}://127.0.0.1:{port}/v2/", timeout=timeout):
             return True
     except urllib.error.HTTPError:
         return True  # 401 and friends still mean a registry is listening
@@ -91,6 +109,7 @@ def wait_for_v2(
     timeout: float = START_TIMEOUT,
     proc: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
+    scheme: str = "http",
 ) -> None:
     """Poll ``http://127.0.0.1:PORT/v2/`` until it answers, for at most ``timeout`` s.
 
@@ -99,13 +118,14 @@ def wait_for_v2(
         timeout: overall bound in seconds.
         proc: when given, stop waiting as soon as it exits.
         log_path: its output, quoted in the error.
+        scheme: ``https`` for a TLS server (its certificate is not checked).
 
     Raises:
         RuntimeError: the process exited, or the deadline passed.
     """
     deadline = time.monotonic() + timeout
     while True:
-        if v2_answers(port):
+        if v2_answers(port, scheme=scheme):
             return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
@@ -196,7 +216,10 @@ class Registry(_Process):
     """Debian's ``docker-registry`` on 127.0.0.1 with filesystem storage in ``workdir``.
 
     With ``proxy_remoteurl`` it runs as distribution's own pull-through cache, the
-    baseline the mirror is compared with.
+    baseline the mirror is compared with. ``extra_config`` adds or extends top-level
+    sections of its YAML config (e.g. ``{"auth": {...}, "http": {"tls": {...}}}``; a
+    table given for an existing section is merged into it); with ``http.tls`` set the
+    registry serves HTTPS and ``url`` says so.
     """
 
     def __init__(
@@ -204,6 +227,7 @@ class Registry(_Process):
         workdir: Path,
         *,
         proxy_remoteurl: str | None = None,
+        extra_config: Mapping[str, Any] | None = None,
         start: bool = True,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -212,14 +236,21 @@ class Registry(_Process):
         self.storage = workdir / "storage"
         self.config_path = workdir / "registry.yml"
         self.proxy_remoteurl = proxy_remoteurl
+        self.extra_config: dict[str, Any] = dict(extra_config or {})
         self.port = 0
         if start:
             self.start()
 
     @property
+    def scheme(self) -> str:
+        """``https`` when ``extra_config`` gives ``http.tls``, else ``http``."""
+        http = self.extra_config.get("http")
+        return "https" if isinstance(http, Mapping) and http.get("tls") else "http"
+
+    @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:5001``."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL, e.g. ``http://127.0.0.1:5001`` (``https://`` with TLS)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -239,6 +270,12 @@ class Registry(_Process):
         }
         if self.proxy_remoteurl is not None:
             config["proxy"] = {"remoteurl": self.proxy_remoteurl}
+        for key, value in self.extra_config.items():
+            current = config.get(key)
+            if isinstance(current, dict) and isinstance(value, Mapping):
+                config[key] = current | dict(value)
+            else:
+                config[key] = value
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
 
     def start(self, *, attempts: int = 3) -> None:
@@ -248,7 +285,7 @@ class Registry(_Process):
             self._write_config()
             self._spawn(["docker-registry", "serve", str(self.config_path)])
             try:
-                wait_for_v2(self.port, proc=self.proc, log_path=self.log_path)
+                wait_for_v2(self.port, proc=self.proc, log_path=self.log_path, scheme=self.scheme)
                 return
             except RuntimeError:
                 exited = not self.running
@@ -449,10 +486,26 @@ def write_hosts_toml(hosts_dir: Path, registry_name: str, server: str, mirror_ur
     return path
 
 
+#: An upstream as ``mirror_config`` takes it: a URL, or a table of upstream options
+#: (``{"url": ..., "username": ..., "ca": ..., "skip_verify": True, ...}``).
+UpstreamSpec = str | Mapping[str, str | bool | int | float]
+
+
+def _toml_upstream(spec: UpstreamSpec) -> str:
+    """Render one upstream as a TOML string or inline table.
+
+    JSON strings, numbers and booleans are valid TOML values, so json.dumps quotes.
+    """
+    if isinstance(spec, str):
+        return json.dumps(spec)
+    items = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in spec.items())
+    return "{ " + items + " }"
+
+
 def mirror_config(
     port: int,
     cache_dir: Path,
-    namespaces: Mapping[str, Sequence[str]],
+    namespaces: Mapping[str, Sequence[UpstreamSpec]],
     *,
     default_namespace: str = "docker.io",
     tag_ttl: str = "5m",
@@ -463,7 +516,8 @@ def mirror_config(
     Args:
         port: loopback port to listen on.
         cache_dir: the cache directory.
-        namespaces: registry name -> upstream URLs, tried in order.
+        namespaces: registry name -> upstreams (URLs, or tables of upstream
+            options such as credentials, TLS files and proxy), tried in order.
         default_namespace: used when a request carries no ``ns``.
         tag_ttl: how long a resolved tag is trusted.
         extra: raw TOML appended verbatim, for options not modelled here.
@@ -484,7 +538,7 @@ def mirror_config(
         lines += [
             "",
             f"[namespaces.{json.dumps(name)}]",
-            f"upstreams = {json.dumps(list(upstreams))}",
+            "upstreams = [" + ", ".join(_toml_upstream(u) for u in upstreams) + "]",
         ]
     return "\n".join(lines) + "\n" + extra
 
@@ -496,9 +550,20 @@ class RegistryFactory(Protocol):
 
 
 class MirrorFactory(Protocol):
-    """Start the mirror CLI with a config text; ``port`` must match its ``listen``."""
+    """Start the mirror CLI with a config text; ``port`` must match its ``listen``.
 
-    def __call__(self, config_text: str, port: int) -> MirrorProcess: ...
+    ``env`` is merged over the mirror's environment (see ``MirrorProcess``), ``args``
+    are appended to its ``serve`` command line (e.g. ``["--log-level", "debug"]``).
+    """
+
+    def __call__(
+        self,
+        config_text: str,
+        port: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> MirrorProcess: ...
 
 
 class MirrorProcess(_Process):
@@ -515,11 +580,13 @@ class MirrorProcess(_Process):
         port: int,
         *,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
         start: bool = True,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir / "mirror.log")
         self.port = port
+        self.args = list(args)
         self.config_path = workdir / "mirrorproxy.toml"
         self.config_path.write_text(config_text)
         self.env = dict(os.environ) | {
@@ -540,7 +607,15 @@ class MirrorProcess(_Process):
     @property
     def argv(self) -> list[str]:
         """The command line, for error messages and reruns by hand."""
-        return [sys.executable, "-m", "mirrorproxy", "serve", "--config", str(self.config_path)]
+        return [
+            sys.executable,
+            "-m",
+            "mirrorproxy",
+            "serve",
+            "--config",
+            str(self.config_path),
+            *self.args,
+        ]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server and wait until ``/v2/`` answers on its port."""
