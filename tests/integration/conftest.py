@@ -117,7 +117,10 @@ def mirror_config(
             "cooldown": cooldown,
             "max_cooldown": "1s",
         },
-        "namespaces": {name: {"upstreams": list(ups)} for name, ups in nss.items()},
+        "namespaces": {
+            name: {"upstreams": list(ups), **({"allow": ["*.io"]} if name == "*" else {})}
+            for name, ups in nss.items()
+        },
     }
     return parse_config(data, source="test", base_dir=cache_dir.parent)
 

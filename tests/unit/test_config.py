@@ -127,7 +127,7 @@ def test_empty_default_namespace_means_unset(tmp_path: Path) -> None:
 
 
 def test_default_namespace_may_rely_on_wildcard(tmp_path: Path) -> None:
-    text = '[namespaces."*"]\nupstreams = ["https://mirror.example"]\n'
+    text = '[namespaces."*"]\nupstreams = ["https://mirror.example"]\nallow = ["quay.io"]\n'
     config = load(tmp_path, text + '[server]\ndefault_namespace = "quay.io"\n')
     assert config.server.default_namespace == "quay.io"
     assert config.namespace("quay.io") is config.namespaces[WILDCARD]
@@ -259,14 +259,16 @@ def test_parse_config_base_dir(tmp_path: Path) -> None:
 
 
 def test_wildcard_namespace_fallback(tmp_path: Path) -> None:
-    text = DOCKER + '[namespaces."*"]\nupstreams = ["https://mirror.example/v2/all"]\n'
+    text = DOCKER + (
+        '[namespaces."*"]\nupstreams = ["https://mirror.example/v2/all"]\nallow = ["*.io"]\n'
+    )
     config = load(tmp_path, text)
     wildcard = config.namespaces[WILDCARD]
     assert wildcard.name == "*"
     assert wildcard.upstreams[0].path == "/v2/all"
     assert config.namespace("docker.io") is config.namespaces["docker.io"]
     assert config.namespace("quay.io") is wildcard
-    assert config.namespace("127.0.0.1:22") is wildcard
+    assert config.namespace("127.0.0.1:22") is None  # not on the wildcard's allowlist
 
 
 def test_namespace_without_wildcard_is_none(tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ def node(tmp_path: Path, mirror_url: str) -> tuple[Path, Path]:
         {
             "namespaces": {
                 "docker.io": {"upstreams": ["https://registry-1.docker.io"]},
-                "*": {"upstreams": ["https://fallback.example"]},
+                "*": {"upstreams": ["https://fallback.example"], "allow": ["*.example"]},
             }
         },
         source="t",

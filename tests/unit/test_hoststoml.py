@@ -30,7 +30,10 @@ MIRROR = "http://127.0.0.1:5000"
 def make_config(namespaces: dict[str, list[str]], listen: str = "127.0.0.1:5000") -> Config:
     data: dict[str, Any] = {
         "server": {"listen": listen},
-        "namespaces": {name: {"upstreams": ups} for name, ups in namespaces.items()},
+        "namespaces": {
+            name: {"upstreams": ups, **({"allow": ["*.io", "*.example"]} if name == "*" else {})}
+            for name, ups in namespaces.items()
+        },
     }
     return parse_config(data, source="test.toml", base_dir=Path("/"))
 

@@ -19,7 +19,10 @@ MIRROR = "http://127.0.0.1:5000"
 
 def make_config(namespaces: dict[str, list[str]]) -> Config:
     data: dict[str, Any] = {
-        "namespaces": {name: {"upstreams": ups} for name, ups in namespaces.items()}
+        "namespaces": {
+            name: {"upstreams": ups, **({"allow": ["*.io", "*.example"]} if name == "*" else {})}
+            for name, ups in namespaces.items()
+        }
     }
     return parse_config(data, source="test.toml", base_dir=Path("/"))
 

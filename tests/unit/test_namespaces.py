@@ -15,7 +15,11 @@ from mirrorproxy.namespaces import resolve
 def make_config(*names: str, default_namespace: str | None = None) -> Config:
     data: dict[str, Any] = {
         "namespaces": {
-            name: {"upstreams": [f"http://upstream-{i}.example"]} for i, name in enumerate(names)
+            name: {
+                "upstreams": [f"http://upstream-{i}.example"],
+                **({"allow": ["*.*", "*:*", "localhost*"]} if name == WILDCARD else {}),
+            }
+            for i, name in enumerate(names)
         }
     }
     if default_namespace is not None:
@@ -164,5 +168,20 @@ def test_invalid_ns_message_is_truncated() -> None:
     "ns_param", ["localhost:5000", "my-registry.example:443", "10.0.0.5", "[fd00::5]:5000"]
 )
 def test_valid_host_forms_reach_the_wildcard(ns_param: str) -> None:
+    """(The allowlist here is deliberately broad; see the allowlist tests.)"""
     config = make_config(WILDCARD)
     assert resolve(config, ns_param) == (config.namespaces[WILDCARD], ns_param)
+
+
+def test_wildcard_only_serves_its_allowlist() -> None:
+    data: dict[str, Any] = {
+        "namespaces": {
+            "*": {"upstreams": ["http://site.example"], "allow": ["*.corp.example", "[fd00::5]:*"]}
+        }
+    }
+    config = parse_config(data, source="test.toml", base_dir=Path("/"))
+    assert resolve(config, "reg.corp.example")[1] == "reg.corp.example"
+    assert resolve(config, "[fd00::5]:5000")[1] == "[fd00::5]:5000"
+    for refused in ("127.0.0.1:22", "169.254.169.254", "corp.example.evil.io", "f"):
+        with pytest.raises(NameUnknown):
+            resolve(config, refused)

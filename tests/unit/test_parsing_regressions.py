@@ -44,8 +44,9 @@ def test_upper_case_namespace_is_refused(tmp_path: Path) -> None:
 
 
 def test_default_namespace_is_checked_even_with_a_wildcard(tmp_path: Path) -> None:
+    wild = {**UP, "allow": ["*.io"]}
     with pytest.raises(ConfigError, match=r"server\.default_namespace"):
-        _config({"server": {"default_namespace": "a b"}, "namespaces": {"*": UP}}, tmp_path)
+        _config({"server": {"default_namespace": "a b"}, "namespaces": {"*": wild}}, tmp_path)
 
 
 def test_namespace_key_with_newline_stays_on_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,34 @@
+"""Configuration: the data model, and the loader that validates a TOML file into it."""
+
+from mirrorproxy.config.load import load_config, parse_config, with_overrides
+from mirrorproxy.config.model import (
+    WILDCARD,
+    CacheConfig,
+    Config,
+    ConfigError,
+    MetricsConfig,
+    Namespace,
+    Secret,
+    ServerConfig,
+    Upstream,
+    UpstreamDefaults,
+)
+from mirrorproxy.config.values import parse_listen, parse_upstream_url
+
+__all__ = [
+    "WILDCARD",
+    "CacheConfig",
+    "Config",
+    "ConfigError",
+    "MetricsConfig",
+    "Namespace",
+    "Secret",
+    "ServerConfig",
+    "Upstream",
+    "UpstreamDefaults",
+    "load_config",
+    "parse_config",
+    "parse_listen",
+    "parse_upstream_url",
+    "with_overrides",
+]

@@ -1,0 +1,155 @@
+"""The configuration's data model: frozen dataclasses with their defaults.
+
+Defaults live here and only here; ``load`` fills the fields from TOML.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WILDCARD = "*"
+
+
+@functools.lru_cache(maxsize=256)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A host pattern where only ``*`` is special (brackets are IPv6, not classes)."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+class ConfigError(Exception):
+    """A config problem, rendered as one line: ``FILE: KEY: PROBLEM``."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.source = source
+        self.key = key
+        self.message = message
+
+
+class Secret:
+    """A credential that never shows itself in a repr, a log line or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One endpoint of a namespace."""
+
+    url: str  # as configured (display and metric label); never holds credentials
+    origin: str  # scheme://host[:port]
+    path: str  # the API root: "/v2", or the path given in the URL (override_path)
+    ns: bool = False  # append ?ns=<namespace>, for chaining to another mirror
+    connect_timeout: float = 5.0  # seconds to establish a connection
+    read_timeout: float = 30.0  # seconds of silence tolerated while reading
+    username: str | None = None  # for Basic auth and for Bearer token requests
+    password: Secret | None = None  # from password, password_file or password_env
+    ca: Path | None = None  # PEM bundle to trust instead of the system CAs
+    client_cert: Path | None = None  # PEM client certificate (mutual TLS)
+    client_key: Path | None = None  # its key, if not inside client_cert
+    skip_verify: bool = False  # accept any server certificate (test setups only)
+    proxy: str | None = None  # HTTP proxy for this upstream; else HTTP(S)_PROXY env
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """A registry the mirror serves (``docker.io``), or ``*`` for any other."""
+
+    name: str
+    upstreams: tuple[Upstream, ...]
+    tag_ttl: float  # seconds a tag -> digest answer stays fresh
+    # For "*" only, and required there: the registries (host patterns like
+    # "*.corp.example") it may serve. An explicit opt-in, never an open proxy.
+    allow: tuple[str, ...] = ()
+
+    def allows(self, registry: str) -> bool:
+        """Whether this namespace may serve ``registry`` (always, unless a wildcard)."""
+        if self.name != WILDCARD:
+            return registry == self.name
+        return any(_glob(pattern).fullmatch(registry) for pattern in self.allow)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # safe default: node-local only
+    port: int = 5000
+    default_namespace: str | None = None  # used when a request carries no ns=
+    tls_cert: Path | None = None  # serve HTTPS with this PEM certificate (chain)
+    tls_key: Path | None = None  # and this key
+    # Client networks allowed to use the mirror (CIDRs); empty: everyone who can connect.
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_connections: int = 1024  # concurrent client connections
+    client_timeout: float = 60.0  # idle keep-alive and header-read limit (slowloris)
+    max_header_size: int = 16 * 1024  # bytes of one request header line
+    max_url_length: int = 8 * 1024  # bytes of the request line
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    dir: Path = Path("/var/lib/mirrorproxy")
+    tag_ttl: float = 300.0  # 5m: how long tag -> digest stays fresh
+    max_manifest_size: int = 4 * 1024 * 1024  # the distribution-spec's suggested limit
+    memory_manifests: int = 64 * 1024 * 1024  # bytes of hot manifests kept in memory
+    offline: bool = False  # never contact upstreams; serve what is cached, tags past TTL too
+    max_size: int = 0  # bytes of blobs kept; least recently used go first (0: no limit)
+    min_free: float = 0.0  # keep this share (0..1) of the filesystem free
+    min_free_bytes: int = 0  # or this many bytes free
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamDefaults:
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    cooldown: float = 1.0  # first skip after an endpoint fails; doubles per failure
+    max_cooldown: float = 60.0  # ceiling of that growth
+    max_fetches: int = 64  # concurrent requests to one upstream endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # host:port for a separate /metrics listener; None: /metrics on the main listener.
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    cache: CacheConfig
+    defaults: UpstreamDefaults
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    source: str = "<config>"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def namespace(self, name: str) -> Namespace | None:
+        """The namespace serving registry ``name``: an exact match, else an allowing wildcard."""
+        exact = self.namespaces.get(name)
+        if exact is not None:
+            return exact
+        wildcard = self.namespaces.get(WILDCARD)
+        return wildcard if wildcard is not None and wildcard.allows(name) else None
