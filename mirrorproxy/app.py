@@ -7,6 +7,8 @@ context, and closes it there.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,6 +16,7 @@ from aiohttp import web
 
 from mirrorproxy import keys
 from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import Config
 from mirrorproxy.errors import error_middleware
@@ -34,8 +37,9 @@ def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Applica
     client = UpstreamClient(config, metrics)
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
+    budget = CacheBudget(config.cache, blobs=blobs, manifests=manifests, metrics=metrics)
     app[keys.PULLTHROUGH] = PullThrough(
-        config, blobs=blobs, manifests=manifests, client=client, metrics=metrics
+        config, blobs=blobs, manifests=manifests, budget=budget, client=client, metrics=metrics
     )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -43,9 +47,15 @@ def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Applica
         manifests.prepare()
         if swept:
             logger.info("removed %d temp files left by an interrupted run", swept)
+        budget.open()
+        flusher = asyncio.create_task(budget.run_flusher(), name="cache index flusher")
         await client.start()
         yield
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
         await app[keys.PULLTHROUGH].close()
+        await budget.close()
         await client.close()
 
     app.cleanup_ctx.append(resources)

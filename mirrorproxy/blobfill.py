@@ -19,6 +19,8 @@ import aiohttp
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import BlobWriter, DigestMismatch, FileBlobStore
+from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace
 from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
 from mirrorproxy.metrics import Metrics
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 WRITE_BATCH = 1024 * 1024  # bytes gathered before one write: fewer thread hops
 READ_CHUNK = 1024 * 1024
 MAX_RESUMES = 3
+UNCLAIMED_TIMEOUT = 30.0  # a direct response nobody picked up is closed after this
 
 
 class FillFailed(Exception):
@@ -46,11 +49,16 @@ class BlobFill:
         digest: Digest,
         client: UpstreamClient,
         store: FileBlobStore,
+        budget: CacheBudget,
         metrics: Metrics,
         on_done: Callable[[BlobFill], None],
     ) -> None:
         self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
         self._client, self._store, self._metrics, self._on_done = client, store, metrics, on_done
+        self._budget = budget
+        # Set instead of a writer when the blob cannot be cached: the upstream
+        # response itself, for the one client that claims it.
+        self.direct: UpstreamResponse | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # upstream said 200 (size known)
         self.size: int | None = None
@@ -59,6 +67,16 @@ class BlobFill:
         self._writer: BlobWriter | None = None
         self._tick: asyncio.Future[None] = loop.create_future()
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
+
+    def claim_direct(self) -> UpstreamResponse | None:
+        """Take the uncached upstream response (once); None if another client has it."""
+        resp, self.direct = self.direct, None
+        return resp
+
+    @property
+    def caching(self) -> bool:
+        """False when the blob goes to clients uncached (see ``claim_direct``)."""
+        return self._writer is not None
 
     @property
     def finished(self) -> bool:
@@ -117,7 +135,20 @@ class BlobFill:
                 self.ns, self.ns_name, "GET", path, what=what, stream=True
             )
             self.size = resp.content_length
-            self._writer = self._store.begin(self.digest)
+            if not self._budget.reserve(self.digest, self.size):
+                self._hand_over(resp, "budget")
+                resp = None
+                return
+            try:
+                self._writer = self._store.begin(self.digest)
+            except OSError as err:
+                self._budget.release(self.digest)
+                self._budget.write_failed(err)
+                self._metrics.cache_write_errors.inc()
+                self._hand_over(resp, "write-error")
+                resp = None
+                return
+            self._budget.pin(self.digest)
             self.ready.set_result(None)
             resumes = 0
             while True:
@@ -151,6 +182,7 @@ class BlobFill:
                     f"upstream sent {self._writer.written} bytes of {self.size} for {what}"
                 )
             self.result = await self._writer.commit()
+            self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
             logger.info(
                 "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
             )
@@ -159,6 +191,9 @@ class BlobFill:
             self._log_failure(err, resp)
             if self._writer is not None:
                 await self._writer.abort()
+                self._budget.release(self.digest)
+                if isinstance(err, OSError):
+                    self._budget.write_failed(err)
             if not self.ready.done():
                 self.ready.set_exception(_client_error(err, what))
                 self.ready.exception()  # retrieved here; waiters get it too
@@ -167,8 +202,23 @@ class BlobFill:
         finally:
             if resp is not None:
                 resp.release()
+            if self._writer is not None:
+                self._budget.unpin(self.digest)
             self._notify()
             self._on_done(self)
+
+    def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
+        """Serve this blob straight from upstream, uncached, to the client that claims it."""
+        self._metrics.cache_passthrough.labels(reason).inc()
+        self.direct = resp
+        self.ready.set_result(None)
+
+        def close_unclaimed() -> None:
+            if self.direct is resp:
+                self.direct = None
+                resp.close()
+
+        asyncio.get_running_loop().call_later(UNCLAIMED_TIMEOUT, close_unclaimed)
 
     async def _pump(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
         """Copy the body to the writer; after a resume from 0, skip what we have."""

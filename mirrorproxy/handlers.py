@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorproxy import keys
@@ -18,6 +23,7 @@ from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupp
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
 from mirrorproxy.pullthrough import HIT, STALE, Target
+from mirrorproxy.upstream.client import UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +74,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
     answer = await pt.blob(target, digest)
     if answer.info is not None:
         return _serve_file(request, target, digest, answer.info)
-    if answer.fill is None:  # pragma: no cover - BlobAnswer holds one or the other
-        raise RuntimeError("blob answer without file or fill")
-    return await _serve_fill(request, target, digest, answer.fill, answer.size)
+    if answer.fill is not None:
+        return await _serve_fill(request, target, digest, answer.fill, answer.size)
+    if answer.direct is not None:
+        return await _serve_direct(request, target, digest, answer.direct)
+    raise RuntimeError("blob answer without file, fill or stream")  # pragma: no cover
 
 
 def _serve_file(
@@ -80,11 +88,57 @@ def _serve_file(
     sent = info.size if rng is None else rng[1] - rng[0] + 1
     request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "cache").inc(sent)
     # FileResponse brings sendfile, Range/If-Range and conditional requests.
-    return web.FileResponse(
+    budget = request.app[keys.PULLTHROUGH].budget
+    budget.pin(digest)  # never evicted while being sent
+    return _PinnedFileResponse(
         info.path,
+        unpin=lambda: budget.unpin(digest),
         chunk_size=1024 * 1024,
         headers={"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE},
     )
+
+
+class _PinnedFileResponse(web.FileResponse):
+    """A FileResponse that releases its cache pin once the file has been sent."""
+
+    def __init__(self, path: Path, *, unpin: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._unpin: Callable[[], None] | None = unpin
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            if self._unpin is not None:
+                self._unpin()
+                self._unpin = None
+
+
+async def _serve_direct(
+    request: web.Request, target: Target, digest: Digest, upstream: UpstreamResponse
+) -> web.StreamResponse:
+    """Relay an uncached blob from upstream; the client verifies the digest itself."""
+    resp = web.StreamResponse()
+    resp.headers["Docker-Content-Digest"] = str(digest)
+    resp.content_type = BLOB_TYPE
+    if upstream.content_length is not None:
+        resp.content_length = upstream.content_length
+    counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
+    try:
+        await resp.prepare(request)
+        async for chunk in upstream.resp.content.iter_chunked(1024 * 1024):
+            await resp.write(chunk)
+            counter.inc(len(chunk))
+    except (aiohttp.ClientError, TimeoutError) as err:
+        logger.warning("aborting uncached blob %s: upstream failed: %s", digest, err)
+        upstream.close()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    finally:
+        upstream.release()
+    await resp.write_eof()
+    return resp
 
 
 def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:

@@ -59,6 +59,23 @@ class Metrics:
             ["namespace"],
             registry=r,
         )
+        self.cache_size_bytes = Gauge(
+            "mirrorproxy_cache_size_bytes",
+            "Bytes of blobs and manifests in the cache.",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "mirrorproxy_cache_evictions",
+            "Entries evicted to stay inside the cache budget.",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_passthrough = Counter(
+            "mirrorproxy_cache_passthrough",
+            "Blobs streamed to a client without being cached, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.cache_write_errors = Counter(
             "mirrorproxy_cache_write_errors",
             "Cache writes that failed (disk full, read-only, I/O error).",

@@ -19,6 +19,8 @@ from typing import TypeVar
 from mirrorproxy.blobfill import BlobFill, cancel_fills
 from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
 from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.index import BLOB, MANIFEST
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import Config, Namespace
 from mirrorproxy.errors import (
@@ -65,11 +67,12 @@ class ManifestAnswer:
 
 @dataclass(frozen=True, slots=True)
 class BlobAnswer:
-    """A cached file to sendfile, or a running fill to follow."""
+    """A cached file to sendfile, a running fill to follow, or an uncached stream."""
 
     size: int | None
     info: BlobInfo | None = None
     fill: BlobFill | None = None
+    direct: UpstreamResponse | None = None  # the caller reads and releases it
 
 
 class PullThrough:
@@ -79,11 +82,13 @@ class PullThrough:
         *,
         blobs: FileBlobStore,
         manifests: FileManifestStore,
+        budget: CacheBudget,
         client: UpstreamClient,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self.budget = budget
         self._blobs = blobs
         self._manifests = manifests
         self._client = client
@@ -119,6 +124,7 @@ class PullThrough:
     ) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
         if cached is not None:
+            self.budget.touch(MANIFEST, digest)
             return ManifestAnswer(cached, HIT)
         if self._config.cache.offline:
             raise ManifestUnknown(f"manifest {t.repo}@{digest} is not cached and {OFFLINE}")
@@ -151,6 +157,7 @@ class PullThrough:
         cached = await self._manifests.get(entry.digest) if entry is not None else None
         fresh = entry is not None and self._clock() - entry.fetched < t.ns.tag_ttl
         if cached is not None and fresh:
+            self.budget.touch(MANIFEST, cached.digest)
             return ManifestAnswer(cached, HIT)
         if self._config.cache.offline:
             stale = await self._stale(entries, key, accept)
@@ -253,6 +260,7 @@ class PullThrough:
         manifest = StoredManifest(digest, media_type, body)
         try:
             await self._manifests.put(manifest)
+            self.budget.committed(MANIFEST, digest, len(body), t.ns_name)
         except OSError as err:
             self._metrics.cache_write_errors.inc()
             logger.error("cannot cache %s: %s", what, err)
@@ -281,6 +289,7 @@ class PullThrough:
         info = await self._blobs.lookup(digest)
         if info is not None:
             self._count(t, "blob", HIT)
+            self.budget.touch(BLOB, digest)
             return BlobAnswer(info.size, info=info)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
@@ -300,13 +309,35 @@ class PullThrough:
                 digest=digest,
                 client=self._client,
                 store=self._blobs,
+                budget=self.budget,
                 metrics=self._metrics,
                 on_done=self._fill_done,
             )
             self._fills[digest] = fill
         await asyncio.shield(fill.ready)
         self._count(t, "blob", MISS)
+        if not fill.caching:
+            return await self._direct(t, digest, fill)
         return BlobAnswer(fill.size, fill=fill)
+
+    async def _direct(self, t: Target, digest: Digest, fill: BlobFill) -> BlobAnswer:
+        """An uncached blob (no room, or no writable disk): straight from upstream."""
+        resp = fill.claim_direct()
+        if resp is None:  # another client has that response: fetch our own
+            try:
+                resp = await self._client.open(
+                    t.ns,
+                    t.ns_name,
+                    "GET",
+                    f"{t.repo}/blobs/{digest}",
+                    what=f"blob {digest}",
+                    stream=True,
+                )
+            except UpstreamError as err:
+                if err.not_found:
+                    raise BlobUnknown(f"blob {digest} not found upstream") from None
+                raise err.registry_error() from None
+        return BlobAnswer(resp.content_length, direct=resp)
 
     def _fill_done(self, fill: BlobFill) -> None:
         if self._fills.get(fill.digest) is fill:

@@ -38,7 +38,7 @@ class FileManifestStore:
         for sub in ("manifests", "tags", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def _path(self, digest: Digest) -> Path:
+    def path_of(self, digest: Digest) -> Path:
         return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
 
     def _tag_path(self, ns: str, repo: str, tag: str) -> Path:
@@ -51,14 +51,14 @@ class FileManifestStore:
             self._hot.move_to_end(digest)
             return hot
         try:
-            raw = await asyncio.to_thread(self._path(digest).read_bytes)
+            raw = await asyncio.to_thread(self.path_of(digest).read_bytes)
         except OSError:
             return None
         media_type, sep, body = raw.partition(b"\n")
         if not sep or Digest.of(body, digest.algorithm) != digest:
             logger.warning("dropping corrupt cached manifest %s", digest)
             with contextlib.suppress(OSError):
-                self._path(digest).unlink()
+                self.path_of(digest).unlink()
             return None
         manifest = StoredManifest(digest, media_type.decode(), body)
         self._remember(manifest)
@@ -66,8 +66,14 @@ class FileManifestStore:
 
     async def put(self, manifest: StoredManifest) -> None:
         data = manifest.media_type.encode() + b"\n" + manifest.body
-        await asyncio.to_thread(_atomic_write, self.tmp, self._path(manifest.digest), data)
+        await asyncio.to_thread(_atomic_write, self.tmp, self.path_of(manifest.digest), data)
         self._remember(manifest)
+
+    def forget(self, digest: Digest) -> None:
+        """Drop a manifest from memory (it was evicted from disk)."""
+        old = self._hot.pop(digest, None)
+        if old is not None:
+            self._hot_size -= len(old.body)
 
     def _remember(self, manifest: StoredManifest) -> None:
         if manifest.digest in self._hot or len(manifest.body) > self._memory_bytes // 4:
