@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--hosts-dir", type=Path, help="default: config_path from config.toml")
     doctor.add_argument("--mirror-url", help="the mirror the node should use")
     doctor.set_defaults(func=_cmd_doctor)
+
+    cache = sub.add_parser("cache", help="inspect and maintain the cache (safe while serving)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("ls", "cached tags: repository, tag, digest, size, last use"),
+        ("du", "bytes per namespace"),
+        ("verify", "re-hash every entry; quarantine mismatches (exit 1 if any)"),
+        ("prune", "remove entries unused for a while, or down to a size"),
+    ):
+        p = cache_sub.add_parser(name, help=help_text)
+        p.add_argument("-c", "--config", required=True, type=Path)
+        p.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
+        if name == "ls":
+            p.add_argument("--namespace", help="only this registry, e.g. docker.io")
+        if name == "prune":
+            p.add_argument("--older-than", help="last used longer ago than this, e.g. 30d")
+            p.add_argument("--to", dest="to_size", help="remove LRU entries down to this size")
+        p.set_defaults(func=_cmd_cache)
     return parser
 
 
@@ -126,3 +145,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         mirror_url=args.mirror_url,
         stdout=sys.stdout,
     )
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from mirrorproxy import cachecmd
+    from mirrorproxy.units import parse_duration, parse_size
+
+    config = with_overrides(_load(args), cache_dir=args.cache_dir)
+    action = args.cache_command
+    try:
+        if action == "ls":
+            return cachecmd.cmd_ls(config, args.namespace, sys.stdout)
+        if action == "du":
+            return cachecmd.cmd_du(config, sys.stdout)
+        if action == "verify":
+            return cachecmd.cmd_verify(config, sys.stdout)
+        if args.older_than is None and args.to_size is None:
+            raise CliError("cache prune: give --older-than and/or --to", EXIT_USAGE)
+        try:
+            older = parse_duration(args.older_than) if args.older_than is not None else None
+            to_size = parse_size(args.to_size) if args.to_size is not None else None
+        except ValueError as err:
+            raise CliError(f"cache prune: {err}", EXIT_USAGE) from None
+        return cachecmd.cmd_prune(config, older_than=older, to_size=to_size, out=sys.stdout)
+    except (OSError, sqlite3.Error) as err:
+        raise CliError(f"cache {action}: {err}") from None

@@ -52,6 +52,7 @@ class CacheBudget:
         self._pins: Counter[str] = Counter()  # digests being served or filled
         self._used: dict[tuple[str, str], float] = {}
         self._blocked_until = 0.0  # set by a failed write (disk full, read-only)
+        self.write_retry = WRITE_RETRY
 
     def open(self) -> None:
         """Open the index and make it agree with the files (run once at start)."""
@@ -106,9 +107,9 @@ class CacheBudget:
             logger.error(
                 "cache write failed (%s): streaming blobs through uncached for %.0fs",
                 err.strerror or err,
-                WRITE_RETRY,
+                self.write_retry,
             )
-        self._blocked_until = self._clock() + WRITE_RETRY
+        self._blocked_until = self._clock() + self.write_retry
 
     def reserve(self, digest: Digest, size: int | None) -> bool:
         """Promise room for a blob about to be written; False: stream it, do not cache."""
@@ -159,6 +160,9 @@ class CacheBudget:
     def _make_room(self, need: int) -> bool:
         if self.index is None or not self._over_budget(need):
             return True
+        if self._used:  # eviction must see the latest uses, not the last flush
+            used, self._used = self._used, {}
+            self.index.touch_many(used)
         while self._over_budget(need):
             victims = [e for e in self.index.oldest() if self._evictable(e)]
             if not victims:

@@ -1,0 +1,234 @@
+"""``mirrorproxy cache ls|du|verify|prune``: look after the cache from the command line.
+
+Every subcommand works while the server runs: the index is SQLite in WAL mode,
+content files are immutable once in place, and deleting one only turns a later
+request into a miss. The server picks up the new totals within seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
+from mirrorproxy.config import Config
+from mirrorproxy.units import format_size
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    namespace: str
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    size: int | None  # manifest plus everything it references, when known
+    last_used: float | None
+
+
+def open_index(config: Config) -> CacheIndex:
+    """Open (or create) the index and make it agree with the files first."""
+    root = config.cache.dir
+    if not root.is_dir():
+        raise FileNotFoundError(f"no cache at {root}")
+    index = CacheIndex(root / "index.db")
+    index.reconcile(root)
+    return index
+
+
+def content_path(root: Path, kind: str, digest: str) -> Path:
+    alg, _, hexpart = digest.partition(":")
+    sub = "blobs" if kind == BLOB else "manifests"
+    return root / sub / alg / hexpart[:2] / hexpart
+
+
+def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[TagRow]:
+    """Every cached tag (per Accept variant), newest knowledge first."""
+    root = config.cache.dir
+    entries = {(e.kind, e.digest): e for e in index.entries()}
+    rows: list[TagRow] = []
+    for path in sorted((root / "tags").rglob("*.json")):
+        try:
+            record: Any = json.loads(path.read_bytes())
+            ns, repo, tag = record["namespace"], record["repository"], record["tag"]
+            variants = record["entries"].values()
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if namespace is not None and ns != namespace:
+            continue
+        seen: set[str] = set()
+        for v in variants:
+            digest = str(v.get("digest", ""))
+            if digest in seen:
+                continue
+            seen.add(digest)
+            used = entries.get((MANIFEST, digest))
+            rows.append(
+                TagRow(
+                    ns,
+                    repo,
+                    tag,
+                    digest,
+                    str(v.get("media_type", "")),
+                    _image_size(root, digest, entries),
+                    used.last_used if used else None,
+                )
+            )
+    return rows
+
+
+def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) -> int | None:
+    """Bytes of a manifest and what it references that is in the cache."""
+    doc = _manifest_doc(root, digest)
+    if doc is None:
+        return None
+    total = entries[(MANIFEST, digest)].size if (MANIFEST, digest) in entries else 0
+    for child in doc.get("manifests", []) if isinstance(doc.get("manifests"), list) else []:
+        sub = _image_size(root, str(child.get("digest", "")), entries)
+        total += sub or 0
+    refs = [doc.get("config")] + (doc.get("layers") or [])
+    for ref in refs:
+        if isinstance(ref, dict) and (BLOB, str(ref.get("digest"))) in entries:
+            total += entries[(BLOB, str(ref.get("digest")))].size
+    return total
+
+
+def _manifest_doc(root: Path, digest: str) -> dict[str, Any] | None:
+    try:
+        raw = content_path(root, MANIFEST, digest).read_bytes()
+        doc = json.loads(raw.partition(b"\n")[2])
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:
+    index = open_index(config)
+    try:
+        rows = tag_rows(config, index, namespace)
+    finally:
+        index.close()
+    out.write(
+        f"{'NAMESPACE':<20} {'REPOSITORY':<32} {'TAG':<16} {'DIGEST':<19} {'SIZE':>10} LAST USED\n"
+    )
+    for r in sorted(rows, key=lambda r: (r.namespace, r.repository, r.tag)):
+        size = format_size(r.size) if r.size is not None else "-"
+        used = _when(r.last_used)
+        out.write(
+            f"{r.namespace:<20} {r.repository:<32} {r.tag:<16} {r.digest[:19]:<19} "
+            f"{size:>10} {used}\n"
+        )
+    return 0
+
+
+def cmd_du(config: Config, out: TextIO) -> int:
+    index = open_index(config)
+    try:
+        entries = index.entries()
+    finally:
+        index.close()
+    sums: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in entries:
+        ns = e.namespace or "(unknown)"
+        sums[ns][e.kind] += e.size
+        sums[ns][e.kind + "s"] += 1
+    out.write(
+        f"{'NAMESPACE':<24} {'BLOBS':>7} {'BLOB BYTES':>11} {'MANIFESTS':>9} {'TOTAL':>11}\n"
+    )
+    total = 0
+    for ns in sorted(sums):
+        s = sums[ns]
+        ns_total = s[BLOB] + s[MANIFEST]
+        total += ns_total
+        out.write(
+            f"{ns:<24} {s[BLOB + 's']:>7} {format_size(s[BLOB]):>11} "
+            f"{s[MANIFEST + 's']:>9} {format_size(ns_total):>11}\n"
+        )
+    budget = config.cache.max_size
+    out.write(
+        f"total {format_size(total)}"
+        + (f" of max_size {format_size(budget)}" if budget else " (no max_size)")
+        + "\n"
+    )
+    return 0
+
+
+def cmd_verify(config: Config, out: TextIO) -> int:
+    """Re-hash every entry; move mismatches to ``quarantine/``. Exit 1 if any."""
+    root = config.cache.dir
+    index = open_index(config)
+    bad = checked = 0
+    try:
+        for e in index.entries():
+            path = content_path(root, e.kind, e.digest)
+            try:
+                ok = _hash_matches(path, e.kind, e.digest)
+            except FileNotFoundError:
+                continue  # evicted or pruned meanwhile
+            checked += 1
+            if ok:
+                continue
+            bad += 1
+            target = root / "quarantine" / f"{e.kind}-{e.digest.replace(':', '-')}"
+            target.parent.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, target)
+            index.remove(e.kind, e.digest)
+            out.write(f"MISMATCH {e.kind} {e.digest}: moved to {target}\n")
+    finally:
+        index.close()
+    out.write(f"verified {checked} entries, {bad} bad\n")
+    return 1 if bad else 0
+
+
+def _hash_matches(path: Path, kind: str, digest: str) -> bool:
+    alg, _, expected = digest.partition(":")
+    h = hashlib.new(alg)
+    with open(path, "rb") as f:
+        if kind == MANIFEST:
+            f.readline()  # the stored media type, not part of the content
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest() == expected
+
+
+def cmd_prune(
+    config: Config, *, older_than: float | None, to_size: int | None, out: TextIO
+) -> int:
+    root = config.cache.dir
+    index = open_index(config)
+    removed = freed = 0
+    try:
+        entries = sorted(index.entries(), key=lambda e: (e.kind == MANIFEST, e.last_used))
+        total = sum(e.size for e in entries)
+        cutoff = time.time() - older_than if older_than is not None else None
+        for e in entries:
+            too_old = cutoff is not None and e.last_used < cutoff
+            too_big = to_size is not None and total > to_size
+            if not (too_old or too_big):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                content_path(root, e.kind, e.digest).unlink()
+            index.remove(e.kind, e.digest)
+            removed += 1
+            freed += e.size
+            total -= e.size
+    finally:
+        index.close()
+    out.write(f"pruned {removed} entries, freed {format_size(freed)}, {format_size(total)} left\n")
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
