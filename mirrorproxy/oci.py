@@ -31,6 +31,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, DOCKER_V1_SIGNED)
+# What containerd sends when it resolves a tag; preload and import use it too, so
+# the tag records they write answer containerd's own requests.
+CONTAINERD_ACCEPT = ", ".join((DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, "*/*"))
 
 
 @dataclass(frozen=True, slots=True)

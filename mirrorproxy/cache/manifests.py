@@ -89,7 +89,8 @@ class FileManifestStore:
         entries = self._tags.get(key)
         if entries is None:
             entries = await asyncio.to_thread(self._read_tag, ns, repo, tag)
-            self._tags[key] = entries
+            if entries:  # no negative caching: preload/import may write it any time
+                self._tags[key] = entries
         return entries
 
     async def put_tag(self, ns: str, repo: str, tag: str, accept: str, entry: TagEntry) -> None:
