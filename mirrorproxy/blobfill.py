@@ -19,7 +19,7 @@ import aiohttp
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import BlobWriter, DigestMismatch, FileBlobStore
-from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace
 from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
@@ -62,6 +62,7 @@ class BlobFill:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()  # upstream said 200 (size known)
         self.size: int | None = None
+        self.upstream: str | None = None  # URL of the endpoint sending the bytes (access log)
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
@@ -72,6 +73,11 @@ class BlobFill:
         """Take the uncached upstream response (once); None if another client has it."""
         resp, self.direct = self.direct, None
         return resp
+
+    @property
+    def written(self) -> int:
+        """Bytes of the blob on disk so far (progress)."""
+        return self._writer.written if self._writer is not None else 0
 
     @property
     def caching(self) -> bool:
@@ -135,8 +141,10 @@ class BlobFill:
                 self.ns, self.ns_name, "GET", path, what=what, stream=True
             )
             self.size = resp.content_length
-            if not self._budget.reserve(self.digest, self.size):
-                self._hand_over(resp, "budget")
+            self.upstream = resp.upstream.url
+            refused = self._budget.reserve(self.digest, self.size)
+            if refused is not None:
+                self._hand_over(resp, refused)
                 resp = None
                 return
             try:
@@ -145,7 +153,7 @@ class BlobFill:
                 self._budget.release(self.digest)
                 self._budget.write_failed(err)
                 self._metrics.cache_write_errors.inc()
-                self._hand_over(resp, "write-error")
+                self._hand_over(resp, WRITE_ERROR)
                 resp = None
                 return
             self._budget.pin(self.digest)
@@ -177,6 +185,7 @@ class BlobFill:
                         stream=True,
                         start=self._writer.written,
                     )
+                    self.upstream = resp.upstream.url
             if self.size is not None and self._writer.written != self.size:
                 raise BadGateway(
                     f"upstream sent {self._writer.written} bytes of {self.size} for {what}"

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
+from mirrorproxy.cache.walk import content_path, manifest_doc, tag_records
 from mirrorproxy.config import Config
 from mirrorproxy.units import format_size
 
@@ -45,24 +45,14 @@ def open_index(config: Config) -> CacheIndex:
     return index
 
 
-def content_path(root: Path, kind: str, digest: str) -> Path:
-    alg, _, hexpart = digest.partition(":")
-    sub = "blobs" if kind == BLOB else "manifests"
-    return root / sub / alg / hexpart[:2] / hexpart
-
-
 def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[TagRow]:
     """Every cached tag (per Accept variant), newest knowledge first."""
     root = config.cache.dir
     entries = {(e.kind, e.digest): e for e in index.entries()}
     rows: list[TagRow] = []
-    for path in sorted((root / "tags").rglob("*.json")):
-        try:
-            record: Any = json.loads(path.read_bytes())
-            ns, repo, tag = record["namespace"], record["repository"], record["tag"]
-            variants = record["entries"].values()
-        except (OSError, ValueError, KeyError, AttributeError):
-            continue
+    for record in tag_records(root):
+        ns, repo, tag = record.namespace, record.repository, record.tag
+        variants = record.entries.values()
         if namespace is not None and ns != namespace:
             continue
         seen: set[str] = set()
@@ -88,7 +78,7 @@ def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[T
 
 def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) -> int | None:
     """Bytes of a manifest and what it references that is in the cache."""
-    doc = _manifest_doc(root, digest)
+    doc = manifest_doc(root, digest)
     if doc is None:
         return None
     total = entries[(MANIFEST, digest)].size if (MANIFEST, digest) in entries else 0
@@ -100,15 +90,6 @@ def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) 
         if isinstance(ref, dict) and (BLOB, str(ref.get("digest"))) in entries:
             total += entries[(BLOB, str(ref.get("digest")))].size
     return total
-
-
-def _manifest_doc(root: Path, digest: str) -> dict[str, Any] | None:
-    try:
-        raw = content_path(root, MANIFEST, digest).read_bytes()
-        doc = json.loads(raw.partition(b"\n")[2])
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:

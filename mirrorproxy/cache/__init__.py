@@ -6,11 +6,35 @@ shared by several replicas) can replace the filesystem one.
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from mirrorproxy.oci import Digest
+
+
+def temp_name(prefix: str) -> str:
+    """A temp file name that records its owner, so a sweep spares live processes' files."""
+    return f"{prefix[:16]}-{os.getpid()}-{uuid.uuid4().hex}.partial"
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process that made temp file ``name`` still runs (not us: we just began)."""
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +79,7 @@ class BlobStore(Protocol):
 class ManifestStore(Protocol):
     async def get(self, digest: Digest) -> StoredManifest | None: ...
 
-    async def put(self, manifest: StoredManifest) -> None: ...
+    async def put(self, manifest: StoredManifest) -> int: ...
 
     async def get_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]: ...
 

@@ -12,10 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import uuid
 from pathlib import Path
 
-from mirrorproxy.cache import BlobInfo
+from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
 from mirrorproxy.oci import Digest
 
 logger = logging.getLogger(__name__)
@@ -33,11 +32,17 @@ class FileBlobStore:
         self.tmp = root / "tmp"
 
     def prepare(self) -> int:
-        """Create the layout and sweep temp files an interrupted run left; return how many."""
+        """Create the layout and sweep temp files an interrupted run left; return how many.
+
+        Files of another live process (a server, preload or import on the same cache
+        dir) are left alone.
+        """
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         swept = 0
         for entry in self.tmp.iterdir():
+            if owner_alive(entry.name):
+                continue
             with contextlib.suppress(OSError):
                 entry.unlink()
                 swept += 1
@@ -64,7 +69,7 @@ class BlobWriter:
     def __init__(self, store: FileBlobStore, digest: Digest) -> None:
         self.store = store
         self.digest = digest
-        self.tmp_path = store.tmp / f"{digest.hex[:16]}-{uuid.uuid4().hex}.partial"
+        self.tmp_path = store.tmp / temp_name(digest.hex)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.written = 0
         self._hasher = digest.hasher()

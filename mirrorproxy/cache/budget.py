@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from mirrorproxy.oci import Digest, parse_digest
 logger = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 10.0  # seconds between writes of last-use times to the index
+BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
 
 
@@ -52,6 +54,7 @@ class CacheBudget:
         self._pins: Counter[str] = Counter()  # digests being served or filled
         self._used: dict[tuple[str, str], float] = {}
         self._blocked_until = 0.0  # set by a failed write (disk full, read-only)
+        self._unindexed: dict[tuple[str, str], tuple[int, str]] = {}  # retried by flush
         self.write_retry = WRITE_RETRY
 
     def open(self) -> None:
@@ -64,22 +67,30 @@ class CacheBudget:
         self._metrics.cache_size_bytes.set(self.total)
 
     async def close(self) -> None:
-        await self.flush()
-        if self.index is not None:
-            self.index.close()
-            self.index = None
+        try:
+            await self.flush()
+        finally:
+            if self.index is not None:
+                self.index.close()
+                self.index = None
 
     async def run_flusher(self) -> None:
         """Background task: persist last-use times, and pick up changes by the CLI."""
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+            try:
+                await self.flush()
+            except (OSError, sqlite3.Error) as err:  # a full disk, say: try again later
+                logger.error("cannot update the cache index: %s", err)
 
     async def flush(self) -> None:
         if self.index is None:
             return
         used, self._used = self._used, {}
         index = self.index
+        for (kind, digest), (size, namespace) in list(self._unindexed.items()):
+            await asyncio.to_thread(index.add, kind, digest, size, namespace)
+            del self._unindexed[(kind, digest)]
         if used:
             await asyncio.to_thread(index.touch_many, used)
         self.total = await asyncio.to_thread(index.total_size)
@@ -111,20 +122,27 @@ class CacheBudget:
             )
         self._blocked_until = self._clock() + self.write_retry
 
-    def reserve(self, digest: Digest, size: int | None) -> bool:
-        """Promise room for a blob about to be written; False: stream it, do not cache."""
+    def reserve(self, digest: Digest, size: int | None) -> str | None:
+        """Promise room for a blob about to be written.
+
+        Returns:
+            None when the blob may be cached; else why not ("budget" or
+            "write-error"), and the caller streams it through uncached.
+        """
         if self._clock() < self._blocked_until:
-            return False
+            return WRITE_ERROR
         need = size or 0
         limit = self._config.max_size
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
-            return False
+            return BUDGET
         if not self._make_room(need):
+            if self._clock() < self._blocked_until:
+                return WRITE_ERROR  # eviction itself hit a broken disk
             logger.warning("no room in the cache for blob %s (%d bytes): not cached", digest, need)
-            return False
+            return BUDGET
         self._reserved[str(digest)] = need
-        return True
+        return None
 
     def release(self, digest: Digest) -> None:
         self._reserved.pop(str(digest), None)
@@ -134,8 +152,15 @@ class CacheBudget:
         self._reserved.pop(str(digest), None)
         if self.index is None:
             return
-        known = self.index.get(kind, str(digest))
-        self.index.add(kind, str(digest), size, namespace)
+        try:
+            known = self.index.get(kind, str(digest))
+            self.index.add(kind, str(digest), size, namespace)
+        except sqlite3.Error as err:
+            # The file is in place and verified: count it now so the budget holds,
+            # and record it when the index can be written again (flush).
+            logger.error("cannot record %s %s in the cache index: %s", kind, digest, err)
+            self._unindexed[(kind, str(digest))] = (size, namespace)
+            known = None
         self.total += size - (known.size if known else 0)
         self._metrics.cache_size_bytes.set(self.total)
         if self._over_budget(0):  # its size was not known up front
@@ -168,7 +193,8 @@ class CacheBudget:
             if not victims:
                 return False
             for entry in victims:
-                self._evict(entry)
+                if not self._evict(entry):
+                    return False
                 if not self._over_budget(need):
                     break
         return True
@@ -176,25 +202,34 @@ class CacheBudget:
     def _evictable(self, entry: Entry) -> bool:
         return entry.digest not in self._pins and entry.digest not in self._reserved
 
-    def _evict(self, entry: Entry) -> None:
+    def _evict(self, entry: Entry) -> bool:
+        """Delete one entry; False when the disk refused (read-only, say)."""
         try:
             digest = parse_digest(entry.digest)
         except Exception:
             digest = None
-        if digest is not None:
-            path: Path = (
-                self._blobs.path_of(digest)
-                if entry.kind == BLOB
-                else self._manifests.path_of(digest)
-            )
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            if entry.kind == MANIFEST:
-                self._manifests.forget(digest)
-        if self.index is not None:
-            self.index.remove(entry.kind, entry.digest)
+        try:
+            if digest is not None:
+                path: Path = (
+                    self._blobs.path_of(digest)
+                    if entry.kind == BLOB
+                    else self._manifests.path_of(digest)
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                if entry.kind == MANIFEST:
+                    self._manifests.forget(digest)
+            if self.index is not None:
+                self.index.remove(entry.kind, entry.digest)
+        except OSError as err:
+            self.write_failed(err)
+            return False
+        except sqlite3.Error as err:
+            logger.error("cannot update the cache index while evicting: %s", err)
+            return False
         self._used.pop((entry.kind, entry.digest), None)
         self.total -= entry.size
         self._metrics.cache_size_bytes.set(self.total)
         self._metrics.cache_evictions.labels(entry.kind).inc()
         logger.info("evicted %s %s (%d bytes)", entry.kind, entry.digest, entry.size)
+        return True

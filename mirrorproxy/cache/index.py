@@ -9,6 +9,7 @@ ever sit at a content path.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 BLOB, MANIFEST = "blob", "manifest"
 _HEX = {"sha256": 64, "sha512": 128}
+_HEX_RE = re.compile(r"[0-9a-f]+")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -123,10 +125,19 @@ class CacheIndex:
             added = [
                 (k, d, size, "", mtime, mtime)
                 for (k, d), (size, mtime) in on_disk.items()
-                if known.get((k, d)) != size
+                if (k, d) not in known
             ]
-            self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)", added)
-        return len(added), len(dropped)
+            self._db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", added)
+            resized = [
+                (size, k, d)
+                for (k, d), (size, _) in on_disk.items()
+                if (k, d) in known and known[(k, d)] != size
+            ]
+            # Keep namespace and last use: only the size was off.
+            self._db.executemany(
+                "UPDATE entries SET size = ? WHERE kind = ? AND digest = ?", resized
+            )
+        return len(added) + len(resized), len(dropped)
 
 
 def _scan(base: Path) -> Iterator[tuple[str, int, float]]:
@@ -142,6 +153,6 @@ def _scan(base: Path) -> Iterator[tuple[str, int, float]]:
             if not shard.is_dir():
                 continue
             for f in os.scandir(shard.path):
-                if len(f.name) == _HEX[alg.name] and f.is_file():
+                if len(f.name) == _HEX[alg.name] and _HEX_RE.fullmatch(f.name) and f.is_file():
                     st = f.stat()
                     yield f"{alg.name}:{f.name}", st.st_size, st.st_mtime

@@ -14,12 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from mirrorproxy.cache import StoredManifest, TagEntry
+from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
 from mirrorproxy.oci import Digest, parse_digest
 
 logger = logging.getLogger(__name__)
@@ -64,10 +63,12 @@ class FileManifestStore:
         self._remember(manifest)
         return manifest
 
-    async def put(self, manifest: StoredManifest) -> None:
+    async def put(self, manifest: StoredManifest) -> int:
+        """Store a manifest; return the bytes its file takes (what the index counts)."""
         data = manifest.media_type.encode() + b"\n" + manifest.body
         await asyncio.to_thread(_atomic_write, self.tmp, self.path_of(manifest.digest), data)
         self._remember(manifest)
+        return len(data)
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (it was evicted from disk)."""
@@ -135,7 +136,7 @@ class FileManifestStore:
 
 
 def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
-    tmp = tmp_dir / f"{final.name[:16]}-{uuid.uuid4().hex}.partial"
+    tmp = tmp_dir / temp_name(final.name)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

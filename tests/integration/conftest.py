@@ -9,8 +9,11 @@ upstreams were asked. Nothing here is shared between tests.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from mirrorproxy import keys
 from mirrorproxy.app import create_app
+from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
 from tests.fakes.registry import FakeRegistry
 
@@ -67,6 +72,19 @@ class Mirror:
         alg, hex_ = digest.split(":", 1)
         return self.cache_dir / "blobs" / alg / hex_[:2] / hex_
 
+    def manifest_files(self) -> list[Path]:
+        """Files committed under ``cache/manifests``."""
+        return sorted(p for p in (self.cache_dir / "manifests").rglob("*") if p.is_file())
+
+    def manifest_file(self, digest: str) -> Path:
+        alg, hex_ = digest.split(":", 1)
+        return self.cache_dir / "manifests" / alg / hex_[:2] / hex_
+
+    @property
+    def budget(self) -> CacheBudget:
+        """The app's CacheBudget (to shorten ``write_retry`` or ``flush()`` in a test)."""
+        return self.client.app[keys.PULLTHROUGH].budget
+
     async def metric(self, name: str, **labels: str) -> float:
         """A sample's value from ``/metrics`` (0.0 when the sample does not exist)."""
         resp = await self.client.get("/metrics")
@@ -79,6 +97,19 @@ class Mirror:
                 ):
                     return float(sample.value)
         return 0.0
+
+    async def metric_sum(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples over the labels not given (0.0 if none)."""
+        resp = await self.client.get("/metrics")
+        assert resp.status == 200
+        total = 0.0
+        for family in text_string_to_metric_families(await resp.text()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
 
 
 class FakeFactory(Protocol):
@@ -95,6 +126,7 @@ class MirrorFactory(Protocol):
         cooldown: str = "0.2s",
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
+        cache: Mapping[str, Any] | None = None,
     ) -> Awaitable[Mirror]: ...
 
 
@@ -106,11 +138,16 @@ def mirror_config(
     cooldown: str = "0.2s",
     read_timeout: str = "2s",
     namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> Config:
-    """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``."""
+    """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``.
+
+    ``cache`` adds keys to the ``[cache]`` table as the TOML file would give them,
+    e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``.
+    """
     nss = {NS: upstreams} if namespaces is None else namespaces
     data = {
-        "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl},
+        "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl, **(cache or {})},
         "defaults": {
             "connect_timeout": "1s",
             "read_timeout": read_timeout,
@@ -139,7 +176,10 @@ def start_fake(aiohttp_server: AiohttpServer) -> FakeFactory:
 
 @pytest.fixture
 def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory:
-    """Build and start a mirror; ``name`` picks its cache dir (same name, same cache)."""
+    """Build and start a mirror; ``name`` picks its cache dir (same name, same cache).
+
+    ``cache`` adds ``[cache]`` keys (``max_size``, ``min_free``, ``offline``, ...).
+    """
 
     async def start(
         upstreams: Sequence[UpstreamSpec],
@@ -149,6 +189,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         cooldown: str = "0.2s",
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
+        cache: Mapping[str, Any] | None = None,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -157,6 +198,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             cooldown=cooldown,
             read_timeout=read_timeout,
             namespaces=namespaces,
+            cache=cache,
         )
         client = await aiohttp_client(create_app(config))
         return Mirror(client, config)
@@ -199,3 +241,84 @@ def manifest_path(repo: str, ref: str, ns: str = NS) -> str:
 
 def blob_path(repo: str, digest: str, ns: str = NS) -> str:
     return f"/v2/{repo}/blobs/{digest}?ns={ns}"
+
+
+# -- real mounts (root only): a tiny tmpfs, a read-only view of a directory ------------
+
+REQUIRE_E2E_ENV = "MIRRORPROXY_REQUIRE_E2E"
+
+
+class Mounts:
+    """Mounts made for one test, undone (innermost first) at teardown."""
+
+    def __init__(self) -> None:
+        self.made: list[Path] = []
+
+    def tmpfs(self, path: Path, size: str) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path))
+        self.made.append(path)
+
+    def read_only(self, path: Path) -> None:
+        """Lay a read-only view of ``path`` over itself: new opens get EROFS.
+
+        (``mount -o remount,ro`` of the filesystem itself is refused with EBUSY while
+        the mirror runs: its SQLite index holds files open for writing.)
+        """
+        _mount("--bind", "-o", "ro", str(path), str(path))
+        self.made.append(path)
+
+    def undo(self, path: Path) -> None:
+        self.made.remove(path)
+        _umount(path)
+
+    def undo_all(self) -> None:
+        while self.made:
+            _umount(self.made.pop())
+
+
+def _mount(*args: str) -> None:
+    proc = subprocess.run(
+        ["mount", *args], capture_output=True, text=True, timeout=10, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def _umount(path: Path) -> None:
+    for argv in (["umount", str(path)], ["umount", "-l", str(path)]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        if proc.returncode == 0:
+            return
+
+
+@pytest.fixture(scope="session")
+def mount_problem(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Why this environment cannot mount (empty when it can)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "needs root and mount(8)"
+    probe = tmp_path_factory.mktemp("mount-probe")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return f"mount is not permitted here: {proc.stderr.strip()}"
+    _umount(probe)
+    return ""
+
+
+@pytest.fixture
+def mounts(mount_problem: str) -> Iterator[Mounts]:
+    """Make real mounts; skip where not permitted (fail if MIRRORPROXY_REQUIRE_E2E=1)."""
+    if mount_problem:
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{mount_problem} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
+        pytest.skip(mount_problem)
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        m.undo_all()

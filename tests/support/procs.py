@@ -200,6 +200,23 @@ class _Process:
             self._log = None
         return code
 
+    def kill(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Send SIGKILL (a crash: no cleanup runs), reap it, return the exit code.
+
+        Unlike ``stop()`` the object can be started again with ``start()``, e.g. to
+        restart a crashed server on the same state.
+        """
+        proc, self.proc = self.proc, None
+        code: int | None = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            code = proc.wait(timeout=timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
     def __enter__(self) -> Self:
         return self
 
@@ -510,6 +527,7 @@ def mirror_config(
     default_namespace: str = "docker.io",
     tag_ttl: str = "5m",
     extra: str = "",
+    cache: Mapping[str, str | bool | int | float] | None = None,
 ) -> str:
     """Render the mirror's TOML config (the server's documented contract).
 
@@ -521,6 +539,7 @@ def mirror_config(
         default_namespace: used when a request carries no ``ns``.
         tag_ttl: how long a resolved tag is trusted.
         extra: raw TOML appended verbatim, for options not modelled here.
+        cache: more ``[cache]`` keys, e.g. ``{"max_size": "300KiB", "offline": True}``.
 
     Returns:
         The TOML text.
@@ -534,6 +553,7 @@ def mirror_config(
         f"dir = {json.dumps(str(cache_dir))}",
         f"tag_ttl = {json.dumps(tag_ttl)}",
     ]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (cache or {}).items()]
     for name, upstreams in namespaces.items():
         lines += [
             "",

@@ -1,0 +1,352 @@
+"""Faults around the cache: an unwritable or full disk, wrong bytes, cut connections,
+slow clients, and a real tiny tmpfs that fills up or turns read-only.
+
+The mirror must keep answering (streaming blobs through when it cannot cache them),
+say so in logs and metrics, never keep a partial file, and recover by itself. The
+cache is broken the way a host breaks it: ``tmp/`` replaced by a file (so creating a
+temp file fails with ENOTDIR), ``_write_all`` failing with ENOSPC midway, or a
+real tmpfs mounted small or remounted read-only (root only; see ``tmpfs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mirrorproxy.cache import blobs as blobs_module
+from tests.fakes.registry import payload
+from tests.integration.conftest import (
+    NS,
+    REPO,
+    WAIT,
+    FakeFactory,
+    Mirror,
+    MirrorFactory,
+    Mounts,
+    RunningFake,
+    blob_path,
+    manifest_path,
+    wait_for,
+)
+
+KIB = 1024
+MIB = 1024 * KIB
+PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
+WRITE_ERRORS = "mirrorproxy_cache_write_errors_total"
+MISMATCHES = "mirrorproxy_digest_mismatches_total"
+SIZE = "mirrorproxy_cache_size_bytes"
+# Seconds the mirror streams through after a failed write before it tries the disk
+# again: long enough for a test's "meanwhile" steps, short enough to wait out.
+WRITE_RETRY = 1.0
+
+
+async def pull(mirror: Mirror, digest: str) -> bytes:
+    """GET a blob through the mirror (bounded), expecting a 200."""
+    async with asyncio.timeout(WAIT):
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+
+async def cut_short(mirror: Mirror, digest: str) -> None:
+    """The client gets a 200 whose body ends early: a clean, detectable failure."""
+    async with asyncio.timeout(WAIT):
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def pull_until_cached(mirror: Mirror, digest: str, data: bytes) -> int:
+    """Pull (always getting the right bytes) until the blob lands in the cache.
+
+    Returns:
+        How many pulls it took.
+    """
+    pulls = 0
+    async with asyncio.timeout(WAIT):
+        while True:
+            assert await pull(mirror, digest) == data
+            pulls += 1
+            if mirror.blob_path(digest).exists():
+                return pulls
+            await asyncio.sleep(0.05)
+
+
+def break_tmp(mirror: Mirror) -> None:
+    """Replace ``<cache>/tmp`` by a regular file: creating temp files fails (ENOTDIR)."""
+    tmp = mirror.cache_dir / "tmp"
+    shutil.rmtree(tmp)
+    tmp.write_bytes(b"not a directory")
+
+
+def repair_tmp(mirror: Mirror) -> None:
+    tmp = mirror.cache_dir / "tmp"
+    tmp.unlink()
+    tmp.mkdir()
+
+
+def error_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_unwritable_cache_streams_through_and_recovers(
+    fake: RunningFake, mirror: Mirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    img = fake.registry.add_image(REPO, "3", layer_sizes=(300 * KIB,))
+    (layer,) = img.layers
+    (digest,) = img.layer_digests
+    mirror.budget.write_retry = WRITE_RETRY
+    break_tmp(mirror)
+
+    assert await pull(mirror, digest) == layer
+    assert not mirror.blob_path(digest).exists()
+    assert await mirror.metric(PASSTHROUGH, reason="write-error") == 1
+    assert await mirror.metric(WRITE_ERRORS) == 1
+    assert any("cache write failed" in m and "streaming" in m for m in error_logs(caplog))
+    # Manifests by digest are still answered (a write error each, not cached). By
+    # tag they are not: see test_cache_found_bugs.py.
+    resp = await mirror.client.get(manifest_path(REPO, img.digest))
+    assert resp.status == 200
+    assert await resp.read() == img.manifest
+    assert await mirror.metric(WRITE_ERRORS) == 2
+    assert mirror.manifest_files() == []
+    # While the disk is out, further blobs keep flowing (uncached) to every client.
+    bodies = await asyncio.gather(*(pull(mirror, digest) for _ in range(3)))
+    assert bodies == [layer] * 3
+    assert await mirror.metric_sum(PASSTHROUGH) >= 2
+    assert mirror.blob_files() == []
+
+    repair_tmp(mirror)
+    await pull_until_cached(mirror, digest, layer)
+    assert mirror.blob_path(digest).read_bytes() == layer
+    assert mirror.tmp_files() == []
+    assert await mirror.metric(SIZE) >= len(layer)
+    gets = len(fake.registry.calls("GET", "blobs"))
+    assert await pull(mirror, digest) == layer  # a plain hit now
+    assert len(fake.registry.calls("GET", "blobs")) == gets
+
+
+@pytest.fixture
+def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make blob writes fail with ENOSPC once this many bytes were written (per run).
+
+    The returned list holds one number, the byte budget; ``[]`` means no failures.
+    """
+    real = blobs_module._write_all
+    budget: list[int] = []
+
+    def write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+        if budget and offset + len(data) > budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data, offset)
+
+    monkeypatch.setattr(blobs_module, "_write_all", write_all)
+    return budget
+
+
+async def test_disk_full_mid_fill(
+    fake: RunningFake,
+    mirror: Mirror,
+    disk_full_after: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = payload(3 * MIB, "disk full")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 256 * KIB
+    fake.registry.faults.chunk_delay = 0.005
+    mirror.budget.write_retry = WRITE_RETRY
+    disk_full_after.append(MIB + 1)
+
+    # The clients of the fill that hit the full disk get a clean cut, never a
+    # complete-looking wrong body, and nothing partial stays behind.
+    await asyncio.gather(cut_short(mirror, digest), cut_short(mirror, digest))
+    await wait_for(lambda: not mirror.tmp_files())
+    assert mirror.blob_files() == []
+    assert await mirror.metric(WRITE_ERRORS) == 1
+    assert any("No space left on device" in m for m in error_logs(caplog))
+    assert await mirror.metric(SIZE) == 0
+
+    # A retry is streamed through while the disk is considered full...
+    assert await pull(mirror, digest) == data
+    assert await mirror.metric_sum(PASSTHROUGH) == 1
+    assert mirror.blob_files() == []
+
+    # ... and once space is back, caching resumes by itself.
+    disk_full_after.clear()
+    await pull_until_cached(mirror, digest, data)
+    assert mirror.blob_path(digest).read_bytes() == data
+    assert mirror.tmp_files() == []
+    assert await mirror.metric(SIZE) == len(data)
+
+
+async def test_failed_fills_release_their_room_in_the_budget(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """Cut and corrupt downloads leave no partial file and no leaked reservation."""
+    mirror = await start_mirror([fake.url], cache={"max_size": "300KiB"})
+    cut, wrong, after = (
+        fake.registry.add_blob(payload(250 * KIB, name)) for name in ("cut", "wrong", "after")
+    )
+    fake.registry.faults.cut_after = 16 * KIB  # every response, resumes included
+    await cut_short(mirror, cut)
+    fake.registry.faults.clear()
+    fake.registry.faults.wrong_bytes = True
+    await cut_short(mirror, wrong)
+    fake.registry.faults.clear()
+    await wait_for(lambda: not mirror.tmp_files())
+    assert mirror.blob_files() == []
+    assert await mirror.metric(SIZE) == 0
+
+    # 250 KiB still fits a 300 KiB budget: nothing of the failures is held.
+    assert await pull(mirror, after) == payload(250 * KIB, "after")
+    assert mirror.blob_path(after).exists()
+    assert await mirror.metric_sum(PASSTHROUGH) == 0
+    assert await mirror.metric(SIZE) == 250 * KIB
+
+
+async def test_wrong_bytes_cool_the_endpoint_down_and_the_next_one_serves(
+    start_fake: FakeFactory, start_mirror: MirrorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = await start_fake(), await start_fake()
+    data = payload(200 * KIB, "liar")
+    digest = one.registry.add_blob(data)
+    two.registry.add_blob(data)
+    one.registry.faults.wrong_bytes = True
+    mirror = await start_mirror([one.url, two.url], cooldown="1s")
+
+    await cut_short(mirror, digest)
+    assert await mirror.metric(MISMATCHES, namespace=NS) == 1
+    (logged,) = [m for m in error_logs(caplog) if "discarded" in m]
+    assert digest in logged
+    assert one.url.rstrip("/") in logged  # which endpoint lied
+    await wait_for(lambda: not mirror.tmp_files())
+    assert mirror.blob_files() == []
+
+    # The liar is in cooldown: the retry goes to the second endpoint and is cached.
+    assert await pull(mirror, digest) == data
+    assert len(one.registry.calls("GET", "blobs")) == 1
+    assert len(two.registry.calls("GET", "blobs")) == 1
+    await wait_for(mirror.blob_path(digest).exists)
+    assert mirror.blob_path(digest).read_bytes() == data
+    assert await mirror.metric("mirrorproxy_upstream_up", namespace=NS, endpoint=one.url) == 0
+
+
+async def test_a_slow_client_does_not_slow_the_others(fake: RunningFake, mirror: Mirror) -> None:
+    data = payload(6 * MIB, "shared")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 256 * KIB
+    fake.registry.faults.chunk_delay = 0.005
+    port = mirror.client.port
+    assert port is not None
+    loop = asyncio.get_running_loop()
+
+    # The client that starts the download reads its headers, then nothing more.
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KIB)
+    slow.setblocking(False)
+    try:
+        async with asyncio.timeout(WAIT):
+            await loop.sock_connect(slow, ("127.0.0.1", port))
+            path = blob_path(REPO, digest)
+            await loop.sock_sendall(slow, f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            received = await loop.sock_recv(slow, 4096)
+            assert received.startswith(b"HTTP/1.1 200")
+
+            # Fast clients joining the same fetch finish, and so does the fill.
+            bodies = await asyncio.gather(*(pull(mirror, digest) for _ in range(3)))
+            assert bodies == [data] * 3
+            await wait_for(mirror.blob_path(digest).exists)
+            assert len(fake.registry.calls("GET", "blobs")) == 1
+
+            # The slow one still gets every byte, at its own pace.
+            body_start = received.partition(b"\r\n\r\n")[2]
+            rest = bytearray(body_start)
+            while len(rest) < len(data):
+                chunk = await loop.sock_recv(slow, MIB)
+                assert chunk, "connection closed early"
+                rest += chunk
+            assert bytes(rest) == data
+    finally:
+        slow.close()
+
+
+# -- real filesystems: a tiny tmpfs, a read-only bind mount --------------------------
+
+
+@pytest.fixture
+def tmpfs_cache(mounts: Mounts, tmp_path: Path) -> Path:
+    """A 2 MiB tmpfs holding the cache of ``start_mirror(..., name="on-tmpfs")``."""
+    mnt = tmp_path / "fs"
+    mounts.tmpfs(mnt, "2m")
+    (mnt / "cache").mkdir()
+    (tmp_path / "on-tmpfs").mkdir()
+    (tmp_path / "on-tmpfs" / "cache").symlink_to(mnt / "cache")  # the config resolves it
+    return mnt
+
+
+async def test_real_disk_full_streams_through_and_recovers(
+    tmpfs_cache: Path,  # first: unmounted after the mirror is closed
+    fake: RunningFake,
+    start_mirror: MirrorFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mirror = await start_mirror([fake.url], name="on-tmpfs")
+    assert mirror.cache_dir == tmpfs_cache / "cache"
+    mirror.budget.write_retry = WRITE_RETRY
+    data = payload(MIB, "real enospc")
+    digest = fake.registry.add_blob(data)
+    ballast = tmpfs_cache / "ballast"  # something else filled the disk
+    ballast.write_bytes(b"\0" * (1536 * KIB))
+
+    await cut_short(mirror, digest)
+    assert await mirror.metric(WRITE_ERRORS) == 1
+    assert any("No space left on device" in m for m in error_logs(caplog))
+    await wait_for(lambda: not mirror.tmp_files())
+    assert mirror.blob_files() == []
+    assert await pull(mirror, digest) == data  # streamed through meanwhile
+    assert await mirror.metric_sum(PASSTHROUGH) == 1
+
+    ballast.unlink()
+    await pull_until_cached(mirror, digest, data)
+    assert mirror.blob_path(digest).read_bytes() == data
+    assert mirror.tmp_files() == []
+
+
+async def test_real_read_only_cache_streams_through_and_recovers(
+    mounts: Mounts,  # first: unmounted after the mirror is closed
+    fake: RunningFake,
+    mirror: Mirror,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mirror.budget.write_retry = WRITE_RETRY
+    kept, fresh = (payload(200 * KIB, name) for name in ("kept", "fresh"))
+    kept_digest = fake.registry.add_blob(kept)
+    fresh_digest = fake.registry.add_blob(fresh)
+    await pull(mirror, kept_digest)
+    await wait_for(mirror.blob_path(kept_digest).exists)
+
+    mounts.read_only(mirror.cache_dir)
+    try:
+        gets = len(fake.registry.calls("GET", "blobs"))
+        assert await pull(mirror, kept_digest) == kept  # hits are still served
+        assert len(fake.registry.calls("GET", "blobs")) == gets
+        assert await pull(mirror, fresh_digest) == fresh  # misses are streamed through
+        assert await pull(mirror, fresh_digest) == fresh
+        assert not mirror.blob_path(fresh_digest).exists()
+        assert await mirror.metric(PASSTHROUGH, reason="write-error") >= 1
+        assert await mirror.metric_sum(PASSTHROUGH) == 2
+        assert await mirror.metric(WRITE_ERRORS) == 1
+        assert any("Read-only file system" in m for m in error_logs(caplog))
+    finally:
+        mounts.undo(mirror.cache_dir)
+    await pull_until_cached(mirror, fresh_digest, fresh)
+    assert mirror.blob_path(fresh_digest).read_bytes() == fresh
