@@ -10,7 +10,11 @@ if TYPE_CHECKING:
     from mirrorproxy.config import Config
     from mirrorproxy.metrics import Metrics
     from mirrorproxy.pullthrough import PullThrough
+    from mirrorproxy.requestctx import RequestInfo
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
+
+# Per request: id, namespace, cache result, upstream used (read by the access log).
+REQUEST_INFO: web.RequestKey[RequestInfo] = web.RequestKey("request_info")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mirrorproxy import __version__
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -52,6 +54,32 @@ class Metrics:
         )
         self.inflight_requests = Gauge(
             "mirrorproxy_inflight_requests", "Client requests being answered.", registry=r
+        )
+        self.requests = Counter(
+            "mirrorproxy_requests",
+            "Client requests answered, by method (GET, HEAD, other), kind and HTTP status.",
+            ["method", "kind", "code"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "mirrorproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        # Context for the cache-full alerts, set from the config and the filesystem.
+        self.cache_max_size_bytes = Gauge(
+            "mirrorproxy_cache_max_size_bytes",
+            "The configured cache budget ([cache] max_size); 0 when unlimited.",
+            registry=r,
+        )
+        self.cache_filesystem_free_bytes = Gauge(
+            "mirrorproxy_cache_filesystem_free_bytes",
+            "Bytes available to the mirror on the cache directory's filesystem.",
+            registry=r,
+        )
+        self.cache_filesystem_size_bytes = Gauge(
+            "mirrorproxy_cache_filesystem_size_bytes",
+            "Size of the cache directory's filesystem.",
+            registry=r,
         )
         self.digest_mismatches = Counter(
             "mirrorproxy_digest_mismatches",

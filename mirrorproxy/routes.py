@@ -7,7 +7,8 @@ from aiohttp import web
 from mirrorproxy import handlers
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, *, metrics_route: bool = True) -> None:
+    """Add the routes; ``metrics_route=False`` when /metrics has its own listener."""
     r = app.router
     r.add_get("/v2/", handlers.v2_root)
     r.add_get("/v2", handlers.v2_root)
@@ -16,6 +17,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(r"/v2/{name:.+}/tags/list", handlers.tags_list)
     # Push, delete and unknown API paths: an OCI error instead of a bare 404.
     r.add_route("*", "/v2/{tail:.*}", handlers.unsupported)
-    r.add_get("/metrics", handlers.metrics)
+    if metrics_route:
+        r.add_get("/metrics", handlers.metrics)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)

@@ -1,0 +1,131 @@
+"""Log setup, request-id stamping and formatting; the metrics listener's start-up error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrorproxy.config import MetricsConfig, parse_config
+from mirrorproxy.log import JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
+from mirrorproxy.requestctx import current_request_id, request_id_from, safe_ns
+from mirrorproxy.server import ServeError, serve
+
+
+@pytest.fixture
+def restore_root() -> Iterator[None]:
+    """configure_logging replaces the root handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _record(msg: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("mirrorproxy.x", logging.INFO, __file__, 1, msg, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_filter_stamps_the_current_request_id() -> None:
+    flt = RequestIdFilter()
+    outside = _record()
+    assert flt.filter(outside)
+    assert outside.__dict__["request_id"] is None
+    token = current_request_id.set("abc123")
+    try:
+        inside = _record()
+        flt.filter(inside)
+        explicit = _record(request_id="given")  # the access log passes its own
+        flt.filter(explicit)
+    finally:
+        current_request_id.reset(token)
+    assert inside.__dict__["request_id"] == "abc123"
+    assert explicit.__dict__["request_id"] == "given"
+
+
+def test_text_format_shows_the_request_id_only_when_there_is_one() -> None:
+    fmt = TextFormatter()
+    assert fmt.format(_record("hi %s", "there", request_id="r-1")).endswith(
+        " INFO mirrorproxy.x [r-1]: hi there"
+    )
+    assert fmt.format(_record("hi")).endswith(" INFO mirrorproxy.x: hi")
+
+
+def test_json_format_is_one_object_with_access_fields_flattened() -> None:
+    access = {"method": "GET", "status": 200, "bytes": 12, "msg": "not overriding"}
+    line = JsonFormatter().format(_record("x %d", 1, request_id="r-2", access=access))
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["msg"] == "x 1"
+    assert out["request_id"] == "r-2"
+    assert (out["method"], out["status"], out["bytes"]) == ("GET", 200, 12)
+    assert out["level"] == "info"
+    assert out["logger"] == "mirrorproxy.x"
+    assert "request_id" not in json.loads(JsonFormatter().format(_record()))
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_configure_logging_installs_formatter_and_filter(fmt: str, restore_root: None) -> None:
+    configure_logging("debug", fmt)
+    root = logging.getLogger()
+    assert root.level == logging.DEBUG
+    (handler,) = root.handlers
+    expected = JsonFormatter if fmt == "json" else TextFormatter
+    assert isinstance(handler.formatter, expected)
+    assert any(isinstance(f, RequestIdFilter) for f in handler.filters)
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [("abc", True), ("a.b_c-D9", True), ("x" * 128, True), ("x" * 129, False)]
+    + [(bad, False) for bad in ("", "a b", "a\nb", "ü", "a/b", "a;b", "%41")],
+)
+def test_request_id_from(value: str, kept: bool) -> None:
+    got = request_id_from(value)
+    assert (got == value) is kept
+    assert request_id_from(None) != request_id_from(None)
+
+
+def test_safe_ns_is_bounded_and_encoded() -> None:
+    assert safe_ns("docker.io") == "docker.io"
+    assert safe_ns("myregistry:5000") == "myregistry:5000"
+    assert safe_ns("[::1]:5000") == "[::1]:5000"
+    assert safe_ns("evil\nline x") == "evil%0Aline%20x"
+    assert len(safe_ns("a" * 1000) or "") == 255
+    assert safe_ns("") is None
+    assert safe_ns(None) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_serve_reports_a_taken_metrics_port_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = parse_config(
+            {
+                "server": {"listen": f"127.0.0.1:{_free_port()}"},
+                "cache": {"dir": str(tmp_path / "cache")},
+                "namespaces": {"docker.io": {"upstreams": ["http://127.0.0.1:9"]}},
+            },
+            source="test",
+            base_dir=tmp_path,
+        )
+        config = dataclasses.replace(config, metrics=MetricsConfig(listen=("127.0.0.1", port)))
+        with pytest.raises(ServeError) as info:
+            serve(config)
+    assert str(info.value).startswith(f"cannot listen on 127.0.0.1:{port} for metrics: ")
+    assert "\n" not in str(info.value)
