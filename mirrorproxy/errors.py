@@ -72,6 +72,18 @@ class Unsupported(RegistryError):
     code, status = "UNSUPPORTED", 405
 
 
+class BadRequest(RegistryError):
+    """An HTTP request too malformed (or too large) to parse."""
+
+    code, status = "UNSUPPORTED", 400
+
+
+class Denied(RegistryError):
+    """The client's address is outside ``[server] allow``."""
+
+    code, status = "DENIED", 403
+
+
 class NotFound(RegistryError):
     """A path that is not part of the API."""
 

@@ -22,7 +22,8 @@ from mirrorproxy.cache import BlobInfo
 from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupported
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
-from mirrorproxy.pullthrough import HIT, STALE, Target
+from mirrorproxy.pullthrough import HIT, MISS, STALE, Target
+from mirrorproxy.requestctx import note_body_bytes, note_cache, note_ns
 from mirrorproxy.upstream.client import UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ BLOB_TYPE = "application/octet-stream"
 
 def _target(request: web.Request) -> Target:
     ns, ns_name = resolve(request.app[keys.CONFIG], request.query.get("ns"))
+    note_ns(request, ns_name)
     return Target(ns=ns, ns_name=ns_name, repo=parse_name(request.match_info["name"]))
 
 
@@ -45,6 +47,7 @@ async def manifest(request: web.Request) -> web.Response:
     ref = parse_reference(request.match_info["reference"])
     pt = request.app[keys.PULLTHROUGH]
     answer = await pt.manifest(target, ref, request.headers.get("Accept"))
+    note_cache(request, answer.result, answer.upstream)
     m = answer.manifest
     headers = {
         "Content-Type": m.media_type,
@@ -73,10 +76,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return _with_length(resp, size)
     answer = await pt.blob(target, digest)
     if answer.info is not None:
+        note_cache(request, HIT)
         return _serve_file(request, target, digest, answer.info)
     if answer.fill is not None:
+        note_cache(request, MISS, answer.fill.upstream)
         return await _serve_fill(request, target, digest, answer.fill, answer.size)
     if answer.direct is not None:
+        note_cache(request, MISS, answer.direct.upstream.url)
         return await _serve_direct(request, target, digest, answer.direct)
     raise RuntimeError("blob answer without file, fill or stream")  # pragma: no cover
 
@@ -124,11 +130,13 @@ async def _serve_direct(
     if upstream.content_length is not None:
         resp.content_length = upstream.content_length
     counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
+    sent = 0
     try:
         await resp.prepare(request)
         async for chunk in upstream.resp.content.iter_chunked(1024 * 1024):
             await resp.write(chunk)
             counter.inc(len(chunk))
+            sent += len(chunk)
     except (aiohttp.ClientError, TimeoutError) as err:
         logger.warning("aborting uncached blob %s: upstream failed: %s", digest, err)
         upstream.close()
@@ -137,6 +145,7 @@ async def _serve_direct(
         return resp
     finally:
         upstream.release()
+        note_body_bytes(request, sent)
     await resp.write_eof()
     return resp
 
@@ -166,16 +175,20 @@ async def _serve_fill(
         resp.headers["Accept-Ranges"] = "bytes"
     await resp.prepare(request)
     counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
+    sent = 0
     try:
         async for chunk in fill.follow(start, end):
             await resp.write(chunk)
             counter.inc(len(chunk))
+            sent += len(chunk)
     except FillFailed as err:
         # Headers are gone already: the only honest signal left is a cut connection.
         logger.warning("aborting response for blob %s: %s", digest, err)
         if request.transport is not None:
             request.transport.close()
         return resp
+    finally:
+        note_body_bytes(request, sent)
     await resp.write_eof()
     return resp
 

@@ -83,12 +83,13 @@ def default_mirror_url(server: ServerConfig) -> str:
     """Return the URL containerd should use for the mirror's ``[server] listen``.
 
     A wildcard bind address is not something a client can dial, so it becomes the
-    loopback address of the same family.
+    loopback address of the same family. With ``tls_cert`` set the mirror speaks https.
     """
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(server.host, server.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{server.port}"
+    scheme = "https" if server.tls_cert is not None else "http"
+    return f"{scheme}://{host}:{server.port}"
 
 
 def render_hosts_toml(
@@ -183,14 +184,20 @@ def hosts_command(
     fmt: str,
     dry_run: bool,
     stdout: TextIO,
+    ca: str | None = None,
 ) -> int:
-    """Run ``mirrorproxy hosts``: write (or print) the files that point containerd here."""
+    """Run ``mirrorproxy hosts``: write (or print) the files that point containerd here.
+
+    ``ca`` is the CA file containerd should trust for an https mirror.
+    """
     from mirrorproxy.cli import EXIT_OK, EXIT_USAGE, CliError  # cli imports us lazily too
 
     try:
         url = normalize_mirror_url(mirror_url) if mirror_url else default_mirror_url(config.server)
     except ValueError as err:
         raise CliError(f"--mirror-url: {err}", EXIT_USAGE) from None
+    if ca is not None and not url.startswith("https://"):
+        raise CliError(f"--ca only applies to an https:// mirror URL, not {url}", EXIT_USAGE)
     if fmt == "k3s":
         from mirrorproxy.k3s import render_registries_yaml
 
@@ -200,11 +207,11 @@ def hosts_command(
                 "/etc/rancher/k3s/registries.yaml",
                 EXIT_USAGE,
             )
-        stdout.write(render_registries_yaml(config, url))
+        stdout.write(render_registries_yaml(config, url, ca=ca))
         return EXIT_OK
     if fmt != "containerd":
         raise CliError(f"unknown --format {fmt!r} (use containerd or k3s)", EXIT_USAGE)
-    files = render_all(config, url)
+    files = render_all(config, url, ca=ca)
     if dry_run:
         for name, text in files.items():
             shown = out_dir / name / HOSTS_FILE if out_dir else Path(name, HOSTS_FILE)

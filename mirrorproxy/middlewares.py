@@ -10,6 +10,7 @@ from mirrorproxy import keys
 from mirrorproxy.errors import Handler
 
 UNMEASURED = frozenset({"/metrics", "/healthz", "/readyz"})
+MEASURED_METHODS = frozenset({"GET", "HEAD"})
 
 
 def _kind(path: str) -> str:
@@ -22,19 +23,27 @@ def _kind(path: str) -> str:
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Time every API request (to the end of its body) and count those in flight."""
+    """Time every API request (to the end of its body), count those in flight and done."""
     if request.path in UNMEASURED:
         return await handler(request)
     metrics = request.app[keys.METRICS]
+    # Clients choose the method: anything unusual shares one label value.
+    method = request.method if request.method in MEASURED_METHODS else "other"
+    kind = _kind(request.path)
     metrics.inflight_requests.inc()
     started = time.perf_counter()
+    code = "error"  # the handler raised something no middleware turned into an answer
     try:
-        return await handler(request)
+        resp = await handler(request)
+        code = str(resp.status)
+        return resp
+    except web.HTTPException as exc:
+        code = str(exc.status)
+        raise
     finally:
         metrics.inflight_requests.dec()
-        metrics.request_duration.labels(request.method, _kind(request.path)).observe(
-            time.perf_counter() - started
-        )
+        metrics.request_duration.labels(method, kind).observe(time.perf_counter() - started)
+        metrics.requests.labels(method, kind, code).inc()
 
 
 async def add_registry_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -42,5 +51,6 @@ async def add_registry_headers(request: web.Request, response: web.StreamRespons
     if request.path.startswith("/v2"):
         response.headers["Docker-Distribution-Api-Version"] = "registry/2.0"
         ns = request.query.get("ns")
-        if ns:
+        # Client text goes back in a header: only printable ASCII (no CR/LF/NUL).
+        if ns and ns.isascii() and ns.isprintable() and len(ns) <= 255:
             response.headers["OCI-Namespace"] = ns

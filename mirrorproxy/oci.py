@@ -23,7 +23,9 @@ _NAME_RE = re.compile(
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 _HEX = {"sha256": 64, "sha512": 128}
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # ASCII digits: \d takes any script
+# A byte position past any blob; longer digit strings cap here (int() refuses >4300).
+_BEYOND = 10**18
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -115,19 +117,25 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # suffix: the last N bytes
-        n = int(last)
+        n = _position(last)
         if size == 0:
             return None  # the whole (empty) body satisfies a suffix range
         if n == 0:
-            raise RangeNotSatisfiable(f"range {header!r} is empty", headers=unsatisfied)
+            raise RangeNotSatisfiable(f"range {header[:100]!r} is empty", headers=unsatisfied)
         return max(0, size - n), size - 1
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or (last and int(last) < start):
+    start = _position(first)
+    end = min(_position(last), size - 1) if last else size - 1
+    if start >= size or (last and _position(last) < start):
         raise RangeNotSatisfiable(
-            f"range {header!r} not satisfiable for size {size}", headers=unsatisfied
+            f"range {header[:100]!r} not satisfiable for size {size}", headers=unsatisfied
         )
     return start, end
+
+
+def _position(digits: str) -> int:
+    """A byte position from ASCII digits; absurdly long numbers cap beyond any blob."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 18 else _BEYOND
 
 
 def accept_types(header: str | None) -> tuple[str, ...]:

@@ -63,6 +63,7 @@ class Target:
 class ManifestAnswer:
     manifest: StoredManifest
     result: str  # hit, miss or stale
+    upstream: str | None = None  # URL of the endpoint that answered, when one was asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +133,15 @@ class PullThrough:
         # registries refuse an index to a client whose Accept lacks it.
         wanted = ", ".join(dict.fromkeys([*accept_types(accept), *MANIFEST_TYPES]))
         try:
-            manifest = await self._coalesce(
+            answer = await self._coalesce(
                 ("m", t.ns_name, t.repo, digest),
                 lambda: self._fetch_by_digest(t, digest, wanted),
             )
         except UpstreamError as err:
             raise _manifest_error(err, f"{t.repo}@{digest}") from None
-        return ManifestAnswer(manifest, MISS)
+        return answer
 
-    async def _fetch_by_digest(self, t: Target, digest: Digest, accept: str) -> StoredManifest:
+    async def _fetch_by_digest(self, t: Target, digest: Digest, accept: str) -> ManifestAnswer:
         """Fetch by digest; a wrong body cools its endpoint down and the next one is asked."""
         for attempt in range(len(t.ns.upstreams)):
             try:
@@ -192,14 +193,18 @@ class PullThrough:
             upstream_digest = resp.headers.get("Docker-Content-Digest", "")
             if upstream_digest == str(cached.digest):
                 await self._remember_tag(t, tag, key, cached)
-                return ManifestAnswer(cached, HIT)
-        manifest = await self._fetch_manifest(t, tag, accept, None)
-        await self._remember_tag(t, tag, key, manifest)
-        return ManifestAnswer(manifest, MISS)
+                return ManifestAnswer(cached, HIT, resp.upstream.url)
+        answer = await self._fetch_manifest(t, tag, accept, None)
+        await self._remember_tag(t, tag, key, answer.manifest)
+        return answer
 
     async def _remember_tag(self, t: Target, tag: str, key: str, m: StoredManifest) -> None:
         entry = TagEntry(m.digest, m.media_type, len(m.body), self._clock())
-        await self._manifests.put_tag(t.ns_name, t.repo, tag, key, entry)
+        try:
+            await self._manifests.put_tag(t.ns_name, t.repo, tag, key, entry)
+        except OSError as err:  # kept in memory; the answer does not depend on the disk
+            self._metrics.cache_write_errors.inc()
+            logger.error("cannot record tag %s/%s:%s: %s", t.ns_name, t.repo, tag, err)
 
     async def _stale(
         self, entries: Mapping[str, TagEntry], key: str, accept: str | None
@@ -219,8 +224,8 @@ class PullThrough:
 
     async def _fetch_manifest(
         self, t: Target, ref: str, accept: str | None, expect: Digest | None
-    ) -> StoredManifest:
-        """GET a manifest upstream, check size and digest, store it."""
+    ) -> ManifestAnswer:
+        """GET a manifest upstream, check size and digest, store it (a miss)."""
         what = f"manifest {t.repo}:{ref}" if expect is None else f"manifest {t.repo}@{ref}"
         resp = await self._client.open(
             t.ns,
@@ -259,12 +264,12 @@ class PullThrough:
         media_type = manifest_media_type(body, resp.headers.get("Content-Type"))
         manifest = StoredManifest(digest, media_type, body)
         try:
-            await self._manifests.put(manifest)
-            self.budget.committed(MANIFEST, digest, len(body), t.ns_name)
+            stored = await self._manifests.put(manifest)
+            self.budget.committed(MANIFEST, digest, stored, t.ns_name)
         except OSError as err:
             self._metrics.cache_write_errors.inc()
             logger.error("cannot cache %s: %s", what, err)
-        return manifest
+        return ManifestAnswer(manifest, MISS, resp.upstream.url)
 
     async def _read_manifest(self, resp: UpstreamResponse, what: str) -> bytes:
         limit = self._config.cache.max_manifest_size

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
-from aiohttp import web
-
+from mirrorproxy import listener
+from mirrorproxy.accesslog import AccessLogger
 from mirrorproxy.app import create_app
 from mirrorproxy.config import Config
+from mirrorproxy.observability import MetricsListenError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def serve(config: Config) -> None:
     """
     check_cache_dir(config)
     app = create_app(config)
-    host, port = config.server.host, config.server.port
     logger.info(
         "mirrorproxy starting on %s, cache %s, namespaces %s",
         config.server.listen,
@@ -45,14 +45,16 @@ def serve(config: Config) -> None:
         ", ".join(config.namespaces),
     )
     try:
-        web.run_app(
+        # web.run_app's job, with [server]'s TLS, connection cap and parser limits.
+        listener.run(
             app,
-            host=host,
-            port=port,
-            print=None,
+            config.server,
+            access_log_class=AccessLogger,
             access_log_format=ACCESS_LOG_FORMAT,
             handler_cancellation=False,
         )
+    except MetricsListenError as err:
+        raise ServeError(str(err)) from None
     except OSError as err:
         raise ServeError(
             f"cannot listen on {config.server.listen}: {err.strerror or err}"

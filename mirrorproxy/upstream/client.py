@@ -131,8 +131,14 @@ class UpstreamClient:
                     self._sessions[up] = aiohttp.ClientSession(
                         auto_decompress=False,  # blob bytes must reach clients untouched
                         headers={"User-Agent": USER_AGENT},
+                        # max_fetches: an HTTP/1.1 request holds one connection of
+                        # its endpoint's connector from send until its body is read
+                        # or released (a streamed blob included), so `limit` caps the
+                        # requests in flight to this endpoint; more wait for a slot.
                         connector=aiohttp.TCPConnector(
-                            limit=256, ttl_dns_cache=60, ssl=ssl_context(up)
+                            limit=self._config.defaults.max_fetches,
+                            ttl_dns_cache=60,
+                            ssl=ssl_context(up),
                         ),
                         trust_env=True,  # HTTP(S)_PROXY and NO_PROXY; `proxy =` overrides
                     )
@@ -327,10 +333,13 @@ def _range_offset(resp: aiohttp.ClientResponse) -> int | None:
     value = resp.headers.get("Content-Range", "")
     unit, _, rest = value.partition(" ")
     first = rest.split("-", 1)[0]
-    return int(first) if unit == "bytes" and first.isdigit() else None
+    # isdigit() alone takes "²", which int() refuses: ASCII digits only, and few.
+    ok = unit == "bytes" and first.isascii() and first.isdigit() and len(first) <= 18
+    return int(first) if ok else None
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
+    seconds = (value or "").strip()
+    if seconds.isascii() and seconds.isdigit() and len(seconds) <= 18:
+        return float(seconds)
     return None  # HTTP-date form: fall back to the normal cooldown

@@ -1,0 +1,66 @@
+"""The mirror on a real socket in the test's event loop, with every listener limit on.
+
+``aiohttp_client`` runs an app behind aiohttp's plain test server, which knows
+nothing of ``[server]``'s connection cap, parser limits, timeouts or TLS. Tests of
+those start the app with ``mirrorproxy.listener.start`` instead, the same code the
+CLI runs, on ``127.0.0.1`` and a free port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mirrorproxy.app import create_app
+from mirrorproxy.config import Config
+from mirrorproxy.listener import GuardedRunner, GuardedServer, GuardedSite, start
+
+
+@dataclass
+class Listening:
+    """A running mirror: its config, runner and site."""
+
+    config: Config
+    runner: GuardedRunner
+    site: GuardedSite
+
+    @property
+    def host(self) -> str:
+        return self.config.server.host
+
+    @property
+    def port(self) -> int:
+        return self.site.port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.server.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def server(self) -> GuardedServer:
+        server = self.runner.server
+        assert isinstance(server, GuardedServer)
+        return server
+
+
+def with_server(config: Config, **changes: Any) -> Config:
+    """``config`` with ``[server]`` fields replaced (and a free port on 127.0.0.1)."""
+    changes = {"host": "127.0.0.1", "port": 0, **changes}
+    return replace(config, server=replace(config.server, **changes))
+
+
+@asynccontextmanager
+async def listening(config: Config, **runner_options: Any) -> AsyncIterator[Listening]:
+    """Serve ``create_app(config)`` on ``config.server`` until the block ends.
+
+    ``runner_options`` go to aiohttp's runner as the CLI passes them
+    (``access_log_class``, ``access_log_format``).
+    """
+    runner, site = await start(create_app(config), config.server, **runner_options)
+    try:
+        yield Listening(config, runner, site)
+    finally:
+        await runner.cleanup()
