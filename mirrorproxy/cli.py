@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--mirror-url", help="URL containerd uses to reach the mirror")
     hosts.add_argument("--format", dest="fmt", default="containerd", choices=["containerd", "k3s"])
     hosts.add_argument("--dry-run", action="store_true", help="print the files, write nothing")
+    hosts.add_argument(
+        "--ca", type=Path, help="CA file (on the node) that signed an https mirror's certificate"
+    )
     hosts.set_defaults(func=_cmd_hosts)
 
     doctor = sub.add_parser("doctor", help="check a node's containerd config for known traps")
@@ -67,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--hosts-dir", type=Path, help="default: config_path from config.toml")
     doctor.add_argument("--mirror-url", help="the mirror the node should use")
     doctor.set_defaults(func=_cmd_doctor)
+
+    preload = sub.add_parser("preload", help="fetch a list of images into the cache")
+    preload.add_argument("-c", "--config", required=True, type=Path)
+    preload.add_argument("images", type=Path, help="file with one image reference per line")
+    preload.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        help="os/arch[/variant] to fetch from an index (repeatable; default: this host's)",
+    )
+    preload.add_argument("--all-platforms", action="store_true")
+    preload.add_argument("--jobs", type=int, default=4, help="images fetched at once")
+    preload.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
+    preload.set_defaults(func=_cmd_preload)
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (safe while serving)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -85,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--older-than", help="last used longer ago than this, e.g. 30d")
             p.add_argument("--to", dest="to_size", help="remove LRU entries down to this size")
         p.set_defaults(func=_cmd_cache)
+
+    export = sub.add_parser("export", help="write cached images to an OCI image-layout tar")
+    export.add_argument("-c", "--config", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="the tar to write, e.g. site.tar")
+    export.add_argument(
+        "--images", type=Path, help="file with one image reference per line (default: all tags)"
+    )
+    export.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
+    export.set_defaults(func=_cmd_export)
+
+    import_ = sub.add_parser("import", help="verify an exported tar and add it to the cache")
+    import_.add_argument("-c", "--config", required=True, type=Path)
+    import_.add_argument("bundle", type=Path, help="a tar written by `mirrorproxy export`")
+    import_.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
+    import_.set_defaults(func=_cmd_import)
     return parser
 
 
@@ -133,6 +165,7 @@ def _cmd_hosts(args: argparse.Namespace) -> int:
         fmt=args.fmt,
         dry_run=args.dry_run,
         stdout=sys.stdout,
+        ca=str(args.ca.absolute()) if args.ca is not None else None,
     )
 
 
@@ -170,3 +203,108 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         return cachecmd.cmd_prune(config, older_than=older, to_size=to_size, out=sys.stdout)
     except (OSError, sqlite3.Error) as err:
         raise CliError(f"cache {action}: {err}") from None
+
+
+def _cmd_preload(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from mirrorproxy.engine import Engine
+    from mirrorproxy.log import configure_logging
+    from mirrorproxy.metrics import Metrics
+    from mirrorproxy.preload import ImageState, Options, preload
+    from mirrorproxy.progress import LineReporter, TerminalReporter
+    from mirrorproxy.reference import read_image_list
+    from mirrorproxy.units import format_size
+
+    configure_logging("error" if sys.stdout.isatty() else "warning", "text")
+    # Preloading means fetching: a config marked offline for serving is fine here.
+    config = with_overrides(_load(args), cache_dir=args.cache_dir, offline=False)
+    try:
+        refs = [ref for _, ref in read_image_list(args.images)]
+    except OSError as err:
+        raise CliError(f"cannot read {args.images}: {err.strerror}", EXIT_USAGE) from None
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    if not refs:
+        raise CliError(f"{args.images}: no image references", EXIT_USAGE)
+    images = [ImageState(ref) for ref in dict.fromkeys(refs)]
+    options = Options(tuple(args.platform), args.all_platforms, args.jobs)
+    reporter = TerminalReporter(sys.stdout) if sys.stdout.isatty() else LineReporter(sys.stdout)
+
+    async def run() -> None:
+        async with Engine(config, Metrics()) as engine:
+            await preload(engine, images, options, reporter)
+
+    try:
+        asyncio.run(run())
+    except OSError as err:
+        raise CliError(f"preload: {err}") from None
+    failed = [i for i in images if i.state != "done"]
+    fetched = sum(i.fetched for i in images)
+    cached = sum(i.cached for i in images)
+    print(
+        f"preloaded {len(images) - len(failed)} of {len(images)} images: "
+        f"{format_size(fetched)} fetched, {format_size(cached)} already cached"
+    )
+    for image in failed:
+        print(f"failed: {image.ref}: {image.error}", file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _warn(line: str) -> None:
+    print(f"mirrorproxy: warning: {line}", file=sys.stderr)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mirrorproxy.bundle import BundleError
+    from mirrorproxy.bundle.export import export_bundle
+    from mirrorproxy.reference import read_image_list
+    from mirrorproxy.units import format_size
+
+    config = with_overrides(_load(args), cache_dir=args.cache_dir)
+    refs = None
+    if args.images is not None:
+        try:
+            refs = list(dict.fromkeys(ref for _, ref in read_image_list(args.images)))
+        except OSError as err:
+            raise CliError(f"cannot read {args.images}: {err.strerror}", EXIT_USAGE) from None
+        except ValueError as err:
+            raise CliError(str(err), EXIT_USAGE) from None
+    try:
+        result = export_bundle(config.cache.dir, args.out, refs)
+    except (BundleError, OSError) as err:
+        raise CliError(f"export: {err}") from None
+    for line in result.left_out:
+        _warn(line)
+    n = len(result.left_out)
+    skipped = f"; {n} left out (not in the cache)" if n else ""
+    print(
+        f"exported {result.images} images to {args.out}: {result.blobs} blobs "
+        f"({format_size(result.blob_bytes)}), {result.manifests} manifests{skipped}"
+    )
+    return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from mirrorproxy.bundle import BundleError
+    from mirrorproxy.bundle.importer import import_bundle
+    from mirrorproxy.units import format_size
+
+    config = with_overrides(_load(args), cache_dir=args.cache_dir)
+    try:
+        result = import_bundle(config, args.bundle, warn=_warn)
+    except BundleError as err:
+        raise CliError(f"import: {err}; nothing was imported") from None
+    except (OSError, sqlite3.Error) as err:
+        raise CliError(f"import: {err}") from None
+    partial = (
+        f" ({result.not_in_bundle} platform manifests were not in the bundle)"
+        if result.not_in_bundle
+        else ""
+    )
+    print(
+        f"added {result.blobs} blobs ({format_size(result.blob_bytes)}), "
+        f"{result.manifests} manifests, {result.tags} tags; "
+        f"{result.present} already present{partial}"
+    )
+    return EXIT_OK

@@ -1,0 +1,131 @@
+"""`mirrorproxy preload` against in-process fake upstreams.
+
+The CLI runs its own event loop, so tests call it in a worker thread while the
+fake registries keep serving on the test's loop.
+
+Checks what lands in the cache (chosen platforms only, or all), that cached bytes
+are skipped on a second run, that failures are named with exit 1, that transient
+upstream errors are retried, and that a preloaded cache answers an offline mirror.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from mirrorproxy.cli import main
+from mirrorproxy.config import Config
+from mirrorproxy.engine import Engine
+from mirrorproxy.metrics import Metrics
+from mirrorproxy.preload import ImageState, Options, preload
+from mirrorproxy.progress import LineReporter
+from mirrorproxy.reference import parse_image_reference
+from tests.fakes.registry import FakeRegistry
+from tests.integration.conftest import FakeFactory, mirror_config
+
+
+def _write_config(cfg_dir: Path, url: str, *, offline: bool = False) -> Path:
+    path = cfg_dir / "mirror.toml"
+    path.write_text(
+        f'[cache]\ndir = "{cfg_dir / "cache"}"\noffline = {str(offline).lower()}\n'
+        f'[defaults]\ncooldown = "0.05s"\nmax_cooldown = "0.1s"\n'
+        f'[namespaces."docker.io"]\nupstreams = ["{url}"]\n'
+        f'[namespaces."registry.k8s.io"]\nupstreams = ["{url}"]\n'
+    )
+    return path
+
+
+def _blob_gets(reg: FakeRegistry) -> list[str]:
+    return [r.path.rsplit("/", 1)[1] for r in reg.calls("GET", "blobs")]
+
+
+async def test_preload_fetches_host_platform_then_skips_what_is_cached(
+    start_fake: FakeFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = await start_fake()
+    app = fake.registry.add_image("library/app", "1", layer_sizes=(50_000, 7_000))
+    amd = fake.registry.add_image("pause", "amd", seed="amd", layer_sizes=(3000,))
+    arm = fake.registry.add_image("pause", "arm", seed="arm", layer_sizes=(4000,))
+    fake.registry.add_index("pause", "3.9", [amd, arm])
+    images = tmp_path / "images.txt"
+    images.write_text("# node images\napp:1\n\nregistry.k8s.io/pause:3.9  # the index\n")
+    config = _write_config(tmp_path, fake.url)
+
+    args = ["preload", "--config", str(config), str(images), "--platform", "linux/amd64"]
+    assert await asyncio.to_thread(main, args) == 0
+    out = capsys.readouterr().out
+    assert "preloaded 2 of 2 images" in out
+    got = set(_blob_gets(fake.registry))
+    want = {app.config_digest, *app.layer_digests, amd.config_digest, *amd.layer_digests}
+    assert got == want  # arm64 left alone
+
+    fake.registry.clear_log()
+    assert await asyncio.to_thread(main, args) == 0
+    assert _blob_gets(fake.registry) == []  # everything was cached
+    assert "0B fetched" in capsys.readouterr().out
+
+
+async def test_all_platforms_and_named_failures(
+    start_fake: FakeFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = await start_fake()
+    amd = fake.registry.add_image("pause", "amd", seed="amd")
+    arm = fake.registry.add_image("pause", "arm", seed="arm")
+    fake.registry.add_index("pause", "3.9", [amd, arm])
+    images = tmp_path / "images.txt"
+    images.write_text("registry.k8s.io/pause:3.9\nmissing:1\nquay.io/not/configured:1\n")
+    config = _write_config(tmp_path, fake.url)
+    assert (
+        await asyncio.to_thread(
+            main, ["preload", "-c", str(config), str(images), "--all-platforms"]
+        )
+        == 1
+    )
+    captured = capsys.readouterr()
+    assert "preloaded 1 of 3 images" in captured.out
+    assert "failed: docker.io/library/missing:1: manifest library/missing:1 not found" in (
+        captured.err
+    )
+    assert "failed: quay.io/not/configured:1: registry 'quay.io' is not configured" in (
+        captured.err
+    )
+    assert set(_blob_gets(fake.registry)) == {
+        amd.config_digest,
+        *amd.layer_digests,
+        arm.config_digest,
+        *arm.layer_digests,
+    }
+
+
+async def test_bad_image_list_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images.txt"
+    images.write_text("alpine:3\nNot A Reference!\n")
+    config = _write_config(tmp_path, "http://127.0.0.1:9")
+    assert await asyncio.to_thread(main, ["preload", "-c", str(config), str(images)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "images.txt:2" in err
+
+
+async def test_transient_errors_are_retried(start_fake: FakeFactory, tmp_path: Path) -> None:
+    fake = await start_fake()
+    img = fake.registry.add_image("library/app", "1")
+    fake.registry.faults.status = 503  # every request fails at first
+    config: Config = mirror_config(tmp_path / "cache", [fake.url], cooldown="0.05s")
+    state = ImageState(parse_image_reference("app:1"))
+
+    async def heal() -> None:
+        fake.registry.faults.clear()
+
+    async with Engine(config, Metrics()) as engine:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, lambda: loop.create_task(heal()))
+        async with asyncio.timeout(20):
+            await preload(engine, [state], Options(), LineReporter(io.StringIO()))
+    assert state.state == "done", state.error
+    assert state.fetched == len(img.config) + sum(len(x) for x in img.layers)
