@@ -270,7 +270,7 @@ class BlobFill:
 def _client_error(err: BaseException, what: str) -> Exception:
     """What a client waiting for the response headers is told."""
     if isinstance(err, UpstreamError):
-        return BlobUnknown(f"{what} not found upstream") if err.not_found else err.registry_error()
+        return err.registry_error(BlobUnknown)
     if isinstance(err, RegistryError):
         return err
     return BadGateway(f"could not fetch {what}: {err}")

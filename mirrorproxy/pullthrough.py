@@ -138,7 +138,7 @@ class PullThrough:
                 lambda: self._fetch_by_digest(t, digest, wanted),
             )
         except UpstreamError as err:
-            raise _manifest_error(err, f"{t.repo}@{digest}") from None
+            raise err.registry_error(ManifestUnknown) from None
         return answer
 
     async def _fetch_by_digest(self, t: Target, digest: Digest, accept: str) -> ManifestAnswer:
@@ -172,10 +172,10 @@ class PullThrough:
             )
         except UpstreamError as err:
             if err.not_found:
-                raise ManifestUnknown(f"manifest {t.repo}:{tag} not found upstream") from None
+                raise err.registry_error(ManifestUnknown) from None
             stale = await self._stale(entries, key, accept)
             if stale is None:
-                raise _manifest_error(err, f"{t.repo}:{tag}") from None
+                raise err.registry_error() from None
             logger.warning("serving stale %s/%s:%s: %s", t.ns_name, t.repo, tag, err)
             return ManifestAnswer(stale, STALE)
 
@@ -339,9 +339,7 @@ class PullThrough:
                     stream=True,
                 )
             except UpstreamError as err:
-                if err.not_found:
-                    raise BlobUnknown(f"blob {digest} not found upstream") from None
-                raise err.registry_error() from None
+                raise err.registry_error(BlobUnknown) from None
         return BlobAnswer(resp.content_length, direct=resp)
 
     def _fill_done(self, fill: BlobFill) -> None:
@@ -364,9 +362,7 @@ class PullThrough:
                 t.ns, t.ns_name, "HEAD", f"{t.repo}/blobs/{digest}", what=f"blob {digest}"
             )
         except UpstreamError as err:
-            if err.not_found:
-                raise BlobUnknown(f"blob {digest} not found upstream") from None
-            raise err.registry_error() from None
+            raise err.registry_error(BlobUnknown) from None
         resp.release()
         return resp.content_length
 
@@ -387,9 +383,7 @@ class PullThrough:
                 query=params,
             )
         except UpstreamError as err:
-            if err.not_found:
-                raise NameUnknown(f"repository {t.repo} not found upstream") from None
-            raise err.registry_error() from None
+            raise err.registry_error(NameUnknown) from None
         try:
             body = await self._read_manifest(resp, f"tags of {t.repo}")
         finally:
@@ -421,9 +415,3 @@ class PullThrough:
 
 class _WrongDigest(BadGateway):
     """An upstream sent bytes that do not hash to the digest asked for."""
-
-
-def _manifest_error(err: UpstreamError, what: str) -> Exception:
-    if err.not_found:
-        return ManifestUnknown(f"manifest {what} not found upstream")
-    return err.registry_error()

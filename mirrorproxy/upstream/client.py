@@ -62,8 +62,15 @@ class UpstreamError(Exception):
         """True when every endpoint that was asked said 404: the thing does not exist."""
         return bool(self.attempts) and all(a.status == 404 for a in self.attempts)
 
-    def registry_error(self) -> RegistryError:
-        """The error for the client when this was not a plain not-found."""
+    def registry_error(self, missing: type[RegistryError] | None = None) -> RegistryError:
+        """The error to give the client.
+
+        Args:
+            missing: the error for "every upstream said 404" (BlobUnknown, say);
+                without it, or for any other failure, a 502/503/504 naming the upstreams.
+        """
+        if missing is not None and self.not_found:
+            return missing(f"{self.what} not found upstream")
         detail = {"upstreams": [str(a) for a in self.attempts]}
         message = f"no upstream could serve {self.what}"
         if any(a.status is not None for a in self.attempts):
