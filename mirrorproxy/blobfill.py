@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
 
 import aiohttp
 
@@ -66,6 +67,7 @@ class BlobFill:
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
+        self._verified = False  # verified and in place: the held-back last byte may go out
         self._tick: asyncio.Future[None] = loop.create_future()
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
 
@@ -95,42 +97,64 @@ class BlobFill:
     def _readable(self) -> int:
         if self._writer is None:
             return 0
-        if self.result is not None:
+        if self._verified:
             return self._writer.written
         return max(0, self._writer.written - 1)
 
-    async def follow(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Yield bytes [start, end) as the download provides them.
+    def open_reader(self) -> BinaryIO:
+        """Open the blob being written, for a client to follow with ``readable``.
 
         Raises:
-            FillFailed: the download failed; the response must be aborted.
+            FillFailed: the download failed or never started.
         """
         # Open synchronously, right after checking state: the temp file is renamed
         # on commit, and an open descriptor follows it across the rename.
         if self.error is not None or self._writer is None:
             raise FillFailed(str(self.error or "download not started"))
         path = self.result.path if self.result is not None else self._writer.tmp_path
-        fd = os.open(path, os.O_RDONLY)
         try:
+            return open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            # The commit's rename (in a worker thread) beat us: it is in place now.
+            return open(self._store.path_of(self.digest), "rb", buffering=0)
+
+    async def readable(self, pos: int) -> int:
+        """Wait until bytes past ``pos`` may be sent; return how far (``pos``: the end).
+
+        Raises:
+            FillFailed: the download failed; the response must be aborted.
+        """
+        while True:
+            limit = self._readable()
+            if limit > pos:
+                return limit
+            if self.error is not None:
+                raise FillFailed(str(self.error))
+            if self._verified:
+                return limit  # everything was sent
+            await asyncio.shield(self._tick)
+
+    async def follow(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) as the download provides them (for non-socket uses).
+
+        Raises:
+            FillFailed: the download failed; the response must be aborted.
+        """
+        with self.open_reader() as f:
             pos = start
             while end is None or pos < end:
-                limit = self._readable()
+                limit = await self.readable(pos)
                 if end is not None:
                     limit = min(limit, end)
-                if pos < limit:
-                    data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, limit - pos), pos)
-                    if not data:
-                        raise FillFailed("blob file shrank while reading")
-                    pos += len(data)
-                    yield data
-                    continue
-                if self.error is not None:
-                    raise FillFailed(str(self.error))
-                if self.result is not None:
-                    return  # everything readable was sent
-                await asyncio.shield(self._tick)
-        finally:
-            os.close(fd)
+                if limit <= pos:
+                    return
+                data = await asyncio.to_thread(
+                    os.pread, f.fileno(), min(READ_CHUNK, limit - pos), pos
+                )
+                if not data:
+                    raise FillFailed("blob file shrank while reading")
+                pos += len(data)
+                yield data
 
     async def _run(self) -> None:
         resp: UpstreamResponse | None = None
@@ -164,6 +188,8 @@ class BlobFill:
                     await self._pump(resp, self._writer)
                     break
                 except (aiohttp.ClientError, TimeoutError) as err:
+                    if self.size is not None and self._writer.written >= self.size:
+                        break  # every byte arrived; only the end of the response was lost
                     resumes += 1
                     logger.warning(
                         "blob %s: upstream %s failed after %d bytes (%s); resuming",
@@ -191,12 +217,16 @@ class BlobFill:
                     f"upstream sent {self._writer.written} bytes of {self.size} for {what}"
                 )
             self.result = await self._writer.commit()
+            # Only now does the last byte go out: a client that has the whole blob
+            # can rely on it being in the cache (a restart right after keeps it).
+            self._verified = True
             self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
             logger.info(
                 "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
             )
         except BaseException as err:
             self.error = err
+            self._on_done(self)  # new requests start afresh instead of joining a failure
             self._log_failure(err, resp)
             if self._writer is not None:
                 await self._writer.abort()
@@ -233,6 +263,14 @@ class BlobFill:
         """Copy the body to the writer; after a resume from 0, skip what we have."""
         skip = writer.written - resp.offset
         buf = bytearray()
+        # One write in flight while the next batch is read: the download does not
+        # stop for each hand-off to the writing thread.
+        pending: asyncio.Task[None] | None = None
+
+        async def write(batch: bytearray) -> None:
+            await writer.write(batch)
+            self._notify()
+
         try:
             while True:
                 data = await resp.resp.content.readany()
@@ -243,13 +281,15 @@ class BlobFill:
                     data, skip = data[cut:], skip - cut
                 buf += data
                 if len(buf) >= WRITE_BATCH:
-                    await writer.write(buf)
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.create_task(write(buf))
                     buf = bytearray()
-                    self._notify()
         finally:
+            if pending is not None:
+                await pending
             if buf:  # good bytes before a cut still count: resume after them
-                await writer.write(buf)
-                self._notify()
+                await write(buf)
 
     def _log_failure(self, err: BaseException, resp: UpstreamResponse | None) -> None:
         endpoint = resp.upstream.url if resp is not None else "-"
@@ -276,9 +316,14 @@ def _client_error(err: BaseException, what: str) -> Exception:
     return BadGateway(f"could not fetch {what}: {err}")
 
 
-async def cancel_fills(fills: list[BlobFill]) -> None:
-    for fill in fills:
-        fill.task.cancel()
-    for fill in fills:
+async def finish_fills(fills: list[BlobFill], *, grace: float) -> None:
+    """At shutdown: let running downloads finish for ``grace`` seconds, then cancel."""
+    tasks = [fill.task for fill in fills if not fill.task.done()]
+    if tasks:
+        logger.info("waiting up to %.0fs for %d downloads to finish", grace, len(tasks))
+        await asyncio.wait(tasks, timeout=grace)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
         with contextlib.suppress(BaseException):
-            await fill.task
+            await task

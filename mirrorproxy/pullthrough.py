@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mirrorproxy.blobfill import BlobFill, cancel_fills
+from yarl import URL
+
+from mirrorproxy.blobfill import BlobFill, finish_fills
 from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.budget import CacheBudget
@@ -40,7 +42,12 @@ from mirrorproxy.oci import (
     manifest_media_type,
     parse_digest,
 )
-from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from mirrorproxy.upstream.client import (
+    TooLarge,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ T = TypeVar("T")
 
 HIT, MISS, STALE = "hit", "miss", "stale"
 OFFLINE = "the mirror is offline"
+SHUTDOWN_GRACE = 10.0  # seconds running downloads get to finish when the server stops
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,7 @@ class PullThrough:
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
 
     async def close(self) -> None:
-        await cancel_fills(list(self._fills.values()))
+        await finish_fills(list(self._fills.values()), grace=SHUTDOWN_GRACE)
 
     def _count(self, t: Target, kind: str, result: str) -> None:
         self._metrics.cache_requests.labels(t.ns.name, kind, result).inc()
@@ -185,11 +193,23 @@ class PullThrough:
         """Revalidate a known tag with a HEAD, or fetch it; update the tag record."""
         path = f"{t.repo}/manifests/{tag}"
         headers = {"Accept": accept} if accept else {}
+        resp: UpstreamResponse | None = None
         if cached is not None:
-            resp = await self._client.open(
-                t.ns, t.ns_name, "HEAD", path, what=f"manifest {t.repo}:{tag}", headers=headers
-            )
-            resp.release()
+            try:
+                resp = await self._client.open(
+                    t.ns,
+                    t.ns_name,
+                    "HEAD",
+                    path,
+                    what=f"manifest {t.repo}:{tag}",
+                    headers=headers,
+                )
+            except UpstreamError as err:
+                if not _refused_head(err):
+                    raise
+                resp = None  # an upstream that refuses HEAD (405, say): ask with GET
+        if cached is not None and resp is not None:
+            resp.release()  # HEAD: no body
             upstream_digest = resp.headers.get("Docker-Content-Digest", "")
             if upstream_digest == str(cached.digest):
                 await self._remember_tag(t, tag, key, cached)
@@ -227,18 +247,18 @@ class PullThrough:
     ) -> ManifestAnswer:
         """GET a manifest upstream, check size and digest, store it (a miss)."""
         what = f"manifest {t.repo}:{ref}" if expect is None else f"manifest {t.repo}@{ref}"
-        resp = await self._client.open(
-            t.ns,
-            t.ns_name,
-            "GET",
-            f"{t.repo}/manifests/{ref}",
-            what=what,
-            headers={"Accept": accept} if accept else {},
-        )
         try:
-            body = await self._read_manifest(resp, what)
-        finally:
-            resp.release()
+            resp = await self._client.fetch(
+                t.ns,
+                t.ns_name,
+                f"{t.repo}/manifests/{ref}",
+                what=what,
+                limit=self._config.cache.max_manifest_size,
+                headers={"Accept": accept} if accept else {},
+            )
+        except TooLarge as err:
+            raise ManifestInvalid(str(err)) from None
+        body = resp.body
         header_digest = resp.headers.get("Docker-Content-Digest")
         if expect is not None:
             digest = Digest.of(body, expect.algorithm)
@@ -271,17 +291,6 @@ class PullThrough:
             logger.error("cannot cache %s: %s", what, err)
         return ManifestAnswer(manifest, MISS, resp.upstream.url)
 
-    async def _read_manifest(self, resp: UpstreamResponse, what: str) -> bytes:
-        limit = self._config.cache.max_manifest_size
-        if (resp.content_length or 0) > limit:
-            raise ManifestInvalid(f"{what} is larger than the {limit}-byte manifest limit")
-        body = bytearray()
-        async for chunk in resp.resp.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > limit:
-                raise ManifestInvalid(f"{what} is larger than the {limit}-byte manifest limit")
-        return bytes(body)
-
     # -- blobs -------------------------------------------------------------------
 
     async def blob(self, t: Target, digest: Digest) -> BlobAnswer:
@@ -299,13 +308,15 @@ class PullThrough:
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         fill = self._fills.get(digest)
-        if fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
+        while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
             # Bytes are shared across repositories (they are verified by digest), but
             # not failures: another namespace's upstreams may lack what ours have.
             try:
                 await asyncio.shield(fill.ready)
+                break
             except Exception:
-                fill = None
+                newer = self._fills.get(digest)  # another waiter may have started one
+                fill = newer if newer is not fill else None
         if fill is None:
             fill = BlobFill(
                 ns=t.ns,
@@ -368,27 +379,29 @@ class PullThrough:
 
     # -- pass-through ------------------------------------------------------------
 
-    async def tags_list(self, t: Target, query: Mapping[str, str]) -> tuple[bytes, str]:
+    async def tags_list(self, t: Target, query: Mapping[str, str]) -> TagList:
         """Tag listing is live data: passed through, never cached."""
         if self._config.cache.offline:
             raise Unavailable(f"tag lists are not cached and {OFFLINE}")
         params = {k: v for k, v in query.items() if k in ("n", "last")}
         try:
-            resp = await self._client.open(
+            resp = await self._client.fetch(
                 t.ns,
                 t.ns_name,
-                "GET",
                 f"{t.repo}/tags/list",
                 what=f"tags of {t.repo}",
+                limit=self._config.cache.max_manifest_size,
                 query=params,
             )
         except UpstreamError as err:
             raise err.registry_error(NameUnknown) from None
-        try:
-            body = await self._read_manifest(resp, f"tags of {t.repo}")
-        finally:
-            resp.release()
-        return body, resp.headers.get("Content-Type", "application/json")
+        except TooLarge as err:
+            raise BadGateway(str(err)) from None
+        return TagList(
+            resp.body,
+            resp.headers.get("Content-Type", "application/json"),
+            _next_link(resp.headers.get("Link"), t),
+        )
 
     async def _coalesce(self, key: tuple[object, ...], make: Callable[[], Awaitable[T]]) -> T:
         """Run ``make`` once for concurrent callers with the same key; all share its outcome."""
@@ -400,17 +413,49 @@ class PullThrough:
         try:
             result = await make()
         except BaseException as err:
-            if not isinstance(err, asyncio.CancelledError):
-                fut.set_exception(err)
-                fut.exception()  # mark retrieved: followers may be none
-            else:
-                fut.cancel()
+            # Followers get the failure, never the leader's own cancellation.
+            shared = (
+                err
+                if not isinstance(err, asyncio.CancelledError)
+                else Unavailable("the request fetching this was cancelled; try again")
+            )
+            fut.set_exception(shared)
+            fut.exception()  # mark retrieved: followers may be none
             raise
         else:
             fut.set_result(result)
             return result
         finally:
             del self._pending[key]
+
+
+@dataclass(frozen=True, slots=True)
+class TagList:
+    body: bytes
+    content_type: str
+    link: str | None  # the next page, as a path on this mirror
+
+
+def _next_link(header: str | None, t: Target) -> str | None:
+    """Point an upstream's pagination Link at this mirror (same n/last, our ns)."""
+    if not header or "<" not in header or ">" not in header:
+        return None
+    inner = header[header.index("<") + 1 : header.index(">")]
+    try:
+        upstream_query = URL(inner).query
+    except ValueError:
+        return None
+    page = {k: upstream_query[k] for k in ("n", "last") if k in upstream_query}
+    url = URL.build(path=f"/v2/{t.repo}/tags/list", query={**page, "ns": t.ns_name})
+    return f'<{url}>; rel="next"'
+
+
+def _refused_head(err: UpstreamError) -> bool:
+    """Some endpoint refused the HEAD itself (400/403/405/406): a GET may work.
+
+    Not 401 (auth is handled below this), 404 (gone) or 429 (slow down, not retry).
+    """
+    return any(a.status in (400, 403, 405, 406) for a in err.attempts)
 
 
 class _WrongDigest(BadGateway):

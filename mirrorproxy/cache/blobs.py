@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
@@ -76,6 +77,7 @@ class BlobWriter:
         self._hashed = 0
         self._more = asyncio.Event()
         self._closed = False
+        self._stop = threading.Event()  # tells the hashing thread to quit early
         self._hash_task = asyncio.create_task(self._hash_loop())
 
     async def write(self, data: bytes | bytearray) -> None:
@@ -87,9 +89,11 @@ class BlobWriter:
         """Hash what is on disk, in a thread, catching up while writes go on."""
         while True:
             target = self.written
+            if self._stop.is_set():
+                return
             if self._hashed < target:
                 self._hashed = await asyncio.to_thread(
-                    _hash_range, self._fd, self._hasher, self._hashed, target
+                    _hash_range, self._fd, self._hasher, self._hashed, target, self._stop
                 )
                 continue
             if self._closed:
@@ -123,11 +127,12 @@ class BlobWriter:
 
     async def abort(self) -> None:
         self._closed = True
+        self._stop.set()
         self._more.set()
-        if not self._hash_task.done():
-            self._hash_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await self._hash_task
+        # Wait for the hashing thread rather than cancel it: it must be done with
+        # the descriptor before the descriptor is closed (and its number reused).
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._hash_task)
         self._close_fd()
         with contextlib.suppress(OSError):
             self.tmp_path.unlink()
@@ -146,10 +151,10 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
         offset += n
 
 
-def _hash_range(fd: int, hasher: object, start: int, end: int) -> int:
+def _hash_range(fd: int, hasher: object, start: int, end: int, stop: threading.Event) -> int:
     update = hasher.update  # type: ignore[attr-defined]
     pos = start
-    while pos < end:
+    while pos < end and not stop.is_set():
         chunk = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
         if not chunk:
             break

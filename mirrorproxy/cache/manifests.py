@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from mirrorproxy.oci import Digest, parse_digest
 
 logger = logging.getLogger(__name__)
 
+TagKey = tuple[str, str, str]  # (registry, repository, tag)
+TAG_RECHECK = 1.0  # seconds a remembered tag record is trusted without a stat
+MAX_TAGS_IN_MEMORY = 100_000
+
 
 class FileManifestStore:
     def __init__(self, root: Path, *, memory_bytes: int = 64 * 1024 * 1024) -> None:
@@ -31,7 +36,9 @@ class FileManifestStore:
         self._memory_bytes = memory_bytes
         self._hot: OrderedDict[Digest, StoredManifest] = OrderedDict()
         self._hot_size = 0
-        self._tags: dict[tuple[str, str, str], dict[str, TagEntry]] = {}
+        # Tag records in memory: entries, the file's mtime, when that was last checked.
+        self._tags: OrderedDict[TagKey, tuple[dict[str, TagEntry], int, float]] = OrderedDict()
+        self._tag_locks: dict[TagKey, tuple[asyncio.Lock, list[int]]] = {}
 
     def prepare(self) -> None:
         for sub in ("manifests", "tags", "tmp"):
@@ -86,18 +93,53 @@ class FileManifestStore:
             self._hot_size -= len(old.body)
 
     async def get_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
+        """What a tag resolved to, per Accept set; re-read when another process wrote it.
+
+        Another process (preload, import) may rewrite a record at any time, so a
+        remembered one is checked against its file's mtime at most once a second.
+        """
         key = (ns, repo, tag)
-        entries = self._tags.get(key)
-        if entries is None:
-            entries = await asyncio.to_thread(self._read_tag, ns, repo, tag)
-            if entries:  # no negative caching: preload/import may write it any time
-                self._tags[key] = entries
+        memo = self._tags.get(key)
+        now = time.monotonic()
+        if memo is not None:
+            entries, mtime, checked = memo
+            if now - checked < TAG_RECHECK:
+                self._tags.move_to_end(key)
+                return entries
+            if _mtime(self._tag_path(ns, repo, tag)) == mtime:
+                self._tags[key] = (entries, mtime, now)
+                self._tags.move_to_end(key)
+                return entries
+        mtime = _mtime(self._tag_path(ns, repo, tag))
+        entries = await asyncio.to_thread(self._read_tag, ns, repo, tag)
+        if entries:  # no negative caching: preload/import may write it any time
+            self._remember_tag(key, entries, mtime)
         return entries
 
+    def _remember_tag(self, key: TagKey, entries: dict[str, TagEntry], mtime: int) -> None:
+        self._tags[key] = (entries, mtime, time.monotonic())
+        self._tags.move_to_end(key)
+        while len(self._tags) > MAX_TAGS_IN_MEMORY:
+            self._tags.popitem(last=False)
+
     async def put_tag(self, ns: str, repo: str, tag: str, accept: str, entry: TagEntry) -> None:
+        """Record one Accept variant of a tag (variants written at once never clobber)."""
+        key = (ns, repo, tag)
+        lock, users = self._tag_locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                await self._put_tag(key, accept, entry)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._tag_locks[key]
+
+    async def _put_tag(self, key: TagKey, accept: str, entry: TagEntry) -> None:
+        ns, repo, tag = key
         entries = dict(await self.get_tag(ns, repo, tag))
         entries[accept] = entry
-        self._tags[(ns, repo, tag)] = entries
+        self._remember_tag(key, entries, -1)  # in memory first: the answer holds anyway
         record = {
             "namespace": ns,
             "repository": repo,
@@ -113,7 +155,9 @@ class FileManifestStore:
             },
         }
         data = json.dumps(record, indent=1).encode()
-        await asyncio.to_thread(_atomic_write, self.tmp, self._tag_path(ns, repo, tag), data)
+        path = self._tag_path(ns, repo, tag)
+        await asyncio.to_thread(_atomic_write, self.tmp, path, data)
+        self._remember_tag(key, entries, _mtime(path))
 
     def _read_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
         path = self._tag_path(ns, repo, tag)
@@ -133,6 +177,15 @@ class FileManifestStore:
         except Exception:  # a torn or foreign file is a cache miss, not an outage
             logger.warning("ignoring unreadable tag record %s", path)
             return {}
+
+
+def _mtime(path: Path) -> int:
+    """A version stamp of a record: mtime and inode (every write is a rename)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1
+    return st.st_mtime_ns ^ (st.st_ino << 64)
 
 
 def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:

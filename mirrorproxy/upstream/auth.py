@@ -156,11 +156,14 @@ class Authenticator:
         try:
             token = await self._fetch(session, up, challenge, scope, client_timeout)
         except BaseException as err:
-            if isinstance(err, asyncio.CancelledError):
-                fut.cancel()
-            else:
-                fut.set_exception(err)
-                fut.exception()  # retrieved: there may be no other waiter
+            # Waiters get the failure, never this request's own cancellation.
+            shared = (
+                err
+                if not isinstance(err, asyncio.CancelledError)
+                else AuthError(f"token request for {up.url} was cancelled")
+            )
+            fut.set_exception(shared)
+            fut.exception()  # retrieved: there may be no other waiter
             raise
         finally:
             del self._fetching[key]

@@ -137,7 +137,9 @@ class UpstreamClient:
                 if up not in self._sessions:
                     self._sessions[up] = aiohttp.ClientSession(
                         auto_decompress=False,  # blob bytes must reach clients untouched
-                        headers={"User-Agent": USER_AGENT},
+                        # Blob and manifest bytes are passed on as they are: ask for
+                        # them as they are (we never decompress).
+                        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                         # max_fetches: an HTTP/1.1 request holds one connection of
                         # its endpoint's connector from send until its body is read
                         # or released (a streamed blob included), so `limit` caps the
@@ -148,6 +150,7 @@ class UpstreamClient:
                             ssl=ssl_context(up),
                         ),
                         trust_env=True,  # HTTP(S)_PROXY and NO_PROXY; `proxy =` overrides
+                        read_bufsize=4 * 1024 * 1024,  # do not pause the socket per 64 KiB
                     )
                 self._metrics.upstream_up.labels(ns.name, up.url).set(1)
 
@@ -226,6 +229,49 @@ class UpstreamClient:
             if isinstance(attempt, UpstreamResponse):
                 return attempt
             attempts.append(attempt)
+        raise UpstreamError(what, attempts)
+
+    async def fetch(
+        self,
+        ns: Namespace,
+        ns_name: str,
+        path: str,
+        *,
+        what: str,
+        limit: int,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> Fetched:
+        """GET a small body (manifest, tag list) with failover that covers the body too.
+
+        A connection cut or timeout while reading the body cools that endpoint down
+        and moves on, like a failure before the headers.
+
+        Raises:
+            UpstreamError: every candidate endpoint failed.
+            TooLarge: an endpoint sent more than ``limit`` bytes.
+        """
+        attempts: list[Attempt] = []
+        for i, up in enumerate(self.candidates(ns)):
+            if i:
+                self._metrics.upstream_failovers.labels(ns.name).inc()
+            attempt = await self._try(
+                ns, ns_name, up, "GET", path, dict(headers or {}), query, 0, False
+            )
+            if not isinstance(attempt, UpstreamResponse):
+                attempts.append(attempt)
+                continue
+            try:
+                body = await _read_limited(attempt, limit, what)
+            except (aiohttp.ClientError, TimeoutError) as err:
+                attempt.close()
+                self.mark_failed(ns, up)
+                outcome = "timeout" if isinstance(err, TimeoutError) else "body cut short"
+                attempts.append(Attempt(up.url, outcome))
+                continue
+            finally:
+                attempt.release()
+            return Fetched(up, attempt.status, attempt.headers, body)
         raise UpstreamError(what, attempts)
 
     async def _try(
@@ -333,6 +379,31 @@ def ssl_context(up: Upstream) -> ssl.SSLContext | bool:
     if up.client_cert is not None:
         ctx.load_cert_chain(up.client_cert, up.client_key)
     return ctx
+
+
+class TooLarge(Exception):
+    """An upstream body went past the size limit for its kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A small upstream answer, read whole."""
+
+    upstream: Upstream
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+async def _read_limited(resp: UpstreamResponse, limit: int, what: str) -> bytes:
+    if (resp.content_length or 0) > limit:
+        raise TooLarge(f"{what} is larger than the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in resp.resp.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"{what} is larger than the {limit}-byte limit")
+    return bytes(body)
 
 
 def _range_offset(resp: aiohttp.ClientResponse) -> int | None:

@@ -328,8 +328,7 @@ class FakeRegistry:
             if f.chunk_delay and pos < limit:
                 await asyncio.sleep(f.chunk_delay)
         if f.cut_after is not None and limit < len(body):
-            await resp.drain()
-            await asyncio.sleep(f.cut_pause)
+            await asyncio.sleep(f.cut_pause)  # let the bytes written so far go out
             if request.transport is not None:
                 request.transport.close()
             return
