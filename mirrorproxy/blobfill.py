@@ -67,7 +67,7 @@ class BlobFill:
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
-        self._verified = False  # verified and in place: the held-back last byte may go out
+        self._verified = False  # digest matched: the held-back last byte may go out
         self._tick: asyncio.Future[None] = loop.create_future()
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
 
@@ -216,10 +216,10 @@ class BlobFill:
                 raise BadGateway(
                     f"upstream sent {self._writer.written} bytes of {self.size} for {what}"
                 )
-            self.result = await self._writer.commit()
-            # Only now does the last byte go out: a client that has the whole blob
-            # can rely on it being in the cache (a restart right after keeps it).
-            self._verified = True
+            # The last byte goes out as soon as the digest matches; fsync and rename
+            # follow while clients finish (this fill stays registered until then, so
+            # a request meanwhile joins it rather than missing the cache).
+            self.result = await self._writer.commit(on_verified=self._on_verified)
             self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
             logger.info(
                 "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
@@ -245,6 +245,10 @@ class BlobFill:
                 self._budget.unpin(self.digest)
             self._notify()
             self._on_done(self)
+
+    def _on_verified(self) -> None:
+        self._verified = True
+        self._notify()
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
         """Serve this blob straight from upstream, uncached, to the client that claims it."""

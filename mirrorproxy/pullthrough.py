@@ -106,6 +106,12 @@ class PullThrough:
         self._fills: dict[Digest, BlobFill] = {}
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
 
+    async def settled(self) -> None:
+        """Wait until every running download is in place (or failed)."""
+        while self._fills:
+            tasks = [fill.task for fill in list(self._fills.values())]
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def close(self) -> None:
         await finish_fills(list(self._fills.values()), grace=SHUTDOWN_GRACE)
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
@@ -101,8 +102,10 @@ class BlobWriter:
             self._more.clear()
             await self._more.wait()
 
-    async def commit(self) -> BlobInfo:
+    async def commit(self, on_verified: Callable[[], None] | None = None) -> BlobInfo:
         """Verify the digest, then move the file into place.
+
+        ``on_verified`` runs as soon as the digest matches, before fsync and rename.
 
         Raises:
             DigestMismatch: the content is not what was asked for (the file is removed).
@@ -117,6 +120,8 @@ class BlobWriter:
                 raise DigestMismatch(
                     f"expected {self.digest}, got {self.digest.algorithm}:{actual}"
                 )
+            if on_verified is not None:
+                on_verified()
             final = self.store.path_of(self.digest)
             await asyncio.to_thread(_publish, self._fd, self.tmp_path, final)
         except BaseException:

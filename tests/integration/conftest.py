@@ -61,6 +61,12 @@ class Mirror:
     def cache_dir(self) -> Path:
         return self.config.cache.dir
 
+    async def settled(self) -> None:
+        """Wait until downloads are in place: a client gets its last byte when the
+        digest matches, a moment before the file is renamed into the cache."""
+        async with asyncio.timeout(WAIT):
+            await self.client.app[keys.PULLTHROUGH].settled()
+
     def blob_files(self) -> list[Path]:
         """Files committed under ``cache/blobs``."""
         return sorted(p for p in (self.cache_dir / "blobs").rglob("*") if p.is_file())

@@ -49,7 +49,9 @@ async def pull(mirror: Mirror, digest: str) -> bytes:
     async with asyncio.timeout(WAIT):
         resp = await mirror.client.get(blob_path(REPO, digest))
         assert resp.status == 200, await resp.text()
-        return await resp.read()
+        data = await resp.read()
+    await mirror.settled()  # the last byte goes out a moment before the rename
+    return data
 
 
 def cached(mirror: Mirror) -> set[str]:

@@ -52,7 +52,9 @@ PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
 async def pull(mirror: Mirror, digest: str) -> tuple[int, bytes]:
     async with asyncio.timeout(WAIT):
         resp = await mirror.client.get(blob_path(REPO, digest))
-        return resp.status, await resp.read()
+        out = resp.status, await resp.read()
+    await mirror.settled()  # the last byte goes out a moment before the rename
+    return out
 
 
 def break_tmp(mirror: Mirror) -> None:

@@ -66,6 +66,7 @@ async def test_waiters_of_a_failed_foreign_fill_share_one_new_fill(
 
     assert len(lacking.registry.calls("GET", "blobs")) == 1
     assert len(having.registry.calls("GET", "blobs")) == 1
+    await mirror.settled()
     assert mirror.blob_path(digest).read_bytes() == data
 
 
@@ -147,5 +148,6 @@ async def test_follower_racing_the_commit_rename_gets_the_whole_blob(
     assert headers["docker-content-digest"] == digest
     assert body == layer  # the whole blob, and nothing after it (no second response)
     assert len(fake.registry.calls("GET", "blobs")) == 1
+    await mirror.settled()
     assert mirror.blob_path(digest).read_bytes() == layer
     assert errors_logged(caplog) == []
