@@ -74,7 +74,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     pt = request.app[keys.PULLTHROUGH]
     if request.method == "HEAD":
         size = await pt.blob_size(target, digest)
-        resp = web.Response(headers={"Docker-Content-Digest": str(digest)})
+        resp = web.Response(headers=_blob_headers(digest))
         resp.content_type = BLOB_TYPE
         return _with_length(resp, size)
     answer = await pt.blob(target, digest)
@@ -101,7 +101,7 @@ def _serve_file(
         if small is not None:
             return web.Response(
                 body=small,
-                headers={"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE},
+                headers={**_blob_headers(digest), "Content-Type": BLOB_TYPE},
             )
     # FileResponse brings sendfile, Range/If-Range and conditional requests.
     budget = request.app[keys.PULLTHROUGH].budget
@@ -112,6 +112,11 @@ def _serve_file(
         chunk_size=1024 * 1024,
         headers={"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE},
     )
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    """The digest, and an ETag that is the digest (the content never changes)."""
+    return {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
 
 
 def _read_small(path: Path, size: int) -> bytes | None:
@@ -145,7 +150,7 @@ async def _serve_direct(
 ) -> web.StreamResponse:
     """Relay an uncached blob from upstream; the client verifies the digest itself."""
     resp = web.StreamResponse()
-    resp.headers["Docker-Content-Digest"] = str(digest)
+    resp.headers.update(_blob_headers(digest))
     resp.content_type = BLOB_TYPE
     if upstream.content_length is not None:
         resp.content_length = upstream.content_length
@@ -181,7 +186,7 @@ async def _serve_fill(
     """Stream a blob that is still downloading, following the shared fill."""
     rng = parse_range(request.headers.get("Range"), size) if size is not None else None
     resp = web.StreamResponse(status=200 if rng is None else 206)
-    resp.headers["Docker-Content-Digest"] = str(digest)
+    resp.headers.update(_blob_headers(digest))
     resp.content_type = BLOB_TYPE
     start, end = 0, None
     if rng is not None and size is not None:

@@ -357,3 +357,22 @@ async def test_client_disconnect_does_not_stop_the_fill(fake: RunningFake, mirro
     resp = await mirror.client.get(blob_path(REPO, digest))
     assert await resp.read() == data
     assert len(fake.registry.calls("GET", "blobs")) == 1
+
+
+@pytest.mark.parametrize("size", [4 * 1024, 300 * 1024], ids=["small", "large"])
+async def test_blob_answers_carry_the_digest_as_etag(
+    fake: RunningFake, mirror: Mirror, size: int
+) -> None:
+    """A miss (streamed), a HEAD and a small hit (one read) all name the content."""
+    digest = fake.registry.add_blob(payload(size, f"etag-{size}"))
+    miss = await mirror.client.get(blob_path(REPO, digest))
+    await miss.read()
+    await mirror.settled()
+    head = await mirror.client.head(blob_path(REPO, digest))
+    hit = await mirror.client.get(blob_path(REPO, digest))
+    await hit.read()
+    assert miss.headers["ETag"] == f'"{digest}"'
+    assert head.headers["ETag"] == f'"{digest}"'
+    assert hit.headers["Docker-Content-Digest"] == digest
+    if size <= 64 * 1024:  # larger hits go through FileResponse, with its own validator
+        assert hit.headers["ETag"] == f'"{digest}"'
