@@ -279,3 +279,18 @@ async def test_tags_list_is_passed_through(fake: RunningFake, mirror: Mirror) ->
     assert req.path == f"/v2/{REPO}/tags/list"
     assert req.query.get("n") == "2"
     assert "ns" not in req.query
+
+
+async def test_manifest_over_the_size_limit_is_refused_and_not_cached(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """An upstream manifest past [cache] max_manifest_size is a 502, never stored."""
+    body = json.dumps({"schemaVersion": 2, "padding": "x" * 5000}).encode()
+    fake.registry.add_manifest(REPO, "big", OCI_MANIFEST, body)
+    mirror = await start_mirror([fake.url], cache={"max_manifest_size": "4KiB"})
+    resp = await mirror.client.get(manifest_path(REPO, "big"))
+    assert resp.status == 502
+    error = (await resp.json())["errors"][0]
+    assert error["code"] == "MANIFEST_INVALID"
+    assert "4096-byte limit" in error["message"]
+    assert mirror.manifest_files() == []

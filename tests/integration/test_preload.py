@@ -15,10 +15,12 @@ import io
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from mirrorproxy.cli import main
 from mirrorproxy.config import Config
 from mirrorproxy.engine import Engine
+from mirrorproxy.errors import Handler
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.preload import ImageState, Options, preload
 from mirrorproxy.progress import LineReporter
@@ -129,3 +131,34 @@ async def test_transient_errors_are_retried(start_fake: FakeFactory, tmp_path: P
             await preload(engine, [state], Options(), LineReporter(io.StringIO()))
     assert state.state == "done", state.error
     assert state.fetched == len(img.config) + sum(len(x) for x in img.layers)
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+async def test_jobs_bounds_how_many_images_load_at_once(
+    jobs: int, start_fake: FakeFactory, tmp_path: Path
+) -> None:
+    """--jobs N: never more than N images in flight upstream (and N really run at once)."""
+    registry = FakeRegistry()
+    in_flight, peak = 0, 0
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # long enough for parallel images to overlap
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    registry.app.middlewares.append(count)
+    fake = await start_fake(registry)
+    for i in range(4):
+        fake.registry.add_image(f"library/app{i}", "1", seed=f"app{i}", layer_sizes=(1000,))
+    images = tmp_path / "images.txt"
+    images.write_text("".join(f"app{i}:1\n" for i in range(4)))
+    config = _write_config(tmp_path, fake.url)
+    args = ["preload", "-c", str(config), str(images), "--jobs", str(jobs)]
+    assert await asyncio.to_thread(main, args) == 0
+    assert peak == jobs
