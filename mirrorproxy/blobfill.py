@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import BinaryIO
 
 import aiohttp
@@ -31,7 +30,6 @@ from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamR
 logger = logging.getLogger(__name__)
 
 WRITE_BATCH = 1024 * 1024  # bytes gathered before one write: fewer thread hops
-READ_CHUNK = 1024 * 1024
 MAX_RESUMES = 3
 UNCLAIMED_TIMEOUT = 30.0  # a direct response nobody picked up is closed after this
 
@@ -133,28 +131,6 @@ class BlobFill:
             if self._verified:
                 return limit  # everything was sent
             await asyncio.shield(self._tick)
-
-    async def follow(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Yield bytes [start, end) as the download provides them (for non-socket uses).
-
-        Raises:
-            FillFailed: the download failed; the response must be aborted.
-        """
-        with self.open_reader() as f:
-            pos = start
-            while end is None or pos < end:
-                limit = await self.readable(pos)
-                if end is not None:
-                    limit = min(limit, end)
-                if limit <= pos:
-                    return
-                data = await asyncio.to_thread(
-                    os.pread, f.fileno(), min(READ_CHUNK, limit - pos), pos
-                )
-                if not data:
-                    raise FillFailed("blob file shrank while reading")
-                pos += len(data)
-                yield data
 
     async def _run(self) -> None:
         resp: UpstreamResponse | None = None

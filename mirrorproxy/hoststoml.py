@@ -16,9 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
-from urllib.parse import urlsplit
 
-from mirrorproxy.config import WILDCARD, Config, Namespace, ServerConfig
+from mirrorproxy.config import WILDCARD, Config, Namespace, ServerConfig, parse_upstream_url
 
 HOSTS_FILE = "hosts.toml"
 # containerd's fallback directory for registries without one of their own.
@@ -65,17 +64,7 @@ def normalize_mirror_url(url: str) -> str:
             or a fragment (containerd would not send them).
     """
     text = url.strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    if parts.username or parts.password:
-        raise ValueError("credentials do not belong in the mirror URL")
-    if parts.query or parts.fragment:
-        raise ValueError(f"a mirror URL takes no query or fragment: {url!r}")
-    try:
-        parts.port  # noqa: B018 -- evaluated for its ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+    parse_upstream_url(text)  # the same rules as any URL of a registry
     return text.rstrip("/")
 
 

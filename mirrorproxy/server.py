@@ -13,8 +13,6 @@ from mirrorproxy.observability import MetricsListenError
 
 logger = logging.getLogger(__name__)
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
-
 
 class ServeError(Exception):
     """The server cannot start; the message is for the operator."""
@@ -50,7 +48,6 @@ def serve(config: Config) -> None:
             app,
             config.server,
             access_log_class=AccessLogger,
-            access_log_format=ACCESS_LOG_FORMAT,
             handler_cancellation=False,
         )
     except MetricsListenError as err:

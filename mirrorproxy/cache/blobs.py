@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
+from mirrorproxy.cache.index import BLOB
+from mirrorproxy.cache.walk import content_path
 from mirrorproxy.oci import Digest
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class FileBlobStore:
         return swept
 
     def path_of(self, digest: Digest) -> Path:
-        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+        return content_path(self.root, BLOB, str(digest))
 
     async def lookup(self, digest: Digest) -> BlobInfo | None:
         path = self.path_of(digest)

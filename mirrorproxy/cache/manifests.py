@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
+from mirrorproxy.cache.index import MANIFEST
+from mirrorproxy.cache.walk import content_path
 from mirrorproxy.oci import Digest, parse_digest
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class FileManifestStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def path_of(self, digest: Digest) -> Path:
-        return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
+        return content_path(self.root, MANIFEST, str(digest))
 
     def _tag_path(self, ns: str, repo: str, tag: str) -> Path:
         key = hashlib.sha256(f"{ns}\0{repo}\0{tag}".encode()).hexdigest()

@@ -25,7 +25,6 @@ from pytest_aiohttp import AiohttpServer
 from mirrorproxy.accesslog import AccessLogger
 from mirrorproxy.config import parse_config
 from mirrorproxy.log import JsonFormatter, TextFormatter
-from mirrorproxy.server import ACCESS_LOG_FORMAT
 from tests.integration.test_upstream_auth import BLOB_DIGEST, PASSWORD, USER, AuthRegistry
 from tests.support.listening import listening, with_server
 
@@ -92,7 +91,6 @@ async def _pull(
         listening(
             with_server(config),
             access_log_class=AccessLogger,
-            access_log_format=ACCESS_LOG_FORMAT,
         ) as m,
         aiohttp.ClientSession() as session,
     ):
