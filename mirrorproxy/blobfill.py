@@ -2,9 +2,12 @@
 
 The download runs as its own task, detached from any client, so it completes (and
 the cache gets the blob) even when the client that started it goes away. Clients
-follow the temp file as it grows, each at its own pace. The last byte is held back
-until the digest is verified, so a corrupt download never reaches a client whole.
-A connection cut mid-blob resumes with ``Range`` on the next usable endpoint.
+follow the temp file as it grows, each at its own pace; the few that keep up with
+the download are "live": each chunk goes to their socket straight from memory, so
+they do not wait for the disk. A live client that falls behind goes back to the
+file. The last byte is held back until the digest is verified, so a corrupt
+download never reaches a client whole. A connection cut mid-blob resumes with
+``Range`` on the next usable endpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -29,13 +33,29 @@ from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamR
 
 logger = logging.getLogger(__name__)
 
-WRITE_BATCH = 1024 * 1024  # bytes gathered before one write: fewer thread hops
+WRITE_BATCH = 4 * 1024 * 1024  # bytes gathered before one write: fewer thread hops
+LIVE_MAX = 4  # live clients per download; the others read the file (sendfile, no copy)
+LIVE_BUFFER = 4 * 1024 * 1024  # a live client with more than this unsent goes to the file
 MAX_RESUMES = 3
 UNCLAIMED_TIMEOUT = 30.0  # a direct response nobody picked up is closed after this
 
 
 class FillFailed(Exception):
     """The shared download failed; followers must abort their response."""
+
+
+class LiveFollower:
+    """A client at the head of the download: the pump writes each chunk to its socket.
+
+    ``left`` resolves (to ``pos``) when the pump stops doing so: the client fell
+    behind, went away, reached the held-back last byte, or the download ended.
+    """
+
+    __slots__ = ("end", "left", "pos", "transport")
+
+    def __init__(self, transport: asyncio.Transport, pos: int, end: int) -> None:
+        self.transport, self.pos, self.end = transport, pos, end
+        self.left: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
 
 class BlobFill:
@@ -65,6 +85,9 @@ class BlobFill:
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
+        self.received = 0  # bytes taken from upstream: on disk, in flight or in ``_window``
+        self._window: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not yet on disk
+        self._live: list[LiveFollower] = []
         self._verified = False  # digest matched: the held-back last byte may go out
         self._tick: asyncio.Future[None] = loop.create_future()
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
@@ -116,6 +139,61 @@ class BlobFill:
             # The commit's rename (in a worker thread) beat us: it is in place now.
             return open(self._store.path_of(self.digest), "rb", buffering=0)
 
+    def go_live(self, transport: asyncio.Transport, pos: int, end: int) -> LiveFollower | None:
+        """Have the download write to ``transport`` from ``pos`` (None: read the file).
+
+        Only for a client that has everything on disk before ``pos``, wants the rest
+        of the blob, and is close enough to the head to catch up from memory.
+        """
+        if (
+            self._writer is None
+            or self.finished
+            or self.size is None
+            or end != self.size
+            or pos >= end - 1
+            or len(self._live) >= LIVE_MAX
+            or not self._writer.written <= pos <= self.received
+            or self.received - pos > LIVE_BUFFER
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > LIVE_BUFFER // 2
+        ):
+            return None
+        live = LiveFollower(transport, pos, end)
+        self._live.append(live)
+        for offset, chunk in list(self._window):
+            if offset + len(chunk) > live.pos and not live.left.done():
+                self._send_live(live, offset, chunk)
+        return live
+
+    def leave(self, live: LiveFollower) -> None:
+        """Stop writing to a live client (idempotent)."""
+        with contextlib.suppress(ValueError):
+            self._live.remove(live)
+        if not live.left.done():
+            live.left.set_result(live.pos)
+
+    def _send_live(self, live: LiveFollower, offset: int, chunk: bytes) -> None:
+        """Write what ``live`` lacks of ``chunk``; the last byte only once verified."""
+        transport = live.transport
+        last = live.end if self._verified else live.end - 1
+        start, stop = live.pos - offset, min(len(chunk), last - offset)
+        if start < 0 or transport.is_closing():
+            self.leave(live)
+            return
+        if stop > start:
+            transport.write(chunk if start == 0 and stop == len(chunk) else chunk[start:stop])
+            live.pos = offset + stop
+        if live.pos >= live.end or transport.get_write_buffer_size() > LIVE_BUFFER:
+            self.leave(live)
+
+    def _on_written(self) -> None:
+        """More is on disk: forget those chunks, wake followers of the file."""
+        written = self.written
+        window = self._window
+        while window and window[0][0] + len(window[0][1]) <= written:
+            window.popleft()
+        self._notify()
+
     async def readable(self, pos: int) -> int:
         """Wait until bytes past ``pos`` may be sent; return how far (``pos``: the end).
 
@@ -123,12 +201,12 @@ class BlobFill:
             FillFailed: the download failed; the response must be aborted.
         """
         while True:
+            if self.error is not None:
+                raise FillFailed(str(self.error))
             limit = self._readable()
             if limit > pos:
                 return limit
-            if self.error is not None:
-                raise FillFailed(str(self.error))
-            if self._verified:
+            if self.result is not None:
                 return limit  # everything was sent
             await asyncio.shield(self._tick)
 
@@ -148,7 +226,7 @@ class BlobFill:
                 resp = None
                 return
             try:
-                self._writer = self._store.begin(self.digest)
+                self._writer = self._store.begin(self.digest, self._on_written)
             except OSError as err:
                 self._budget.release(self.digest)
                 self._budget.write_failed(err)
@@ -164,14 +242,14 @@ class BlobFill:
                     await self._pump(resp, self._writer)
                     break
                 except (aiohttp.ClientError, TimeoutError) as err:
-                    if self.size is not None and self._writer.written >= self.size:
+                    if self.size is not None and self.received >= self.size:
                         break  # every byte arrived; only the end of the response was lost
                     resumes += 1
                     logger.warning(
                         "blob %s: upstream %s failed after %d bytes (%s); resuming",
                         self.digest,
                         resp.upstream.url,
-                        self._writer.written,
+                        self.received,
                         err,
                     )
                     resp.close()
@@ -185,17 +263,18 @@ class BlobFill:
                         path,
                         what=what,
                         stream=True,
-                        start=self._writer.written,
+                        start=self.received,
                     )
                     self.upstream = resp.upstream.url
-            if self.size is not None and self._writer.written != self.size:
-                raise BadGateway(
-                    f"upstream sent {self._writer.written} bytes of {self.size} for {what}"
-                )
-            # The last byte goes out as soon as the digest matches; fsync and rename
-            # follow while clients finish (this fill stays registered until then, so
-            # a request meanwhile joins it rather than missing the cache).
-            self.result = await self._writer.commit(on_verified=self._on_verified)
+            if self.size is not None and self.received != self.size:
+                raise BadGateway(f"upstream sent {self.received} bytes of {self.size} for {what}")
+            # The last byte goes out as soon as the digest matches (to live clients
+            # from memory, maybe before the disk has it); the rest of the writes,
+            # fsync and rename follow while clients finish (this fill stays
+            # registered until then: a request meanwhile joins it).
+            await self._writer.verify()
+            self._on_verified()
+            self.result = await self._writer.commit()
             self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
             logger.info(
                 "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
@@ -203,6 +282,7 @@ class BlobFill:
         except BaseException as err:
             self.error = err
             self._on_done(self)  # new requests start afresh instead of joining a failure
+            self._release_clients()  # cut them now, not after the disk lets go
             self._log_failure(err, resp)
             if self._writer is not None:
                 await self._writer.abort()
@@ -219,11 +299,24 @@ class BlobFill:
                 resp.release()
             if self._writer is not None:
                 self._budget.unpin(self.digest)
-            self._notify()
+            self._release_clients()
             self._on_done(self)
 
+    def _release_clients(self) -> None:
+        """Live clients go back to ``readable``, which tells them how it ended."""
+        for live in list(self._live):
+            self.leave(live)
+        self._window.clear()
+        self._notify()
+
     def _on_verified(self) -> None:
+        """Release the last byte: to live clients from memory, to the others from disk."""
         self._verified = True
+        for live in list(self._live):
+            for offset, chunk in list(self._window):
+                if offset + len(chunk) > live.pos and not live.left.done():
+                    self._send_live(live, offset, chunk)
+            self.leave(live)  # not in memory any more: from the file
         self._notify()
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
@@ -240,36 +333,33 @@ class BlobFill:
         asyncio.get_running_loop().call_later(UNCLAIMED_TIMEOUT, close_unclaimed)
 
     async def _pump(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
-        """Copy the body to the writer; after a resume from 0, skip what we have."""
-        skip = writer.written - resp.offset
-        buf = bytearray()
-        # One write in flight while the next batch is read: the download does not
-        # stop for each hand-off to the writing thread.
-        pending: asyncio.Task[None] | None = None
-
-        async def write(batch: bytearray) -> None:
-            await writer.write(batch)
-            self._notify()
-
+        """Copy the body to live clients and the writer; after a resume from 0, skip."""
+        skip = self.received - resp.offset
+        batch: list[bytes] = []
+        batched = 0
         try:
             while True:
-                data = await resp.resp.content.readany()
-                if not data:
+                chunk = await resp.resp.content.readany()
+                if not chunk:
                     break
                 if skip:
-                    cut = min(skip, len(data))
-                    data, skip = data[cut:], skip - cut
-                buf += data
-                if len(buf) >= WRITE_BATCH:
-                    if pending is not None:
-                        await pending
-                    pending = asyncio.create_task(write(buf))
-                    buf = bytearray()
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                offset = self.received
+                self.received += len(chunk)
+                self._window.append((offset, chunk))
+                for live in list(self._live):
+                    self._send_live(live, offset, chunk)
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
+                    await writer.write(*batch)
+                    batch, batched = [], 0
         finally:
-            if pending is not None:
-                await pending
-            if buf:  # good bytes before a cut still count: resume after them
-                await write(buf)
+            if batch:  # good bytes before a cut still count: resume after them
+                await writer.write(*batch)
 
     def _log_failure(self, err: BaseException, resp: UpstreamResponse | None) -> None:
         endpoint = resp.upstream.url if resp is not None else "-"

@@ -188,7 +188,7 @@ async def _serve_fill(
     resp = web.StreamResponse(status=200 if rng is None else 206)
     resp.headers.update(_blob_headers(digest))
     resp.content_type = BLOB_TYPE
-    start, end = 0, None
+    start, end = 0, size
     if rng is not None and size is not None:
         start, end = rng[0], rng[1] + 1
         resp.headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
@@ -204,16 +204,30 @@ async def _serve_fill(
         with fill.open_reader() as f:
             pos = start
             while end is None or pos < end:
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("client went away")
+                # At the head of the download: take the bytes as they arrive.
+                live = fill.go_live(transport, pos, end) if end is not None else None
+                if live is not None:
+                    try:
+                        await live.left
+                    finally:
+                        fill.leave(live)
+                    sent += live.pos - pos
+                    counter.inc(live.pos - pos)
+                    if live.pos > pos:
+                        pos = live.pos
+                        continue
                 limit = await fill.readable(pos)
                 if end is not None:
                     limit = min(limit, end)
                 if limit <= pos:
                     break
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("client went away")
                 # The kernel copies file to socket (falls back to read/write on TLS).
                 n = await loop.sendfile(transport, f, pos, limit - pos)
+                if not n:
+                    raise FillFailed(f"temp file ends before byte {pos}")
                 pos += n
                 sent += n
                 counter.inc(n)

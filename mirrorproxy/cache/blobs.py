@@ -1,9 +1,9 @@
 """Content-addressed blob files: ``blobs/<alg>/<xx>/<hex>``.
 
 A blob enters the cache only through BlobWriter: bytes go to a temp file in
-``tmp/``, a worker thread hashes what has been written (reading it back, so the
-download never waits for the hash), and ``commit`` checks the digest, fsyncs and
-renames atomically. Nothing partial or unverified ever sits at a blob path.
+``tmp/`` and through the hash, both in worker threads while the download goes on,
+and ``commit`` checks the digest, fsyncs and renames atomically. Nothing partial
+or unverified ever sits at a blob path.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
@@ -23,17 +25,29 @@ from mirrorproxy.oci import Digest
 
 logger = logging.getLogger(__name__)
 
-HASH_CHUNK = 4 * 1024 * 1024
+# Bytes handed to the writing threads and not yet on disk (and hashed), over all
+# blobs being written: a download runs ahead of a slow disk by this much at most.
+# Each writer may always have WRITE_AHEAD_MIN in flight, so every download moves.
+WRITE_AHEAD = 64 * 1024 * 1024
+WRITE_AHEAD_MIN = 8 * 1024 * 1024
+IOV_MAX = 1024  # buffers per pwritev on Linux
+
+Chunk = bytes | bytearray | memoryview
 
 
 class DigestMismatch(Exception):
     """The bytes written do not hash to the digest they were fetched for."""
 
 
+class WriteSkipped(OSError):
+    """A queued write dropped because the writer was aborted or an earlier write failed."""
+
+
 class FileBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self.in_flight = 0  # bytes queued by every BlobWriter, not yet written and hashed
 
     def prepare(self) -> int:
         """Create the layout and sweep temp files an interrupted run left; return how many.
@@ -63,111 +77,173 @@ class FileBlobStore:
             return None
         return BlobInfo(size=st.st_size, path=path)
 
-    def begin(self, digest: Digest) -> BlobWriter:
-        return BlobWriter(self, digest)
+    def begin(self, digest: Digest, on_written: Callable[[], None] | None = None) -> BlobWriter:
+        return BlobWriter(self, digest, on_written)
 
 
 class BlobWriter:
-    """One blob being written to a temp file; readers may follow ``tmp_path``."""
+    """One blob being written to a temp file; readers may follow ``tmp_path``.
 
-    def __init__(self, store: FileBlobStore, digest: Digest) -> None:
+    ``write`` hands bytes to two worker threads of this writer, one writing and one
+    hashing, each in order, and returns at once unless too much is in flight (see
+    ``WRITE_AHEAD``): the download does not wait for the disk or the hash, and no
+    byte is read back from the file to be hashed.
+    """
+
+    def __init__(
+        self, store: FileBlobStore, digest: Digest, on_written: Callable[[], None] | None = None
+    ) -> None:
         self.store = store
         self.digest = digest
         self.tmp_path = store.tmp / temp_name(digest.hex)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self.written = 0
-        self._hasher = digest.hasher()
+        self.written = 0  # on disk, contiguous from 0: what followers may read
+        self.queued = 0  # handed to ``write``: written plus in flight
         self._hashed = 0
-        self._more = asyncio.Event()
+        self._hasher = digest.hasher()
+        self._on_written = on_written
+        self._writing = ThreadPoolExecutor(1, thread_name_prefix="blob-write")
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="blob-hash")
+        self._writes: deque[asyncio.Future[None]] = deque()
+        self._hashes: deque[asyncio.Future[None]] = deque()
+        self._stop = False  # set on abort or after a failed write: the threads skip the rest
+        self._failure: BaseException | None = None
+        self._counted = 0  # our part of store.in_flight
         self._closed = False
-        self._stop = threading.Event()  # tells the hashing thread to quit early
-        self._hash_task = asyncio.create_task(self._hash_loop())
 
-    async def write(self, data: bytes | bytearray) -> None:
-        await asyncio.to_thread(_write_all, self._fd, data, self.written)
-        self.written += len(data)
-        self._more.set()
+    async def write(self, *chunks: Chunk) -> None:
+        """Queue ``chunks`` (the caller must not change them afterwards).
 
-    async def _hash_loop(self) -> None:
-        """Hash what is on disk, in a thread, catching up while writes go on."""
-        while True:
-            target = self.written
-            if self._stop.is_set():
-                return
-            if self._hashed < target:
-                self._hashed = await asyncio.to_thread(
-                    _hash_range, self._fd, self._hasher, self._hashed, target, self._stop
-                )
-                continue
-            if self._closed:
-                return
-            self._more.clear()
-            await self._more.wait()
+        Raises:
+            OSError: an earlier write failed (the fill must give up).
+        """
+        if self._failure is not None:
+            raise self._failure
+        size = sum(len(c) for c in chunks)
+        if not size:
+            return
+        loop = asyncio.get_running_loop()
+        offset, self.queued = self.queued, self.queued + size
+        wrote = loop.run_in_executor(self._writing, self._write_job, chunks, offset)
+        wrote.add_done_callback(partial(self._wrote, size))
+        hashed = loop.run_in_executor(self._hashing, self._hash_job, chunks)
+        hashed.add_done_callback(partial(self._did_hash, size))
+        self._writes.append(wrote)
+        self._hashes.append(hashed)
+        self._track()
+        while self._over_budget():
+            # Waiting for our own oldest jobs: they shrink our share and the total.
+            if self.written <= self._hashed and self._writes:
+                await self._writes.popleft()  # raises the OSError of a failed write
+            elif self._hashes:
+                await self._hashes.popleft()
+            else:
+                await self._writes.popleft()
 
-    async def commit(self, on_verified: Callable[[], None] | None = None) -> BlobInfo:
-        """Verify the digest, then move the file into place.
+    def _over_budget(self) -> bool:
+        mine = self.queued - min(self.written, self._hashed)
+        if mine <= WRITE_AHEAD_MIN or not (self._writes or self._hashes):
+            return False
+        return mine > WRITE_AHEAD or self.store.in_flight > WRITE_AHEAD
 
-        ``on_verified`` runs as soon as the digest matches, before fsync and rename.
+    def _track(self) -> None:
+        """Keep this writer's share of the store-wide in-flight count current."""
+        mine = self.queued - min(self.written, self._hashed) if not self._closed else 0
+        self.store.in_flight += mine - self._counted
+        self._counted = mine
+
+    def _write_job(self, chunks: Sequence[Chunk], offset: int) -> None:
+        if self._stop:
+            raise WriteSkipped
+        _write_all(self._fd, chunks, offset)
+
+    def _hash_job(self, chunks: Sequence[Chunk]) -> None:
+        if not self._stop:
+            for chunk in chunks:
+                self._hasher.update(chunk)
+
+    def _wrote(self, size: int, job: asyncio.Future[None]) -> None:
+        if job.cancelled() or job.exception() is not None:
+            self._stop = True
+            self._failure = self._failure or job.exception() or OSError("write cancelled")
+            return
+        self.written += size
+        self._track()
+        if self._on_written is not None:
+            self._on_written()
+
+    def _did_hash(self, size: int, job: asyncio.Future[None]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self._hashed += size
+            self._track()
+
+    async def verify(self) -> None:
+        """Wait until every byte queued is hashed, and check the digest.
+
+        The disk may still be behind: ``commit`` waits for it.
+
+        Raises:
+            DigestMismatch: the content is not what was asked for (``abort`` next).
+        """
+        while self._hashes:
+            await self._hashes.popleft()
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            self._stop = True
+            raise DigestMismatch(f"expected {self.digest}, got {self.digest.algorithm}:{actual}")
+
+    async def commit(self) -> BlobInfo:
+        """Verify the digest, wait for the disk, then move the file into place.
 
         Raises:
             DigestMismatch: the content is not what was asked for (the file is removed).
             OSError: the cache could not be written (the file is removed).
         """
-        self._closed = True
-        self._more.set()
         try:
-            await self._hash_task
-            actual = self._hasher.hexdigest()
-            if actual != self.digest.hex:
-                raise DigestMismatch(
-                    f"expected {self.digest}, got {self.digest.algorithm}:{actual}"
-                )
-            if on_verified is not None:
-                on_verified()
+            await self.verify()
+            while self._writes:
+                await self._writes.popleft()
             final = self.store.path_of(self.digest)
-            await asyncio.to_thread(_publish, self._fd, self.tmp_path, final)
+            await asyncio.get_running_loop().run_in_executor(
+                self._writing, _publish, self._fd, self.tmp_path, final
+            )
         except BaseException:
             await self.abort()
             raise
-        self._close_fd()
+        self._close()
         return BlobInfo(size=self.written, path=final)
 
     async def abort(self) -> None:
-        self._closed = True
-        self._stop.set()
-        self._more.set()
-        # Wait for the hashing thread rather than cancel it: it must be done with
-        # the descriptor before the descriptor is closed (and its number reused).
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._hash_task)
-        self._close_fd()
+        self._stop = True
+        # Wait for the threads rather than leave them running: they must be done
+        # with the descriptor before it is closed (and its number reused).
+        jobs = [*self._writes, *self._hashes]
+        self._writes.clear()
+        self._hashes.clear()
+        if jobs:
+            await asyncio.shield(asyncio.gather(*jobs, return_exceptions=True))
+        self._close()
         with contextlib.suppress(OSError):
             self.tmp_path.unlink()
 
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._track()
+            self._writing.shutdown(wait=False)
+            self._hashing.shutdown(wait=False)
             os.close(self._fd)
-            self._fd = -1
 
 
-def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
+def _write_all(fd: int, chunks: Sequence[Chunk], offset: int) -> None:
+    views = [memoryview(c) for c in chunks]
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
         offset += n
-
-
-def _hash_range(fd: int, hasher: object, start: int, end: int, stop: threading.Event) -> int:
-    update = hasher.update  # type: ignore[attr-defined]
-    pos = start
-    while pos < end and not stop.is_set():
-        chunk = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
-        if not chunk:
-            break
-        update(chunk)
-        pos += len(chunk)
-    return pos
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 def _publish(fd: int, tmp_path: Path, final: Path) -> None:

@@ -1,0 +1,207 @@
+"""Live clients: the few at the head of a download get each chunk from memory.
+
+They must never wait for the disk, never get the last byte of a blob that does not
+verify, fall back to the file when they fall behind, and the bytes a download may
+hold in memory for a slow disk stay bounded across every download at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+
+import aiohttp
+import pytest
+
+from mirrorproxy import blobfill, keys
+from mirrorproxy.blobfill import BlobFill, LiveFollower
+from mirrorproxy.cache import blobs as blobs_module
+from tests.fakes.registry import payload
+from tests.integration.conftest import REPO, WAIT, Mirror, RunningFake, blob_path, wait_for
+
+KIB = 1024
+MIB = 1024 * KIB
+TRICKLE = 64 * KIB
+
+
+@pytest.fixture
+def disk_stalled(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold every blob write until the returned event is set (a very slow disk)."""
+    go = threading.Event()
+    real = blobs_module._write_all
+
+    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+        go.wait(WAIT)
+        real(fd, chunks, offset)
+
+    monkeypatch.setattr(blobs_module, "_write_all", write_all)
+    yield go
+    go.set()  # never leave a writing thread blocked
+
+
+@pytest.fixture
+def live_count(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record, after each ``go_live``, how many clients are live on that download."""
+    counts: list[int] = []
+    real = BlobFill.go_live
+
+    def go_live(
+        self: BlobFill, transport: asyncio.Transport, pos: int, end: int
+    ) -> LiveFollower | None:
+        live = real(self, transport, pos, end)
+        counts.append(len(self._live))
+        return live
+
+    monkeypatch.setattr(BlobFill, "go_live", go_live)
+    return counts
+
+
+async def get(mirror: Mirror, digest: str) -> bytes:
+    async with asyncio.timeout(WAIT):
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        assert resp.status == 200
+        return await resp.read()
+
+
+async def test_a_live_client_gets_the_whole_blob_before_the_disk_does(
+    fake: RunningFake, mirror: Mirror, disk_stalled: threading.Event
+) -> None:
+    data = payload(6 * MIB, "ahead of the disk")
+    digest = fake.registry.add_blob(data)
+
+    # Every byte, the verified last one included, while nothing is on disk yet.
+    assert await get(mirror, digest) == data
+    (tmp,) = mirror.tmp_files()
+    assert tmp.stat().st_size == 0
+    assert not mirror.blob_path(digest).exists()
+
+    disk_stalled.set()
+    await mirror.settled()
+    assert mirror.blob_path(digest).read_bytes() == data
+    assert mirror.tmp_files() == []
+    assert len(fake.registry.calls("GET", "blobs")) == 1
+
+
+async def test_a_corrupt_blob_never_reaches_a_live_client_whole(
+    fake: RunningFake, mirror: Mirror, disk_stalled: threading.Event
+) -> None:
+    data = payload(6 * MIB, "liar")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.wrong_bytes = True
+
+    got = bytearray()
+
+    async def read_all() -> None:
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        assert resp.status == 200
+        async for chunk in resp.content.iter_any():
+            got.extend(chunk)
+
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_all()
+    assert len(got) == len(data) - 1  # everything but the held-back last byte
+    disk_stalled.set()
+    await wait_for(lambda: not mirror.tmp_files())
+    assert mirror.blob_files() == []
+
+
+async def test_clients_beyond_the_live_ones_read_the_file(
+    fake: RunningFake, mirror: Mirror, live_count: list[int]
+) -> None:
+    data = payload(8 * MIB, "herd")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 256 * KIB
+    fake.registry.faults.chunk_delay = 0.01
+
+    bodies = await asyncio.gather(*(get(mirror, digest) for _ in range(2 * blobfill.LIVE_MAX)))
+    assert bodies == [data] * (2 * blobfill.LIVE_MAX)
+    assert max(live_count) == blobfill.LIVE_MAX
+    assert len(fake.registry.calls("GET", "blobs")) == 1
+
+
+async def test_a_live_client_that_falls_behind_reads_on_from_the_file(
+    fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch, live_count: list[int]
+) -> None:
+    monkeypatch.setattr(blobfill, "LIVE_BUFFER", 512 * KIB)
+    data = payload(8 * MIB, "dawdler")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 256 * KIB
+    fake.registry.faults.chunk_delay = 0.002
+    port = mirror.client.port
+    assert port is not None
+    loop = asyncio.get_running_loop()
+
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KIB)
+    client.setblocking(False)
+    try:
+        async with asyncio.timeout(WAIT):
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            path = blob_path(REPO, digest)
+            await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            head = await loop.sock_recv(client, 4096)
+            assert head.startswith(b"HTTP/1.1 200")
+            body = bytearray(head.partition(b"\r\n\r\n")[2])
+            await asyncio.sleep(0.5)  # the download runs ahead; the mirror stops feeding us
+            while len(body) < len(data):
+                chunk = await loop.sock_recv(client, MIB)
+                assert chunk, "connection closed early"
+                body += chunk
+    finally:
+        client.close()
+    assert body == data
+    assert live_count[0] == 1  # live from the start...
+    assert len(live_count) >= 2  # ... left when it fell behind, and read on
+
+
+async def test_memory_held_for_a_slow_disk_is_bounded_over_all_downloads(
+    start_fake_blobs: tuple[Mirror, list[str], list[bytes]],
+    disk_stalled: threading.Event,
+) -> None:
+    mirror, digests, datas = start_fake_blobs
+    store = mirror.client.app[keys.PULLTHROUGH]._blobs
+    assert isinstance(store, blobs_module.FileBlobStore)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, store.in_flight)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    pulls = [asyncio.create_task(get(mirror, d)) for d in digests]
+    try:
+        # The downloads stall once the bound is reached (nothing reaches the disk).
+        await wait_for(lambda: store.in_flight >= blobs_module.WRITE_AHEAD)
+        await asyncio.sleep(0.3)
+    finally:
+        watcher.cancel()
+        disk_stalled.set()
+    assert await asyncio.gather(*pulls) == datas
+    # Over the bound by at most the batch each download queued before it waited
+    # (a batch: WRITE_BATCH and the chunk that crossed it).
+    batch = blobfill.WRITE_BATCH + TRICKLE
+    assert peak <= blobs_module.WRITE_AHEAD + len(digests) * batch
+    await mirror.settled()
+    assert store.in_flight == 0
+    for d, data in zip(digests, datas, strict=True):
+        assert mirror.blob_path(d).read_bytes() == data
+
+
+@pytest.fixture
+async def start_fake_blobs(
+    fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Mirror, list[str], list[bytes]]:
+    """Three 8 MiB blobs sent slowly, and small limits: a 2 MiB bound, 256 KiB batches."""
+    monkeypatch.setattr(blobs_module, "WRITE_AHEAD", 2 * MIB)
+    monkeypatch.setattr(blobs_module, "WRITE_AHEAD_MIN", 512 * KIB)
+    monkeypatch.setattr(blobfill, "WRITE_BATCH", 256 * KIB)
+    fake.registry.faults.chunk_size = TRICKLE  # chunks come one by one, not merged
+    fake.registry.faults.chunk_delay = 0.001
+    datas = [payload(8 * MIB, f"bounded {i}") for i in range(3)]
+    digests = [fake.registry.add_blob(d) for d in datas]
+    return mirror, digests, datas
