@@ -125,14 +125,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ConfigError as err:
+        _flush_logs()
         print(f"mirrorproxy: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except CliError as err:
+        _flush_logs()
         print(f"mirrorproxy: {err}", file=sys.stderr)
         return err.code
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _flush_logs() -> None:
+    """Log lines are written in batches: out with them before the error line."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def _load(args: argparse.Namespace) -> Config:

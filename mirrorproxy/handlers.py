@@ -64,7 +64,8 @@ async def manifest(request: web.Request) -> web.Response:
         resp.body = None
         return _with_length(resp, len(m.body))
     source = "cache" if answer.result in (HIT, STALE) else "upstream"
-    request.app[keys.METRICS].cache_bytes.labels(target.ns.name, source).inc(len(m.body))
+    metrics = request.app[keys.METRICS]
+    metrics.child(metrics.cache_bytes, target.ns.name, source).inc(len(m.body))
     return web.Response(body=m.body, headers=headers)
 
 
@@ -95,7 +96,8 @@ def _serve_file(
 ) -> web.StreamResponse:
     rng = _requested_range(request, info.size)
     sent = info.size if rng is None else rng[1] - rng[0] + 1
-    request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "cache").inc(sent)
+    metrics = request.app[keys.METRICS]
+    metrics.child(metrics.cache_bytes, target.ns.name, "cache").inc(sent)
     if info.size <= SMALL_BLOB and not any(h in request.headers for h in CONDITIONAL):
         small = _read_small(info.path, info.size)
         if small is not None:

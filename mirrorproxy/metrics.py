@@ -6,14 +6,21 @@ never a repository or a digest.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from mirrorproxy import __version__
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Children by (metric, label values); bounded because the labels are.
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
         self.cache_requests = Counter(
             "mirrorproxy_cache_requests",
@@ -109,3 +116,12 @@ class Metrics:
             "Cache writes that failed (disk full, read-only, I/O error).",
             registry=r,
         )
+
+    def child(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, looked up once: labels() locks and rebuilds its
+        key on every call, which shows at thousands of requests a second."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[return-value]

@@ -42,8 +42,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.inflight_requests.dec()
-        metrics.request_duration.labels(method, kind).observe(time.perf_counter() - started)
-        metrics.requests.labels(method, kind, code).inc()
+        duration = time.perf_counter() - started
+        metrics.child(metrics.request_duration, method, kind).observe(duration)
+        metrics.child(metrics.requests, method, kind, code).inc()
 
 
 async def add_registry_headers(request: web.Request, response: web.StreamResponse) -> None:

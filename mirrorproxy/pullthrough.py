@@ -116,7 +116,7 @@ class PullThrough:
         await finish_fills(list(self._fills.values()), grace=SHUTDOWN_GRACE)
 
     def _count(self, t: Target, kind: str, result: str) -> None:
-        self._metrics.cache_requests.labels(t.ns.name, kind, result).inc()
+        self._metrics.child(self._metrics.cache_requests, t.ns.name, kind, result).inc()
 
     # -- manifests ---------------------------------------------------------------
 

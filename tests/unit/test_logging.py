@@ -6,13 +6,20 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mirrorproxy.config import MetricsConfig, parse_config
-from mirrorproxy.log import JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
+from mirrorproxy.log import (
+    BatchingHandler,
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
+    configure_logging,
+)
 from mirrorproxy.requestctx import current_request_id, request_id_from, safe_ns
 from mirrorproxy.server import ServeError, serve
 
@@ -22,9 +29,11 @@ def restore_root() -> Iterator[None]:
     """configure_logging replaces the root handlers: put pytest's back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    srcfile, threads, processes = logging._srcfile, logging.logThreads, logging.logProcesses
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging._srcfile, logging.logThreads, logging.logProcesses = srcfile, threads, processes
 
 
 def _record(msg: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
@@ -129,3 +138,46 @@ def test_serve_reports_a_taken_metrics_port_in_one_line(tmp_path: Path) -> None:
             serve(config)
     assert str(info.value).startswith(f"cannot listen on 127.0.0.1:{port} for metrics: ")
     assert "\n" not in str(info.value)
+
+
+def _info(msg: str, level: int = logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord("mirrorproxy.access", level, __file__, 1, msg, (), None)
+
+
+def test_batching_handler_flushes_info_lines_in_batches_and_warnings_at_once(
+    tmp_path: Path,
+) -> None:
+    with (tmp_path / "log").open("w", buffering=64 * 1024) as stream:
+        handler = BatchingHandler(stream, interval=0.2)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+
+        def on_disk() -> str:
+            return (tmp_path / "log").read_text()
+
+        handler.handle(_info("one"))
+        handler.handle(_info("two"))
+        assert on_disk() == ""  # held for the batch
+        deadline = time.monotonic() + 5
+        while on_disk() != "one\ntwo\n" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert on_disk() == "one\ntwo\n"  # ... and written within the interval
+
+        handler.handle(_info("three"))
+        handler.handle(_info("trouble", logging.WARNING))
+        assert on_disk() == "one\ntwo\nthree\ntrouble\n"  # a warning takes the batch along
+
+        handler.handle(_info("last"))
+        handler.flush()  # what logging.shutdown does at exit
+        assert on_disk().endswith("trouble\nlast\n")
+        handler.close()
+
+
+def test_timestamps_are_formatted_per_second_but_exact() -> None:
+    text, js = TextFormatter(), JsonFormatter()
+    for created in (1_700_000_000.123, 1_700_000_000.987, 1_700_000_001.5):
+        record = _info("x")
+        record.created, record.msecs = created, (created % 1) * 1000
+        expected = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+        assert text.formatTime(record) == f"{expected},{int(record.msecs):03d}"
+        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        assert json.loads(js.format(record))["ts"] == f"{utc}.{int(record.msecs):03d}Z"
