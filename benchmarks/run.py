@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="extra mirror config, raw TOML value, e.g. server.workers=2 (repeatable)",
+        help="extra mirror config, raw TOML value, e.g. defaults.max_fetches=8 (repeatable)",
     )
     parser.add_argument(
         "--mirror-log-level", default="info", choices=["debug", "info", "warning", "error"]

@@ -108,7 +108,7 @@ class BenchMirror(MirrorProcess):
     """``mirrorproxy serve`` with a chosen log level and extra config options.
 
     ``options`` are ``section.key=value`` strings with a raw TOML value, e.g.
-    ``server.workers=2``: they go into that table of the generated config.
+    ``defaults.max_fetches=8``: they go into that table of the generated config.
     ``source`` runs the ``mirrorproxy`` package found in another directory (a
     patched copy, for before/after comparisons) instead of the installed one.
     """

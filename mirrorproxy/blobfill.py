@@ -181,7 +181,8 @@ class BlobFill:
             self.leave(live)
             return
         if stop > start:
-            transport.write(chunk if start == 0 and stop == len(chunk) else chunk[start:stop])
+            whole = start == 0 and stop == len(chunk)
+            transport.write(chunk if whole else memoryview(chunk)[start:stop])
             live.pos = offset + stop
         if live.pos >= live.end or transport.get_write_buffer_size() > LIVE_BUFFER:
             self.leave(live)
