@@ -68,6 +68,12 @@ class RangeNotSatisfiable(RegistryError):
     code, status = "RANGE_INVALID", 416
 
 
+class PaginationInvalid(RegistryError):
+    """A tag list's ``n`` that is not a page size (distribution's code for it)."""
+
+    code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
 class Unsupported(RegistryError):
     code, status = "UNSUPPORTED", 405
 

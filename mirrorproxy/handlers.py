@@ -22,7 +22,14 @@ from mirrorproxy.blobfill import BlobFill, FillFailed
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupported
 from mirrorproxy.namespaces import resolve
-from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
+from mirrorproxy.oci import (
+    Digest,
+    parse_digest,
+    parse_name,
+    parse_range,
+    parse_reference,
+    parse_tags_query,
+)
 from mirrorproxy.pullthrough import HIT, MISS, STALE, Target
 from mirrorproxy.requestctx import note_body_bytes, note_cache, note_ns
 from mirrorproxy.upstream.client import UpstreamResponse
@@ -74,10 +81,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     pt = request.app[keys.PULLTHROUGH]
     if request.method == "HEAD":
-        size = await pt.blob_size(target, digest)
+        head = await pt.blob_head(target, digest)
+        note_cache(request, head.result, head.upstream)
         resp = web.Response(headers=_blob_headers(digest))
         resp.content_type = BLOB_TYPE
-        return _with_length(resp, size)
+        return _with_length(resp, head.size)
     answer = await pt.blob(target, digest)
     if answer.info is not None:
         note_cache(request, HIT)
@@ -263,7 +271,8 @@ def _with_length(resp: web.Response, size: int | None) -> web.Response:
 
 async def tags_list(request: web.Request) -> web.Response:
     target = _target(request)
-    tags = await request.app[keys.PULLTHROUGH].tags_list(target, request.query)
+    params = parse_tags_query(request.query)
+    tags = await request.app[keys.PULLTHROUGH].tags_list(target, params)
     resp = web.Response(body=tags.body)
     resp.headers["Content-Type"] = tags.content_type
     if tags.link is not None:

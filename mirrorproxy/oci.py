@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mirrorproxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable
+from mirrorproxy.errors import DigestInvalid, NameInvalid, PaginationInvalid, RangeNotSatisfiable
 
 MAX_NAME_LENGTH = 255  # the spec's note on client limits; also bounds path length
 
@@ -82,6 +83,30 @@ def parse_digest(text: str) -> Digest:
     if len(encoded) != _HEX[algorithm] or not re.fullmatch(r"[0-9a-f]+", encoded):
         raise DigestInvalid(f"invalid {algorithm} digest {text[:200]!r}")
     return Digest(algorithm, encoded)
+
+
+MAX_PAGE = 100_000  # tags per page a client may ask for (``n``)
+
+
+def parse_tags_query(query: Mapping[str, str]) -> dict[str, str]:
+    """The ``n`` and ``last`` of a tag list request, checked; other keys are dropped.
+
+    Raises:
+        PaginationInvalid: ``n`` is not a whole number from 0 to MAX_PAGE.
+        NameInvalid: ``last`` is not a tag.
+    """
+    params: dict[str, str] = {}
+    n = query.get("n")
+    if n is not None:
+        if not (n.isascii() and n.isdigit() and len(n) <= 6 and int(n) <= MAX_PAGE):
+            raise PaginationInvalid(f"n must be a number from 0 to {MAX_PAGE}, got {n[:20]!r}")
+        params["n"] = str(int(n))
+    last = query.get("last")
+    if last is not None:
+        if not _TAG_RE.fullmatch(last):
+            raise NameInvalid(f"last must be a tag, got {last[:200]!r}")
+        params["last"] = last
+    return params
 
 
 def parse_reference(text: str) -> str | Digest:

@@ -84,6 +84,15 @@ class BlobAnswer:
     direct: UpstreamResponse | None = None  # the caller reads and releases it
 
 
+@dataclass(frozen=True, slots=True)
+class BlobHead:
+    """What a HEAD learns: the size, and where it came from (for the access log)."""
+
+    size: int | None
+    result: str  # HIT or MISS
+    upstream: str | None = None  # the endpoint asked, on a MISS
+
+
 class PullThrough:
     def __init__(
         self,
@@ -363,15 +372,15 @@ class PullThrough:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
 
-    async def blob_size(self, t: Target, digest: Digest) -> int | None:
+    async def blob_head(self, t: Target, digest: Digest) -> BlobHead:
         """Size for a HEAD: from the cache, a running fill, or an upstream HEAD."""
         info = await self._blobs.lookup(digest)
         if info is not None:
             self._count(t, "blob", HIT)
-            return info.size
+            return BlobHead(info.size, HIT)
         fill = self._fills.get(digest)
         if fill is not None and fill.ready.done() and not fill.ready.exception():
-            return fill.size
+            return BlobHead(fill.size, MISS, fill.upstream)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         try:
@@ -381,15 +390,17 @@ class PullThrough:
         except UpstreamError as err:
             raise err.registry_error(BlobUnknown) from None
         resp.release()
-        return resp.content_length
+        return BlobHead(resp.content_length, MISS, resp.upstream.url)
 
     # -- pass-through ------------------------------------------------------------
 
-    async def tags_list(self, t: Target, query: Mapping[str, str]) -> TagList:
-        """Tag listing is live data: passed through, never cached."""
+    async def tags_list(self, t: Target, params: Mapping[str, str]) -> TagList:
+        """Tag listing is live data: passed through, never cached.
+
+        ``params``: the checked ``n`` and ``last`` (``oci.parse_tags_query``).
+        """
         if self._config.cache.offline:
             raise Unavailable(f"tag lists are not cached and {OFFLINE}")
-        params = {k: v for k, v in query.items() if k in ("n", "last")}
         try:
             resp = await self._client.fetch(
                 t.ns,

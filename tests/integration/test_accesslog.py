@@ -140,6 +140,21 @@ async def test_errors_heads_and_probes_are_logged_too(
     access = (await _access_record(log, resp.headers["X-Request-Id"])).__dict__["access"]
     assert (access["method"], access["bytes"], access["cache"]) == ("HEAD", 0, "miss")
 
+    # A blob HEAD says whether the cache answered or which upstream did.
+    layer = img.layer_digests[0]
+    for result, upstream in (("miss", fake.url), ("hit", None)):
+        resp = await logged.client.head(blob_path(REPO, layer))
+        assert int(resp.headers["Content-Length"]) == len(img.layers[0])
+        access = (await _access_record(log, resp.headers["X-Request-Id"])).__dict__["access"]
+        assert (access["method"], access["cache"], access["upstream"]) == (
+            "HEAD",
+            result,
+            upstream,
+        )
+        if result == "miss":
+            assert await (await logged.client.get(blob_path(REPO, layer))).read()
+            await logged.settled()
+
     resp = await logged.client.get("/healthz")
     rid = resp.headers["X-Request-Id"]
     record = await _access_record(log, rid)
