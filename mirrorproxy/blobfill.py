@@ -22,7 +22,7 @@ from typing import BinaryIO
 import aiohttp
 
 from mirrorproxy.cache import BlobInfo
-from mirrorproxy.cache.blobs import BlobWriter, DigestMismatch, FileBlobStore
+from mirrorproxy.cache.blobs import BlobWriter, CacheWriteError, DigestMismatch, FileBlobStore
 from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace
@@ -120,7 +120,10 @@ class BlobFill:
             return 0
         if self._verified:
             return self._writer.written
-        return max(0, self._writer.written - 1)
+        limit = self._writer.written - 1
+        if self.size is not None:
+            limit = min(limit, self.size - 1)  # never a complete-looking unverified blob
+        return max(0, limit)
 
     def open_reader(self) -> BinaryIO:
         """Open the blob being written, for a client to follow with ``readable``.
@@ -267,6 +270,7 @@ class BlobFill:
                         start=self.received,
                     )
                     self.upstream = resp.upstream.url
+                    self._check_resumed(resp)
             if self.size is not None and self.received != self.size:
                 raise BadGateway(f"upstream sent {self.received} bytes of {self.size} for {what}")
             # The last byte goes out as soon as the digest matches (to live clients
@@ -288,7 +292,7 @@ class BlobFill:
             if self._writer is not None:
                 await self._writer.abort()
                 self._budget.release(self.digest)
-                if isinstance(err, OSError):
+                if isinstance(err, CacheWriteError):
                     self._budget.write_failed(err)
             if not self.ready.done():
                 self.ready.set_exception(_client_error(err, what))
@@ -302,6 +306,22 @@ class BlobFill:
                 self._budget.unpin(self.digest)
             self._release_clients()
             self._on_done(self)
+
+    def _check_resumed(self, resp: UpstreamResponse) -> None:
+        """A resumed response must be the same blob's rest: same total size.
+
+        Raises:
+            BadGateway: the endpoint announces a different size (and is cooled down).
+        """
+        if self.size is None or resp.content_length is None:
+            return
+        total = resp.offset + resp.content_length
+        if total != self.size:
+            self._client.mark_failed(self.ns, resp.upstream)
+            raise BadGateway(
+                f"{resp.upstream.url} has {total} bytes for blob {self.digest},"
+                f" not the {self.size} the download started with"
+            )
 
     def _release_clients(self) -> None:
         """Live clients go back to ``readable``, which tells them how it ended."""
@@ -350,14 +370,19 @@ class BlobFill:
                         continue
                 offset = self.received
                 self.received += len(chunk)
+                if self.size is not None and self.received > self.size:
+                    raise BadGateway(
+                        f"{resp.upstream.url} sent more than the {self.size} bytes"
+                        f" of blob {self.digest}"
+                    )
                 self._window.append((offset, chunk))
                 for live in list(self._live):
                     self._send_live(live, offset, chunk)
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH:
-                    await writer.write(*batch)
-                    batch, batched = [], 0
+                    queued, batch, batched = batch, [], 0  # queued once, even if cancelled
+                    await writer.write(*queued)
         finally:
             if batch:  # good bytes before a cut still count: resume after them
                 await writer.write(*batch)
@@ -369,7 +394,7 @@ class BlobFill:
             if resp is not None:
                 self._client.mark_failed(self.ns, resp.upstream)
             logger.error("blob %s from %s discarded: %s", self.digest, endpoint, err)
-        elif isinstance(err, OSError):
+        elif isinstance(err, CacheWriteError):
             self._metrics.cache_write_errors.inc()
             logger.error("blob %s: cache write failed: %s", self.digest, err)
         elif isinstance(err, UpstreamError | RegistryError):

@@ -10,12 +10,12 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from mirrorproxy import keys
 from mirrorproxy.blobfill import BlobFill, FillFailed
@@ -40,6 +40,7 @@ STALE_WARNING = '110 - "Response is Stale"'
 BLOB_TYPE = "application/octet-stream"
 SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one read
 CONDITIONAL = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match")
+UNSIZED_CHUNK = 1024 * 1024
 
 
 def _target(request: web.Request) -> Target:
@@ -207,49 +208,91 @@ async def _serve_fill(
         resp.content_length = size
         resp.headers["Accept-Ranges"] = "bytes"
     await resp.prepare(request)
-    counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
-    sent = 0
-    loop = asyncio.get_running_loop()
+    metrics = request.app[keys.METRICS]
+    counter = metrics.child(metrics.cache_bytes, target.ns.name, "upstream")
+    progress = [start]
     try:
         with fill.open_reader() as f:
-            pos = start
-            while end is None or pos < end:
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("client went away")
-                # At the head of the download: take the bytes as they arrive.
-                live = fill.go_live(transport, pos, end) if end is not None else None
-                if live is not None:
-                    try:
-                        await live.left
-                    finally:
-                        fill.leave(live)
-                    sent += live.pos - pos
-                    counter.inc(live.pos - pos)
-                    if live.pos > pos:
-                        pos = live.pos
-                        continue
-                limit = await fill.readable(pos)
-                if end is not None:
-                    limit = min(limit, end)
-                if limit <= pos:
-                    break
-                # The kernel copies file to socket (falls back to read/write on TLS).
-                n = await loop.sendfile(transport, f, pos, limit - pos)
-                if not n:
-                    raise FillFailed(f"temp file ends before byte {pos}")
-                pos += n
-                sent += n
-                counter.inc(n)
+            if end is None:
+                await _follow_unsized(request, resp, fill, f, progress, counter)
+            else:
+                await _follow(request, fill, f, start, end, progress, counter)
     except Exception as err:
         # Headers are gone already: the only honest signal left is a cut connection
         # (an error body here would be read as blob bytes).
         _cut(request, digest, err)
         return resp
     finally:
-        note_body_bytes(request, sent)
+        note_body_bytes(request, progress[0] - start)
     await resp.write_eof()
     return resp
+
+
+async def _follow(
+    request: web.Request,
+    fill: BlobFill,
+    f: BinaryIO,
+    start: int,
+    end: int,
+    progress: list[int],
+    counter: Counter,
+) -> None:
+    """Send ``[start, end)``: live while at the head of the download, else from the file."""
+    loop = asyncio.get_running_loop()
+    pos = start
+    while pos < end:
+        live = fill.go_live(_transport(request), pos, end)
+        if live is not None:
+            before = pos
+            try:
+                await live.left
+            finally:
+                fill.leave(live)
+            counter.inc(live.pos - before)
+            progress[0] = pos = live.pos
+            if pos > before:
+                continue  # it moved on: maybe it can stay live
+        limit = min(await fill.readable(pos), end)
+        if limit <= pos:
+            raise FillFailed(f"download ended at byte {pos} of {end}")
+        # Read the transport after the wait: the client may have gone meanwhile.
+        # The kernel copies file to socket (falls back to read/write on TLS).
+        n = await loop.sendfile(_transport(request), f, pos, limit - pos)
+        if not n:
+            raise FillFailed(f"temp file ends before byte {pos}")
+        counter.inc(n)
+        progress[0] = pos = pos + n
+
+
+async def _follow_unsized(
+    request: web.Request,
+    resp: web.StreamResponse,
+    fill: BlobFill,
+    f: BinaryIO,
+    progress: list[int],
+    counter: Counter,
+) -> None:
+    """No Content-Length upstream: aiohttp frames a chunked body, so every byte goes
+    through ``resp.write`` (rare: registries state blob sizes)."""
+    pos = 0
+    while True:
+        limit = await fill.readable(pos)
+        if limit <= pos:
+            return  # the download is complete and verified
+        _transport(request)
+        data = await asyncio.to_thread(os.pread, f.fileno(), min(limit - pos, UNSIZED_CHUNK), pos)
+        if not data:
+            raise FillFailed(f"temp file ends before byte {pos}")
+        await resp.write(data)
+        counter.inc(len(data))
+        progress[0] = pos = pos + len(data)
+
+
+def _transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    return transport
 
 
 def _cut(request: web.Request, digest: Digest, err: Exception) -> None:

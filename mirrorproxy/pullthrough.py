@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from yarl import URL
@@ -112,17 +113,20 @@ class PullThrough:
         self._client = client
         self._metrics = metrics
         self._clock = clock
-        self._fills: dict[Digest, BlobFill] = {}
+        self._fills: dict[Digest, BlobFill] = {}  # the download a request joins, by digest
+        # Every download until its task ends: a failed one leaves ``_fills`` at once
+        # (new requests start afresh) but still cleans up for a moment.
+        self._running: set[BlobFill] = set()
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
 
     async def settled(self) -> None:
-        """Wait until every running download is in place (or failed)."""
-        while self._fills:
-            tasks = [fill.task for fill in list(self._fills.values())]
+        """Wait until every running download is in place (or failed and cleaned up)."""
+        while self._running:
+            tasks = [fill.task for fill in list(self._running)]
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        await finish_fills(list(self._fills.values()), grace=SHUTDOWN_GRACE)
+        await finish_fills(list(self._running), grace=SHUTDOWN_GRACE)
 
     def _count(self, t: Target, kind: str, result: str) -> None:
         self._metrics.child(self._metrics.cache_requests, t.ns.name, kind, result).inc()
@@ -345,6 +349,8 @@ class PullThrough:
                 on_done=self._fill_done,
             )
             self._fills[digest] = fill
+            self._running.add(fill)
+            fill.task.add_done_callback(partial(_discard, self._running, fill))
         await asyncio.shield(fill.ready)
         self._count(t, "blob", MISS)
         if not fill.caching:
@@ -477,3 +483,7 @@ def _refused_head(err: UpstreamError) -> bool:
 
 class _WrongDigest(BadGateway):
     """An upstream sent bytes that do not hash to the digest asked for."""
+
+
+def _discard(running: set[BlobFill], fill: BlobFill, _task: object) -> None:
+    running.discard(fill)

@@ -41,8 +41,20 @@ class DigestMismatch(Exception):
     """The bytes written do not hash to the digest they were fetched for."""
 
 
-class WriteSkipped(OSError):
+class CacheWriteError(OSError):
+    """The cache's disk failed a write, fsync or rename.
+
+    Its own class because an upstream's timeouts and connection errors are OSErrors
+    too, and only this one means the disk is in trouble.
+    """
+
+
+class WriteSkipped(CacheWriteError):
     """A queued write dropped because the writer was aborted or an earlier write failed."""
+
+
+class _Dropped(Exception):
+    """A queued hash dropped because the blob is being thrown away."""
 
 
 class FileBlobStore:
@@ -135,12 +147,13 @@ class BlobWriter:
         self._track()
         while self._over_budget():
             # Waiting for our own oldest jobs: they shrink our share and the total.
+            # (Shielded: a cancelled caller must not detach a job from ``abort``.)
             if self.written <= self._hashed and self._writes:
-                await self._writes.popleft()  # raises the OSError of a failed write
+                await asyncio.shield(self._writes.popleft())  # raises a failed write's error
             elif self._hashes:
-                await self._hashes.popleft()
+                await asyncio.shield(self._hashes.popleft())
             else:
-                await self._writes.popleft()
+                await asyncio.shield(self._writes.popleft())
 
     def _over_budget(self) -> bool:
         mine = self.queued - min(self.written, self._hashed)
@@ -155,19 +168,25 @@ class BlobWriter:
         self._counted = mine
 
     def _write_job(self, chunks: Sequence[Chunk], offset: int) -> None:
-        if self._stop:
-            raise WriteSkipped
-        _write_all(self._fd, chunks, offset)
+        if self._stop or self._failure is not None:
+            raise WriteSkipped("an earlier write failed or the blob is dropped")
+        try:
+            _write_all(self._fd, chunks, offset)
+        except OSError as err:
+            raise CacheWriteError(err.errno, err.strerror or str(err)) from err
 
     def _hash_job(self, chunks: Sequence[Chunk]) -> None:
-        if not self._stop:
-            for chunk in chunks:
-                self._hasher.update(chunk)
+        # Not stopped by a failed write: the clients fed from memory still get a
+        # verified blob (and the failure is reported as the disk's, not the bytes').
+        if self._stop:
+            raise _Dropped
+        for chunk in chunks:
+            self._hasher.update(chunk)
 
     def _wrote(self, size: int, job: asyncio.Future[None]) -> None:
-        if job.cancelled() or job.exception() is not None:
-            self._stop = True
-            self._failure = self._failure or job.exception() or OSError("write cancelled")
+        err = CacheWriteError("write cancelled") if job.cancelled() else job.exception()
+        if err is not None:
+            self._failure = self._failure or err
             return
         self.written += size
         self._track()
@@ -188,7 +207,7 @@ class BlobWriter:
             DigestMismatch: the content is not what was asked for (``abort`` next).
         """
         while self._hashes:
-            await self._hashes.popleft()
+            await asyncio.shield(self._hashes.popleft())
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             self._stop = True
@@ -204,10 +223,14 @@ class BlobWriter:
         try:
             await self.verify()
             while self._writes:
-                await self._writes.popleft()
+                await asyncio.shield(self._writes.popleft())
+            if self._failure is not None:
+                raise self._failure
             final = self.store.path_of(self.digest)
-            await asyncio.get_running_loop().run_in_executor(
-                self._writing, _publish, self._fd, self.tmp_path, final
+            await asyncio.shield(
+                asyncio.get_running_loop().run_in_executor(
+                    self._writing, _publish, self._fd, self.tmp_path, final
+                )
             )
         except BaseException:
             await self.abort()
@@ -216,14 +239,26 @@ class BlobWriter:
         return BlobInfo(size=self.written, path=final)
 
     async def abort(self) -> None:
+        """Drop the blob: queued jobs are skipped, the temp file goes.
+
+        The descriptor is closed only once both threads are done, even if this
+        coroutine is cancelled meanwhile: a write still running must never land in
+        whatever file gets the descriptor's number next.
+        """
         self._stop = True
-        # Wait for the threads rather than leave them running: they must be done
-        # with the descriptor before it is closed (and its number reused).
-        jobs = [*self._writes, *self._hashes]
         self._writes.clear()
         self._hashes.clear()
-        if jobs:
-            await asyncio.shield(asyncio.gather(*jobs, return_exceptions=True))
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        drained = asyncio.gather(
+            loop.run_in_executor(None, partial(self._writing.shutdown, wait=True)),
+            loop.run_in_executor(None, partial(self._hashing.shutdown, wait=True)),
+        )
+        drained.add_done_callback(lambda _: self._discard())
+        await asyncio.shield(drained)
+
+    def _discard(self) -> None:
         self._close()
         with contextlib.suppress(OSError):
             self.tmp_path.unlink()
@@ -249,6 +284,13 @@ def _write_all(fd: int, chunks: Sequence[Chunk], offset: int) -> None:
 
 
 def _publish(fd: int, tmp_path: Path, final: Path) -> None:
+    try:
+        _fsync_and_rename(fd, tmp_path, final)
+    except OSError as err:
+        raise CacheWriteError(err.errno, err.strerror or str(err)) from err
+
+
+def _fsync_and_rename(fd: int, tmp_path: Path, final: Path) -> None:
     os.fsync(fd)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp_path, final)
