@@ -163,9 +163,7 @@ class BlobFill:
             return None
         live = LiveFollower(transport, pos, end)
         self._live.append(live)
-        for offset, chunk in list(self._window):
-            if offset + len(chunk) > live.pos and not live.left.done():
-                self._send_live(live, offset, chunk)
+        self._catch_up(live)
         return live
 
     def leave(self, live: LiveFollower) -> None:
@@ -174,6 +172,12 @@ class BlobFill:
             self._live.remove(live)
         if not live.left.done():
             live.left.set_result(live.pos)
+
+    def _catch_up(self, live: LiveFollower) -> None:
+        """Send ``live`` what it lacks of the chunks still in memory."""
+        for offset, chunk in list(self._window):
+            if offset + len(chunk) > live.pos and not live.left.done():
+                self._send_live(live, offset, chunk)
 
     def _send_live(self, live: LiveFollower, offset: int, chunk: bytes) -> None:
         """Write what ``live`` lacks of ``chunk``; the last byte only once verified."""
@@ -334,10 +338,8 @@ class BlobFill:
         """Release the last byte: to live clients from memory, to the others from disk."""
         self._verified = True
         for live in list(self._live):
-            for offset, chunk in list(self._window):
-                if offset + len(chunk) > live.pos and not live.left.done():
-                    self._send_live(live, offset, chunk)
-            self.leave(live)  # not in memory any more: from the file
+            self._catch_up(live)
+            self.leave(live)  # what is not in memory any more comes from the file
         self._notify()
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:

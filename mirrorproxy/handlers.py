@@ -40,7 +40,7 @@ STALE_WARNING = '110 - "Response is Stale"'
 BLOB_TYPE = "application/octet-stream"
 SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one read
 CONDITIONAL = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match")
-UNSIZED_CHUNK = 1024 * 1024
+UNSIZED_CHUNK = 1024 * 1024  # read size when the body must go through resp.write
 
 
 def _target(request: web.Request) -> Target:
@@ -279,7 +279,7 @@ async def _follow_unsized(
         limit = await fill.readable(pos)
         if limit <= pos:
             return  # the download is complete and verified
-        _transport(request)
+        _transport(request)  # raises if the client went away while we waited
         data = await asyncio.to_thread(os.pread, f.fileno(), min(limit - pos, UNSIZED_CHUNK), pos)
         if not data:
             raise FillFailed(f"temp file ends before byte {pos}")
