@@ -245,13 +245,16 @@ async def test_a_late_disk_error_is_not_taken_for_a_digest_mismatch(
 
     # Every batch is queued (the pump is done) while the disk and the hash lag behind.
     await wait_for(lambda: bool(mirror.client.app[keys.PULLTHROUGH]._fills))
-    writer = writer_of(fill_of(mirror, digest))
+    fill = fill_of(mirror, digest)
+    await wait_for(lambda: fill._writer is not None)  # after the upstream's 200
+    writer = writer_of(fill)
     await wait_for(lambda: writer.queued == len(data))
     disk.go.set()
     await wait_for(lambda: writer._failure is not None)  # the disk said ENOSPC
     hash_gate.set()
 
     body = await pull
+    await mirror.settled()  # the client is served before the fill reports the disk's failure
     assert await mirror.metric(MISMATCHES, namespace=NS) == 0  # upstream sent good bytes
     assert await mirror.metric(WRITE_ERRORS) == 1
     assert await mirror.metric("mirrorproxy_upstream_up", namespace=NS, endpoint=fake.url) == 1

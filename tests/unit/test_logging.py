@@ -148,7 +148,7 @@ def test_batching_handler_flushes_info_lines_in_batches_and_warnings_at_once(
     tmp_path: Path,
 ) -> None:
     with (tmp_path / "log").open("w", buffering=64 * 1024) as stream:
-        handler = BatchingHandler(stream, interval=0.2)
+        handler = BatchingHandler(stream, interval=1.0)
         handler.setFormatter(logging.Formatter("%(message)s"))
 
         def on_disk() -> str:
