@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tests.integration.conftest import (
     manifest_path,
     wait_for,
 )
+from tests.support.rawhttp import slow_get
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -250,36 +250,17 @@ async def test_a_slow_client_does_not_slow_the_others(fake: RunningFake, mirror:
     fake.registry.faults.chunk_delay = 0.005
     port = mirror.client.port
     assert port is not None
-    loop = asyncio.get_running_loop()
 
     # The client that starts the download reads its headers, then nothing more.
-    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KIB)
-    slow.setblocking(False)
-    try:
-        async with asyncio.timeout(WAIT):
-            await loop.sock_connect(slow, ("127.0.0.1", port))
-            path = blob_path(REPO, digest)
-            await loop.sock_sendall(slow, f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
-            received = await loop.sock_recv(slow, 4096)
-            assert received.startswith(b"HTTP/1.1 200")
+    async with slow_get(port, blob_path(REPO, digest)) as slow:
+        # Fast clients joining the same fetch finish, and so does the fill.
+        bodies = await asyncio.gather(*(pull(mirror, digest) for _ in range(3)))
+        assert bodies == [data] * 3
+        await wait_for(mirror.blob_path(digest).exists)
+        assert len(fake.registry.calls("GET", "blobs")) == 1
 
-            # Fast clients joining the same fetch finish, and so does the fill.
-            bodies = await asyncio.gather(*(pull(mirror, digest) for _ in range(3)))
-            assert bodies == [data] * 3
-            await wait_for(mirror.blob_path(digest).exists)
-            assert len(fake.registry.calls("GET", "blobs")) == 1
-
-            # The slow one still gets every byte, at its own pace.
-            body_start = received.partition(b"\r\n\r\n")[2]
-            rest = bytearray(body_start)
-            while len(rest) < len(data):
-                chunk = await loop.sock_recv(slow, MIB)
-                assert chunk, "connection closed early"
-                rest += chunk
-            assert bytes(rest) == data
-    finally:
-        slow.close()
+        # The slow one still gets every byte, at its own pace.
+        assert await slow.body(len(data)) == data
 
 
 # -- real filesystems: a tiny tmpfs, a read-only bind mount --------------------------

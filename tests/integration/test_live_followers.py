@@ -8,7 +8,6 @@ hold in memory for a slow disk stay bounded across every download at once.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -20,6 +19,7 @@ from mirrorproxy.blobfill import BlobFill, LiveFollower
 from mirrorproxy.cache import blobs as blobs_module
 from tests.fakes.registry import payload
 from tests.integration.conftest import REPO, WAIT, Mirror, RunningFake, blob_path, wait_for
+from tests.support.rawhttp import slow_get
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -132,27 +132,10 @@ async def test_a_live_client_that_falls_behind_reads_on_from_the_file(
     fake.registry.faults.chunk_delay = 0.002
     port = mirror.client.port
     assert port is not None
-    loop = asyncio.get_running_loop()
 
-    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KIB)
-    client.setblocking(False)
-    try:
-        async with asyncio.timeout(WAIT):
-            await loop.sock_connect(client, ("127.0.0.1", port))
-            path = blob_path(REPO, digest)
-            await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
-            head = await loop.sock_recv(client, 4096)
-            assert head.startswith(b"HTTP/1.1 200")
-            body = bytearray(head.partition(b"\r\n\r\n")[2])
-            await asyncio.sleep(0.5)  # the download runs ahead; the mirror stops feeding us
-            while len(body) < len(data):
-                chunk = await loop.sock_recv(client, MIB)
-                assert chunk, "connection closed early"
-                body += chunk
-    finally:
-        client.close()
-    assert body == data
+    async with slow_get(port, blob_path(REPO, digest)) as client:
+        await asyncio.sleep(0.5)  # the download runs ahead; the mirror stops feeding us
+        assert await client.body(len(data)) == data
     assert live_count[0] == 1  # live from the start...
     assert len(live_count) >= 2  # ... left when it fell behind, and read on
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,3 +146,43 @@ def request(
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class SlowReader:
+    """A GET whose answer is read only when the test says so: a client that falls
+    behind. Its receive buffer is small, so the server soon has to wait for it."""
+
+    def __init__(self, sock: socket.socket, body_start: bytes) -> None:
+        self._sock = sock
+        self._body = bytearray(body_start)
+
+    async def body(self, size: int) -> bytes:
+        """Read on until ``size`` body bytes arrived (bounded); raise if cut short."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(READ_TIMEOUT):
+            while len(self._body) < size:
+                chunk = await loop.sock_recv(self._sock, 1024 * 1024)
+                if not chunk:
+                    raise ConnectionError("connection closed early")
+                self._body += chunk
+        return bytes(self._body)
+
+
+@contextlib.asynccontextmanager
+async def slow_get(port: int, path: str, *, rcvbuf: int = 32 * 1024) -> AsyncIterator[SlowReader]:
+    """Send ``GET path`` to 127.0.0.1:``port`` and read only the status line and headers
+    (a 200 is expected); the body waits for ``SlowReader.body``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            head = await loop.sock_recv(sock, 4096)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise AssertionError(f"expected a 200, got {head[:80]!r}")
+        yield SlowReader(sock, head.partition(b"\r\n\r\n")[2])
+    finally:
+        sock.close()
