@@ -88,7 +88,10 @@ def _missing(scenarios: Sequence[int]) -> list[str]:
 def _scenarios(text: str) -> list[int]:
     if not text.strip():
         return list(ALL)
-    chosen = sorted({int(x) for x in text.split(",") if x.strip()})
+    try:
+        chosen = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--only takes scenario numbers like 1,2; got {text!r}") from None
     unknown = [n for n in chosen if n not in ALL]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {unknown}; choose from {list(ALL)}")

@@ -1,0 +1,84 @@
+"""The benchmark suite's own logic: figures, the report, results.md, options.
+
+The scenarios need root, nginx, wrk and containerd and take minutes, so they are not
+run here; what decides what the report says is.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import Outcome, Series, fmt, ratio, render
+from benchmarks.run import BEGIN, END, _scenarios, write_results
+from benchmarks.stack import NAMESPACE, with_options
+from mirrorproxy.config import parse_config
+from tests.support.procs import mirror_config
+
+
+def test_series_medians_ratio_and_formatting() -> None:
+    mirror, base = Series("mirror", "GB/s"), Series("proxy", "GB/s")
+    for value, extra in ((0.5, 1.0), (0.3, 3.0), (0.4, 2.0)):
+        mirror.add(value, client=0.2, server=1.0, upstream_gets=extra)
+    base.add(0.8)
+    assert mirror.median == 0.4
+    assert mirror.figure("upstream_gets") == 2.0
+    assert math.isnan(mirror.figure("absent"))
+    assert ratio(mirror, base) == pytest.approx(0.5)
+    assert ratio(mirror, Series("empty", "GB/s")) is None
+    assert (fmt(6531.2, "req/s"), fmt(12.44, "ms"), fmt(0.4), fmt(float("nan"))) == (
+        "6,531 req/s",
+        "12.4 ms",
+        "0.40",
+        "n/a",
+    )
+
+
+def test_report_shows_ratio_verdict_spread_and_notes() -> None:
+    mirror = Series("mirrorproxy (cold)", "GB/s", [0.3, 0.5, 0.4], [0.2], [1.1])
+    base = Series("proxy (cold)", "GB/s", [0.8])
+    missed = Outcome(2, "Cold blob", ">= 1.2x", [mirror, base], "0.40 GB/s", "proxy", 0.5, False)
+    met = Outcome(5, "Memory", "< 150 MiB", [], "114 MiB", "-", None, True, ["peak RSS"])
+    text = render([missed, met], title="Latest run", machine=["- m"], preamble=["p"])
+    assert text.startswith("## Latest run\n")
+    assert "| 2 | Cold blob | >= 1.2x | 0.40 GB/s | proxy | 0.50x | **no** | 0.00 |" in text
+    assert "| 5 | Memory | < 150 MiB | 114 MiB | - | - | yes | 0.00 |" in text
+    assert "| 2 | mirrorproxy (cold) | 0.40 GB/s (0.30-0.50) | 0.20 | 1.10 |  |" in text
+    assert "- (5) peak RSS" in text
+
+
+def test_results_file_keeps_what_was_written_by_hand(tmp_path: Path) -> None:
+    path = tmp_path / "results.md"
+    write_results(path, "## run 1\n")
+    assert path.read_text() == f"# Benchmark results\n\n{BEGIN}\n## run 1\n{END}\n"
+    path.write_text(path.read_text() + "\n## Findings\n\nwritten by hand\n")
+    write_results(path, "## run 2\n")
+    text = path.read_text()
+    assert "run 1" not in text
+    assert f"{BEGIN}\n## run 2\n{END}\n" in text
+    assert text.endswith("\n## Findings\n\nwritten by hand\n")
+
+
+def test_mirror_options_land_in_their_tables_and_the_mirror_accepts_them(
+    tmp_path: Path,
+) -> None:
+    text = mirror_config(5000, tmp_path / "cache", {NAMESPACE: ["http://127.0.0.1:1"]})
+    # The example the README and --help give, and a table the base config lacks.
+    text = with_options(text, ["defaults.max_fetches=8", 'metrics.listen="127.0.0.1:9"'])
+    config = parse_config(tomllib.loads(text), source="bench", base_dir=tmp_path)
+    assert config.defaults.max_fetches == 8
+    assert config.metrics.listen == ("127.0.0.1", 9)
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        with_options(text, ["max_fetches=8"])
+
+
+def test_scenario_choice() -> None:
+    assert _scenarios("") == [1, 2, 3, 4, 5, 6, 7]
+    assert _scenarios("3, 1,3") == [1, 3]
+    with pytest.raises(SystemExit, match="unknown scenario"):
+        _scenarios("8")
+    with pytest.raises(SystemExit, match="scenario numbers"):
+        _scenarios("1,x")
