@@ -171,7 +171,7 @@ async def test_disk_full_mid_fill(
 
     # The clients of the fill that hit the full disk get the rest from memory,
     # verified; nothing partial stays behind.
-    assert await asyncio.gather(pull(mirror, digest), pull(mirror, digest)) == [data, data]
+    assert list(await asyncio.gather(pull(mirror, digest), pull(mirror, digest))) == [data, data]
     await wait_for(lambda: not mirror.tmp_files())
     assert mirror.blob_files() == []
     assert await mirror.metric(WRITE_ERRORS) == 1
