@@ -89,7 +89,11 @@ def wanted_range(
     """
     if size is None:
         return None
-    return parse_range(_range_field(headers, digest), size)
+    try:
+        return parse_range(_range_field(headers, digest), size)
+    except RangeNotSatisfiable as err:
+        err.headers["Accept-Ranges"] = "bytes"
+        raise
 
 
 def first_byte(headers: MultiMapping[str], digest: Digest) -> int:

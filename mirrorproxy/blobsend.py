@@ -18,9 +18,8 @@ for slow ones, so a stall or a failure is seen soon. A client slower than
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from aiohttp import web
@@ -36,6 +35,7 @@ MIN_SLICE = 64 * KIB
 FIRST_SLICE = 1024 * KIB
 MAX_SLICE = 16 * 1024 * KIB
 RELAY_CHUNK = 1024 * KIB  # read size from an upstream response being relayed
+FLUSH_POLL = 0.01  # seconds between looks at a transport buffer being flushed
 
 
 class Stalled(Exception):
@@ -97,7 +97,7 @@ class Sender:
                 fill.check()
             n = min(self._slice, end - pos)
             began = loop.time()
-            done = await self._slice_unless(loop.sendfile(self.transport(), f, pos, n), fill)
+            done = await self._send_slice(f, pos, n, fill)
             if not done:
                 raise EOFError(f"file ends before byte {pos}")
             self._adapt(loop.time() - began, done)
@@ -107,38 +107,48 @@ class Sender:
                 moved(pos)
         return pos
 
-    async def _slice_unless(self, send: Coroutine[Any, Any, int], fill: BlobFill | None) -> int:
-        """Run one ``sendfile``; stop it if the client stalls or ``fill`` fails meanwhile."""
-        task = asyncio.ensure_future(send)
+    async def _send_slice(self, f: BinaryIO, pos: int, n: int, fill: BlobFill | None) -> int:
+        """Send ``n`` bytes of ``f`` from ``pos`` with ``sendfile``; stop if the client
+        stalls or ``fill`` fails meanwhile.
+
+        The transport's own buffer (headers, live writes) is flushed first, so the
+        ``sendfile`` is in its socket wait when it has to be stopped: asyncio cannot
+        stop one that still waits for that buffer without breaking the transport.
+        """
+        transport = self.transport()
+        waited = 0.0
+        while transport.get_write_buffer_size():
+            if fill is not None:
+                fill.check()
+            if waited >= self._stall:
+                transport.abort()
+                raise Stalled(f"client took nothing for {self._stall:g}s")
+            await asyncio.sleep(FLUSH_POLL)
+            waited += FLUSH_POLL
+        transport = self.transport()  # raises if the client went away meanwhile
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(loop.sendfile(transport, f, pos, n))
         stops: set[asyncio.Future[Any]] = {task}
         if fill is not None:
             stops.add(fill.failed)
-        await asyncio.wait(stops, timeout=self._stall, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        await self._abort(task)
+        try:
+            await asyncio.wait(stops, timeout=self._stall, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped = not task.done()
+            if stopped:
+                # Cancelled first (it then lets go of the transport), then the drop.
+                task.cancel()
+                transport.abort()
+        if not stopped:
+            try:
+                return task.result()
+            except RuntimeError:  # "Transport is closing": the client went away
+                if transport.is_closing():
+                    raise ConnectionResetError("client went away") from None
+                raise
         if fill is not None:
             fill.check()  # raises FillFailed
-        raise Stalled(f"client took nothing for {self._stall:.0f}s")
-
-    async def _abort(self, task: asyncio.Future[int]) -> None:
-        """Drop the connection under a running ``sendfile``, then let the call end.
-
-        Not by cancelling it first: asyncio's ``sendfile`` cancelled while it waits for
-        the transport's buffer to empty leaves that transport unable to close.
-        Aborting fails that wait within a loop turn or two; a call further on, in
-        the socket wait itself, is safe to cancel.
-        """
-        transport = self._request.transport
-        if transport is not None:
-            transport.abort()
-        for _ in range(3):
-            if task.done():
-                break
-            await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        raise Stalled(f"client took nothing for {self._stall:g}s")
 
     async def data(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
         """Write ``data`` through ``resp`` (which frames it), in slices.
@@ -155,7 +165,7 @@ class Sender:
                 async with asyncio.timeout(self._stall):
                     await resp.write(part)
             except TimeoutError:
-                raise Stalled(f"client took nothing for {self._stall:.0f}s") from None
+                raise Stalled(f"client took nothing for {self._stall:g}s") from None
             self._adapt(loop.time() - began, len(part))
             self._sent(len(part))
 

@@ -252,7 +252,10 @@ async def _serve_fill(
 
 
 def _cut(request: web.Request, digest: Digest, err: Exception) -> None:
-    """End a response whose headers were sent: close the connection, log why.
+    """End a response whose headers were sent: drop the connection, log why.
+
+    Dropped, not closed: what is still buffered for the client is never sent (it
+    may be bytes of a download that failed).
 
     A client that went away or stopped reading is routine (INFO); a failed
     download is the upstream's fault (WARNING); anything else is a bug (ERROR).
@@ -268,7 +271,7 @@ def _cut(request: web.Request, digest: Digest, err: Exception) -> None:
     else:
         logger.error("aborting blob %s after an unexpected error", digest, exc_info=err)
     if request.transport is not None:
-        request.transport.close()
+        request.transport.abort()
 
 
 def _with_length(resp: web.Response, size: int | None) -> web.Response:

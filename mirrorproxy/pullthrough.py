@@ -392,10 +392,12 @@ class PullThrough:
             RangeNotSatisfiable: the upstream refused the range.
             BlobUnknown: no upstream has it.
         """
-        if rng is None and fill is not None:
+        if fill is not None:
             resp = fill.claim_direct()
-            if resp is not None:
+            if resp is not None and rng is None:
                 return resp
+            if resp is not None:
+                resp.close()  # the whole blob from byte 0: not what this client wants
         start, end = rng if rng is not None else (0, None)
         try:
             return await self._client.open(

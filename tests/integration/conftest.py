@@ -9,6 +9,7 @@ upstreams were asked. Nothing here is shared between tests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from mirrorproxy import keys
 from mirrorproxy.app import create_app
 from mirrorproxy.blobfill import FillTuning
+from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
 from tests.fakes.registry import FakeRegistry
@@ -256,6 +258,24 @@ async def wait_for(condition: Callable[[], bool], *, within: float = WAIT) -> No
             if condition():
                 return
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make blob writes fail with ENOSPC once this many bytes were written (per run).
+
+    The returned list holds one number, the byte budget; ``[]`` means no failures.
+    """
+    real = blobs_module._write_all
+    budget: list[int] = []
+
+    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+        if budget and offset + sum(len(c) for c in chunks) > budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, chunks, offset)
+
+    monkeypatch.setattr(blobs_module, "_write_all", write_all)
+    return budget
 
 
 def manifest_path(repo: str, ref: str, ns: str = NS) -> str:

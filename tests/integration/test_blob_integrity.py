@@ -241,10 +241,11 @@ async def test_a_failed_download_cuts_a_slow_client_on_the_file_at_once(
         got = await fetch(mirror, digest)  # cut when the download fails
         assert got.cut
         assert len(got.body) <= size - 1
-        # The slow client was far behind; it gets no more than what was in flight.
+        # The slow client was far behind; it gets no more than what was in flight
+        # (socket buffers: a few MiB), not the rest of what is on disk.
         with pytest.raises(ConnectionError):
             await reader.body(size)
-        assert len(reader.received) < 8 * MIB
+        assert len(reader.received) < 16 * MIB
     await mirror.settled()
     assert mirror.tmp_files() == []
     assert mirror.blob_files() == []

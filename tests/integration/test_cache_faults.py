@@ -11,17 +11,13 @@ real tmpfs mounted small or remounted read-only (root only; see ``tmpfs``).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from mirrorproxy.cache import blobs as blobs_module
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     NS,
@@ -136,24 +132,6 @@ async def test_unwritable_cache_streams_through_and_recovers(
     gets = len(fake.registry.calls("GET", "blobs"))
     assert await pull(mirror, digest) == layer  # a plain hit now
     assert len(fake.registry.calls("GET", "blobs")) == gets
-
-
-@pytest.fixture
-def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make blob writes fail with ENOSPC once this many bytes were written (per run).
-
-    The returned list holds one number, the byte budget; ``[]`` means no failures.
-    """
-    real = blobs_module._write_all
-    budget: list[int] = []
-
-    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
-        if budget and offset + sum(len(c) for c in chunks) > budget[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, chunks, offset)
-
-    monkeypatch.setattr(blobs_module, "_write_all", write_all)
-    return budget
 
 
 async def test_disk_full_mid_fill(
