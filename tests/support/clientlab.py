@@ -342,17 +342,26 @@ def blob_statuses(exchanges: Sequence[Exchange]) -> dict[str, list[int | None]]:
 
 
 def served_problems(
-    exchanges: Sequence[Exchange], repo: str, blobs: set[str] | frozenset[str]
+    exchanges: Sequence[Exchange],
+    repo: str,
+    blobs: set[str] | frozenset[str] = frozenset(),
+    *,
+    ns: str | None = None,
 ) -> list[str]:
     """What says the mirror did not serve a pull of ``repo`` (empty when it did).
 
     The mirror served it when it answered a manifest request for the repository
-    with 200, and a GET of every blob in ``blobs`` with 200 or 206.
+    with 200 (routed to namespace ``ns`` when given), and a GET of every blob in
+    ``blobs`` with 200 or 206.
     """
     problems: list[str] = []
     manifests = manifest_exchanges(exchanges, repo)
     if not any(e.status == 200 for e in manifests):
         problems.append(f"no manifest request for {repo} answered 200 by the mirror")
+    if ns is not None:
+        routed = {e.access.ns for e in manifests if e.access is not None}
+        if routed - {ns}:
+            problems.append(f"{repo} routed to namespace(s) {sorted(map(str, routed))}, not {ns}")
     statuses = blob_statuses(exchanges)
     for digest in sorted(blobs):
         if not any(s in (200, 206) for s in statuses.get(digest, [])):
@@ -362,10 +371,22 @@ def served_problems(
     return problems
 
 
+def last_error(output: str, limit: int = 400) -> str:
+    """The last non-empty line of a client's output: where CLIs put the final error."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else "(no output)"
+    return line if len(line) <= limit else "..." + line[-limit:]
+
+
 def describe_all(exchanges: Sequence[Exchange], limit: int = 40) -> str:
     """The exchanges as lines, for an assertion message."""
     lines = [e.describe() for e in exchanges[-limit:]]
     return "\n".join(["what the client sent and got:", *lines])
+
+
+def _first_line(text: str, limit: int = 140) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +425,7 @@ class ClientMatrix:
                 kind,
                 not problems,
                 "; ".join(sent) or "-",
-                ",".join(got) + ("" if not problems else f" ({problems[0]})"),
+                ",".join(got) + ("" if not problems else f" ({_first_line(problems[0])})"),
             )
         )
 
