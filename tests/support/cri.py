@@ -104,6 +104,14 @@ def _image_spec(image: str) -> bytes:
     return field_bytes(1, field_bytes(1, image.encode()))  # <Request>.image = ImageSpec{image}
 
 
+def rpc_error_text(err: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call (grpcio raises objects that are also Calls)."""
+    code, details = getattr(err, "code", None), getattr(err, "details", None)
+    if callable(code) and callable(details):
+        return f"{code()}: {details()}"
+    return str(err)
+
+
 @dataclass(frozen=True, slots=True)
 class CriImage:
     """What ``ImageStatus`` says about an image."""
