@@ -410,7 +410,11 @@ class ClientMatrix:
         self, client: str, kind: str, exchanges: Sequence[Exchange], problems: Sequence[str]
     ) -> None:
         """Record one cell from what the client sent and the problems found."""
-        manifests = [e for e in exchanges if "/manifests/" in e.request.path]
+        manifests = [
+            e
+            for e in exchanges
+            if "/manifests/" in e.request.path or "/referrers/" in e.request.path
+        ]
         sent = sorted(
             {
                 f"{e.request.method} {accept_summary(e.request.accept_lines)}"
