@@ -16,17 +16,15 @@ import pytest
 
 from mirrorproxy.cli import main
 from mirrorproxy.config import parse_config
-from mirrorproxy.doctor import (
+from mirrorproxy.containerdcheck import (
     V3_DEFAULT_CONFIG_PATH,
-    Finding,
     check_containerd_config,
     check_hosts_dir,
     check_hosts_toml,
-    check_mirror,
-    installed_containerd_version,
     load_containerd_config,
-    run_doctor,
 )
+from mirrorproxy.doctor import check_mirror, installed_containerd_version, run_doctor
+from mirrorproxy.findings import Finding
 from mirrorproxy.hoststoml import render_all, write_hosts_files
 
 ROOT = Path(__file__).parent.parent.parent
