@@ -125,8 +125,12 @@ def _containerd(
 def _registries_conf(
     config: Config, url: str, *, out: Path | None, dry_run: bool, stdout: TextIO
 ) -> None:
-    from mirrorproxy.registriesconf import GENERATED_MARK, render_registries_conf
+    from mirrorproxy.registriesconf import GENERATED_MARK, mirror_host, render_registries_conf
 
+    try:
+        mirror_host(url)
+    except ValueError as err:
+        raise HostsError(f"--format registries-conf: {err}", usage=True) from None
     try:
         text = render_registries_conf(config, url)
     except ValueError as err:
