@@ -336,11 +336,26 @@ def test_hosts_dir_elsewhere(tmp_path: Path, mirror: str) -> None:
     assert "no */hosts.toml" in findings[1].problem
 
 
+def hermetic(tmp_path: Path) -> list[str]:
+    """Doctor options that keep it away from this machine's units, processes and podman."""
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    return [
+        "--systemd-dir",
+        str(empty),
+        "--proc-dir",
+        str(empty),
+        "--registries-conf",
+        str(empty / "registries.conf"),
+    ]
+
+
 def test_cli_ok_and_exit_codes(
     tmp_path: Path, mirror: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     toml, _ = node(tmp_path, mirror)
-    args = ["doctor", "--containerd-config", str(toml), "--mirror-url", mirror + "/"]
+    args = ["doctor", *hermetic(tmp_path), "--containerd-config", str(toml)]
+    args += ["--mirror-url", mirror + "/"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1
@@ -354,7 +369,8 @@ def test_cli_ok_and_exit_codes(
 
 def test_cli_broken_legacy_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = EXAMPLES / "legacy-mirrors-broken.toml"
-    assert main(["doctor", "--containerd-config", str(config), "--hosts-dir", str(tmp_path)]) == 1
+    args = ["doctor", *hermetic(tmp_path), "--containerd-config", str(config)]
+    assert main([*args, "--hosts-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "containerd refuses to load the CRI plugin" in out
     assert "Traceback" not in out
