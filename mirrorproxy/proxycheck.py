@@ -170,7 +170,7 @@ def check_unit_proxy(
         f"{unit}: {var}={proxy} (from {source}) also carries requests for the mirror {host}: "
         f"{no_proxy_var} ({no_proxy or 'unset'}) does not cover it"
     )
-    fix = f"add {host} in {edit} ({line}); systemctl daemon-reload; systemctl restart {unit}"
+    fix = f"set {line} in {edit}, then systemctl daemon-reload; systemctl restart {unit}"
     return Finding(problem, fix)
 
 

@@ -161,8 +161,8 @@ def test_site_mirror_behind_https_proxy_names_the_drop_in(tmp_path: Path) -> Non
     assert f"from {drop_in}" in finding.problem
     assert "NO_PROXY (unset) does not cover it" in finding.problem
     assert finding.fix == (
-        f'add 10.0.0.5 in {drop_in} (Environment="NO_PROXY=10.0.0.5"); '
-        f"systemctl daemon-reload; systemctl restart {UNIT}"
+        f'set Environment="NO_PROXY=10.0.0.5" in {drop_in}, '
+        f"then systemctl daemon-reload; systemctl restart {UNIT}"
     )
     # An http:// mirror is not affected by HTTPS_PROXY: Go picks the proxy by scheme.
     assert check_daemon(UNIT, "containerd", env, [], SITE, etc) == []
@@ -180,7 +180,7 @@ def test_fix_extends_the_no_proxy_already_there(tmp_path: Path) -> None:
     env = read_unit_env(unit_files(UNIT, [etc, lib]))
     [finding] = check_daemon(UNIT, "containerd", env, [], SITE, etc)
     assert "http_proxy=http://p:1" in finding.problem
-    assert f'in {no_proxy} (Environment="no_proxy=.corp,10.1.0.0/16,10.0.0.5")' in finding.fix
+    assert f'set Environment="no_proxy=.corp,10.1.0.0/16,10.0.0.5" in {no_proxy},' in finding.fix
     write(etc / f"{UNIT}.d" / "30.conf", "[Service]\nEnvironment=no_proxy=10.0.0.0/8\n")
     env = read_unit_env(unit_files(UNIT, [etc, lib]))
     assert check_daemon(UNIT, "containerd", env, [], SITE, etc) == []
@@ -192,12 +192,12 @@ def test_proxy_in_vendor_unit_or_env_file(tmp_path: Path) -> None:
     env = read_unit_env(unit_files(UNIT, [etc, lib]))
     [finding] = check_daemon(UNIT, "containerd", env, [], SITE, etc)
     # Never the vendor's unit file: a drop-in in /etc/systemd/system instead.
-    assert f"in {etc / (UNIT + '.d') / 'http-proxy.conf'} (Environment=" in finding.fix
+    assert f"in {etc / (UNIT + '.d') / 'http-proxy.conf'}, then" in finding.fix
     env_file = write(tmp_path / "env", "HTTP_PROXY=http://p:1\n")
     write(etc / f"{UNIT}.d" / "env.conf", f"[Service]\nEnvironmentFile={env_file}\n")
     env = read_unit_env(unit_files(UNIT, [etc, lib]))
     [finding] = check_daemon(UNIT, "containerd", env, [], SITE, etc)
-    assert f"in {env_file} (NO_PROXY=10.0.0.5)" in finding.fix
+    assert f"set NO_PROXY=10.0.0.5 in {env_file}, then" in finding.fix
 
 
 def test_running_daemon(tmp_path: Path) -> None:
