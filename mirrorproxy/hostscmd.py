@@ -141,6 +141,7 @@ def _registries_conf(
     if out.is_dir():
         raise HostsError(f"--out {out}: a directory; give the drop-in file's path", usage=True)
     try:
+        out.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # a node without podman yet
         result = write_generated(out, text, mark=GENERATED_MARK)
     except OSError as err:
         raise HostsError(f"cannot write {err.filename or out}: {err.strerror or err}") from None

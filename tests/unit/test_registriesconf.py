@@ -177,9 +177,10 @@ def test_cli_writes_atomically_and_keeps_a_hand_written_file(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "registries.conf.d" / "50-mirrorproxy.conf"
-    out.parent.mkdir()
-    out.write_text('[[registry]]\nlocation = "mine.example"\n')
     args = ["hosts", "-c", str(config_file), "--format", "registries-conf", "--out", str(out)]
+    assert main(args) == 0  # the directory is created
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    out.write_text('[[registry]]\nlocation = "mine.example"\n')
     assert main(args) == 0
     assert capsys.readouterr().out == (f"wrote {out} (the previous file is kept as {out}.bak)\n")
     assert out.with_name(out.name + ".bak").read_text().startswith("[[registry]]")
@@ -206,7 +207,11 @@ def test_cli_writes_atomically_and_keeps_a_hand_written_file(
         ),
         (["--format", "registries-conf", "--out", "DIR"], "a directory", 2),
         (["--format", "registries-conf", "--mirror-url", "http://m:5000/x"], "with a path", 2),
-        (["--format", "registries-conf", "--out", "DIR/nodir/x.conf"], "cannot write", 1),
+        (
+            ["--format", "registries-conf", "--out", "DIR/mirrorproxy.toml/x.conf"],
+            "cannot write",
+            1,
+        ),
     ],
 )
 def test_cli_errors_are_one_line(
