@@ -334,6 +334,23 @@ def test_missing_cache_is_one_line_exit_1(
     assert not (tmp_path / "nope").exists()  # looking does not create a cache
 
 
+@pytest.mark.parametrize("action", ["ls", "du"])
+def test_reading_a_cache_without_an_index_creates_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    config = tmp_path / "mirrorproxy.toml"
+    config.write_text(mirror_config(5000, root, {"docker.io": ["http://127.0.0.1:9"]}))
+    code, out, err = run(capsys, "cache", action, "--config", str(config))
+    assert (code, out) == (1, "")
+    index = root / "index.db"
+    assert err == (
+        f"mirrorproxy: cache {action}: no cache index at {index} (the server creates it)\n"
+    )
+    assert list(root.iterdir()) == []
+
+
 async def test_cache_dir_flag_overrides_the_config(
     cache: Cache, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
