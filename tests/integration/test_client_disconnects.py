@@ -112,3 +112,46 @@ async def test_clients_that_close_before_the_headers_are_not_errors(
     assert sum(codes.values()) == CLIENTS
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage() for r in noisy] == []
+
+
+async def _reset_mid_body(port: int, path: str) -> None:
+    """Read the head and a little of the body, then reset the connection."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request("GET", path))
+        async with asyncio.timeout(WAIT):
+            got = b""
+            while b"\r\n\r\n" not in got or len(got) < 64 * 1024:
+                chunk = await loop.sock_recv(sock, 65536)
+                assert chunk, "closed before the body"
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+
+
+async def test_clients_that_reset_while_a_cached_blob_is_sent_are_not_errors(
+    fake: RunningFake, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = payload(16 * 1024 * 1024, "sent by sendfile")
+    digest = fake.registry.add_blob(data)
+    path = blob_path(REPO, digest)
+    async with listening(_config(tmp_path, fake)) as m:
+        assert (await _get(m, path)).body == data  # now cached: served from the file
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        await asyncio.gather(*(_reset_mid_body(m.port, path) for _ in range(20)))
+        await _settled(m, 21)
+        codes = {
+            dict(labels)["code"]: value
+            for labels, value in (await _samples(m, "mirrorproxy_requests_total")).items()
+        }
+    assert "error" not in codes, codes
+    assert sum(codes.values()) == 21
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in noisy] == []
