@@ -48,26 +48,27 @@ WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then
 class Reservation:
     """Room promised to one fill; ``refused`` says why there is none (then nothing is held).
 
-    Released exactly once, by ``release()`` or by committing the blob; a second
-    release, or one after the budget moved on, is a no-op.
+    Released once, by ``release()`` or when the blob is committed; releasing again
+    is a no-op, and never touches another fill's reservation.
     """
 
-    __slots__ = ("_budget", "digest", "refused", "size")
+    __slots__ = ("_on_release", "digest", "refused", "size")
 
     def __init__(
-        self, digest: str, size: int, *, refused: str | None, budget: CacheBudget | None
+        self,
+        digest: str,
+        size: int,
+        *,
+        refused: str | None = None,
+        on_release: Callable[[Reservation], None] | None = None,
     ) -> None:
         self.digest, self.size, self.refused = digest, size, refused
-        self._budget = budget
-
-    @property
-    def held(self) -> bool:
-        return self._budget is not None
+        self._on_release = on_release
 
     def release(self) -> None:
-        budget, self._budget = self._budget, None
-        if budget is not None:
-            budget._reservations.discard(self)
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release(self)
 
 
 class CacheBudget:
@@ -185,32 +186,18 @@ class CacheBudget:
         """
         key = str(digest)
         if self._clock() < self._blocked_until:
-            return Reservation(key, 0, refused=WRITE_ERROR, budget=None)
+            return Reservation(key, 0, refused=WRITE_ERROR)
         need = size or 0
         limit = self._config.max_size
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
-            return Reservation(key, 0, refused=BUDGET, budget=None)
-        short = self._shortfall(need)
-        if short > 0:
-            reclaimable = self._reclaimable()
-            if short > reclaimable:
-                logger.warning(
-                    "no room in the cache for blob %s (%d bytes; eviction could free %d of"
-                    " the %d needed): not cached",
-                    digest,
-                    need,
-                    reclaimable,
-                    short,
-                )
-                return Reservation(key, 0, refused=BUDGET, budget=None)
-            if not self._make_room(need):
-                refused = WRITE_ERROR if self._clock() < self._blocked_until else BUDGET
-                logger.warning(
-                    "no room in the cache for blob %s (%d bytes): not cached", digest, need
-                )
-                return Reservation(key, 0, refused=refused, budget=None)
-        reservation = Reservation(key, need, refused=None, budget=self)
+            return Reservation(key, 0, refused=BUDGET)
+        if not self._make_room(need):
+            if self._clock() < self._blocked_until:
+                return Reservation(key, 0, refused=WRITE_ERROR)  # eviction hit a broken disk
+            logger.warning("no room in the cache for blob %s (%d bytes): not cached", digest, need)
+            return Reservation(key, 0, refused=BUDGET)
+        reservation = Reservation(key, need, on_release=self._reservations.discard)
         self._reservations.add(reservation)
         return reservation
 
@@ -242,8 +229,7 @@ class CacheBudget:
             change = size
         self.total += change
         self._metrics.cache_size_bytes.set(self.total)
-        if self._shortfall(0) > 0:  # its size was not known up front (or a manifest)
-            self._make_room(0)
+        self._make_room(0)  # its size was not known up front (or a manifest)
 
     def _reserved(self) -> int:
         return sum(r.size for r in self._reservations)
@@ -285,12 +271,28 @@ class CacheBudget:
         return self.total - unindexed - in_use
 
     def _make_room(self, need: int) -> bool:
-        if self.index is None or self._shortfall(need) <= 0:
+        """Evict least recently used entries until ``need`` more bytes fit.
+
+        Nothing is evicted unless evicting what is not in use can make all the
+        room: a blob that cannot fit must not empty the cache on its way out.
+        """
+        if self.index is None:
             return True
+        target = self._shortfall(need)
+        if target <= 0:
+            return True
+        reclaimable = self._reclaimable()
+        if target > reclaimable:
+            logger.info(
+                "%d more bytes needed in the cache, %d could be evicted: evicting nothing",
+                target,
+                reclaimable,
+            )
+            return False
         if self._used:  # eviction must see the latest uses, not the last flush
             used, self._used = self._used, {}
             self.index.touch_many(used)
-        target, freed = self._shortfall(need), 0
+        freed = 0
         while self._shortfall(need) > 0:
             if freed >= target:
                 return False  # deleting files frees less than it should (held open?)
