@@ -159,7 +159,8 @@ async def test_read_only_commands_leave_a_busy_servers_index_alone(
     for command, code, out, err in outputs:
         assert (code, err) == (0, ""), (command, out, err)
         if command == "du":
-            assert [r[0] for r in rows(out)] == [NS]  # never an "(unknown)" row
+            # Never an "(unknown)" row (none at all when every entry was just evicted).
+            assert {r[0] for r in rows(out)} <= {NS}, out
         if command == "verify":
             assert out.splitlines()[-1].endswith(" 0 bad")
     index_matches_files(mirror)
