@@ -26,10 +26,12 @@ import pytest
 
 from tests.support import images
 from tests.support.clientlab import (
-    ClientMatrix,
     LabImage,
     LabMirror,
     Upstreams,
+)
+from tests.support.exchanges import (
+    ClientMatrix,
     describe_all,
     last_error,
     served_problems,
