@@ -125,6 +125,7 @@ def lab_mirror(
     mirror = LabMirror(tmp_path_factory.mktemp("lab-mirror"), lab_upstreams.namespaces())
     yield mirror
     mirror.stop()
+    assert "Traceback" not in mirror.process.log_text(), "the mirror logged a traceback"
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ def mirror(
     lab = LabMirror(tmp_path_factory.mktemp("artifact-mirror"), namespaces)
     yield lab
     lab.stop()
+    assert "Traceback" not in lab.process.log_text(), "the mirror logged a traceback"
 
 
 @pytest.fixture
