@@ -63,7 +63,11 @@ def _cri_cell(
     ref: str,
     mirror: LabMirror,
 ) -> tuple[list[str], list[Exchange]]:
-    """Pull ``ref`` over CRI, check what the runtime stored, remove it; return problems."""
+    """Pull ``ref`` over CRI, check what the runtime stored, remove it.
+
+    Returns:
+        The problems found, and what containerd sent the mirror meanwhile.
+    """
     mark = mirror.mark()
     problems: list[str] = []
     try:
