@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from mirrorproxy import keys
 from mirrorproxy.blobfill import BlobFill, FillFailed
 from mirrorproxy.cache import BlobInfo
+from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupported
 from mirrorproxy.namespaces import route
 from mirrorproxy.oci import (
@@ -51,7 +52,9 @@ def _target(request: web.Request) -> Target:
         request.app[keys.CONFIG], request.query.get("ns"), request.match_info["name"]
     )
     note_ns(request, ns_name)
-    return Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    target = Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    authorize_target(request, ns, ns_name, target.repo)  # [server.auth]: 401/403/429
+    return target
 
 
 async def v2_root(request: web.Request) -> web.Response:

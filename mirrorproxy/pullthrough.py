@@ -36,6 +36,7 @@ from mirrorproxy.errors import (
     NotFound,
     Unavailable,
 )
+from mirrorproxy.isolation import Isolation
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import (
     MANIFEST_TYPES,
@@ -122,6 +123,7 @@ class PullThrough:
         # (new requests start afresh) but still cleans up for a moment.
         self._running: set[BlobFill] = set()
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
+        self._isolation = Isolation(config, client=client, budget=budget, metrics=metrics)
 
     async def settled(self) -> None:
         """Wait until every running download is in place (or failed and cleaned up)."""
@@ -156,6 +158,7 @@ class PullThrough:
     ) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
         if cached is not None:
+            await self._isolation.check(t, MANIFEST, digest)  # cached via a private namespace?
             self.budget.touch(MANIFEST, digest)
             return ManifestAnswer(cached, HIT)
         if self._config.cache.offline:
@@ -330,6 +333,7 @@ class PullThrough:
         """
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             self.budget.touch(BLOB, digest)
             return BlobAnswer(info.size, info=info)
@@ -339,6 +343,7 @@ class PullThrough:
         while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
             # Bytes are shared across repositories (they are verified by digest), but
             # not failures: another namespace's upstreams may lack what ours have.
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             try:
                 await asyncio.shield(fill.ready)
                 break
@@ -391,10 +396,12 @@ class PullThrough:
         """Size for a HEAD: from the cache, a running fill, or an upstream HEAD."""
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             return BlobHead(info.size, HIT)
         fill = self._fills.get(digest)
         if fill is not None and fill.ready.done() and not fill.ready.exception():
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             return BlobHead(fill.size, MISS, fill.upstream)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
