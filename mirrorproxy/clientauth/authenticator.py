@@ -9,6 +9,7 @@ raises for bad credentials (whether they matter depends on the namespace, which
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -107,7 +108,15 @@ class Authenticator:
             return ANONYMOUS
         scheme = creds.scheme if isinstance(creds, Malformed) else _scheme(creds)
         key = client_key(remote)
-        wait = self._failed.take(key)
+        # A throttled address gets no check at all, right credentials included: an
+        # answer that differed for them would confirm a guess.
+        wait = self._failed.blocked(key)
+        if wait is None and isinstance(creds, Basic):
+            shortcut = await self._basic_known(creds)
+            if shortcut is not None:
+                return shortcut  # already verified, or being verified: takes no token
+        if wait is None:
+            wait = self._failed.take(key)
         if wait is not None:
             self._metrics.client_auth_throttled.inc()
             return Client(scheme=scheme, retry_after=wait)
@@ -124,13 +133,22 @@ class Authenticator:
         logger.info("failed login from %s (%s): %s", key, scheme, client.refused)
         return client
 
+    async def _basic_known(self, creds: Basic) -> Client | None:
+        """The outcome without a check of our own: remembered, or being checked now."""
+        if self._htpasswd is None:
+            return None
+        if self._htpasswd.remembered(creds.user, creds.password):
+            return Client(user=creds.user, scheme="basic")
+        running = self._htpasswd.checking(creds.user, creds.password)
+        if running is None:
+            return None
+        ok = await asyncio.shield(running)
+        return _basic_client(creds, ok)
+
     async def _basic(self, creds: Basic) -> Client:
         if self._htpasswd is None:
             return Client(scheme="basic", refused="Basic auth is not enabled on this mirror")
-        if await self._htpasswd.verify(creds.user, creds.password):
-            return Client(user=creds.user, scheme="basic")
-        refused = f"wrong password or unknown user {creds.user[:64]!r}"
-        return Client(scheme="basic", refused=refused)
+        return _basic_client(creds, await self._htpasswd.verify(creds.user, creds.password))
 
     def _bearer(self, creds: Bearer) -> Client:
         if self._tokens is None:
@@ -153,6 +171,12 @@ class Authenticator:
             self._token_cache[digest] = client
             self._token_expiry[digest] = self._clock() + lifetime
         return client
+
+
+def _basic_client(creds: Basic, ok: bool) -> Client:
+    if ok:
+        return Client(user=creds.user, scheme="basic")
+    return Client(scheme="basic", refused=f"wrong password or unknown user {creds.user[:64]!r}")
 
 
 def _scheme(creds: Basic | Bearer) -> str:

@@ -92,6 +92,7 @@ class Htpasswd:
         self._clock = clock
         self._key = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}  # HMAC of user+password -> expiry
+        self._pending: dict[bytes, asyncio.Future[bool]] = {}  # checks running now
         self._users: Mapping[str, bytes] = read_htpasswd(path)
         self._stamp = self._file_stamp()
         self._next_check = clock() + reload_interval
@@ -102,14 +103,30 @@ class Htpasswd:
         expiry = self._verified.get(self._mac(user, password))
         return expiry is not None and expiry > self._clock()
 
+    def checking(self, user: str, password: str) -> asyncio.Future[bool] | None:
+        """The check of these very credentials already running, to share its outcome."""
+        return self._pending.get(self._mac(user, password))
+
     async def verify(self, user: str, password: str) -> bool:
-        """Check a password (bcrypt in the executor); remember a success for a while."""
+        """Check a password (bcrypt in the executor); remember a success for a while.
+
+        Concurrent checks of the same credentials share one bcrypt run.
+        """
         if self.remembered(user, password):
             return True
+        mac = self._mac(user, password)
+        running = self._pending.get(mac)
+        if running is not None:
+            return await asyncio.shield(running)
         hashed = self._users.get(user)
-        ok = await asyncio.get_running_loop().run_in_executor(
+        fut = asyncio.get_running_loop().run_in_executor(
             self._executor, _check, password.encode("utf-8"), hashed or _DUMMY_HASH
         )
+        self._pending[mac] = fut
+        try:
+            ok = await asyncio.shield(fut)
+        finally:
+            self._pending.pop(mac, None)
         ok = ok and hashed is not None
         if ok:
             self._remember(user, password)

@@ -3,7 +3,8 @@
 Each address (an IPv6 client by its /64, which one host can fill) may fail
 ``max_failures`` logins, refilled evenly over ``window`` seconds. A login attempt
 takes a token before its credentials are checked and gives it back when they were
-right, so even a burst of concurrent guesses gets at most ``max_failures`` checks;
+right, so even a burst of concurrent guesses gets at most ``max_failures`` checks
+(credentials known to be right, or being checked for a request already, take none);
 with no token left, credentials are not checked at all (no bcrypt spent) until the
 bucket refills. Other addresses are never affected. Pure bookkeeping: the caller
 decides what a throttled request gets.
@@ -47,6 +48,11 @@ class FailedLogins:
         self._max_tracked = max_tracked
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def blocked(self, key: str) -> float | None:
+        """Seconds until ``key`` may try again, or None if it may now (takes nothing)."""
+        tokens = self._tokens(key, self._clock())
+        return None if tokens >= 1.0 else (1.0 - tokens) / self._rate
 
     def take(self, key: str) -> float | None:
         """Take a token for one login attempt: None if granted, else seconds to wait."""
