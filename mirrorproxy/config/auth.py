@@ -43,6 +43,7 @@ def load_client_auth(server: Table) -> ClientAuth | None:
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise t.error("token_realm", f"not an http(s) URL: {realm!r}")
+    service, issuer = _text(t, "token_service"), _text(t, "token_issuer")
     keys_path = t.file("token_public_keys")
     if keys_path is not None:
         try:
@@ -54,8 +55,8 @@ def load_client_auth(server: Table) -> ClientAuth | None:
     out = ClientAuth(
         htpasswd=htpasswd,
         token_realm=realm,
-        token_service=_text(t, "token_service"),
-        token_issuer=_text(t, "token_issuer"),
+        token_service=service,
+        token_issuer=issuer,
         token_public_keys=keys_path,
         groups=_groups(t),
         max_failed_logins=t.take("max_failed_logins", int, d.max_failed_logins),
