@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy import keys
 from mirrorproxy.app import create_app
+from mirrorproxy.blobfill import FillTuning
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
 from tests.fakes.registry import FakeRegistry
@@ -85,6 +86,16 @@ class Mirror:
     def manifest_file(self, digest: str) -> Path:
         alg, hex_ = digest.split(":", 1)
         return self.cache_dir / "manifests" / alg / hex_[:2] / hex_
+
+    @property
+    def fill_tuning(self) -> FillTuning:
+        """How the app's downloads share bytes (``tune`` changes it for new downloads)."""
+        return self.client.app[keys.PULLTHROUGH].fill_tuning
+
+    def tune(self, **changes: Any) -> None:
+        """Change ``FillTuning`` values (e.g. ``write_batch``) for downloads started after."""
+        pt = self.client.app[keys.PULLTHROUGH]
+        pt.fill_tuning = replace(pt.fill_tuning, **changes)
 
     @property
     def budget(self) -> CacheBudget:
