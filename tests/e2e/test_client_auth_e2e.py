@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from tests.support import images, tls
-from tests.support.cri import AuthConfig, CriContainerd
+from tests.support.cri import AuthConfig, CriContainerd, CriImageClient, rpc_error_text
 from tests.support.procs import (
     CTR_ENV_OVERRIDES,
     Containerd,
@@ -329,13 +329,11 @@ def test_ctr_user(site: Site, scheme: str, containerd: Containerd, hosts_dir: Pa
 def _cri_pull(
     ctd: CriContainerd, ref: str, auth: AuthConfig | None
 ) -> tuple[str | None, str | None]:
-    client = ctd.client()
-    try:
-        return client.pull_image(ref, auth), None
-    except grpc.RpcError as err:
-        return None, str(err.details())
-    finally:
-        client.close()
+    with CriImageClient(ctd.address) as client:
+        try:
+            return client.pull(ref, auth), None
+        except grpc.RpcError as err:
+            return None, rpc_error_text(err)
 
 
 @pytest.mark.parametrize("scheme", ["basic", "bearer"])
@@ -383,7 +381,7 @@ def test_cri_registry_configs_auth_for_the_mirror_host(site: Site, hosts_dir: Pa
     mirror = site.basic
     write_hosts_toml(hosts_dir, PRIVATE, f"https://{PRIVATE}", mirror.url)
     configs = {_host(mirror): {"username": "alice", "password": USERS["alice"]}}
-    with CriContainerd(hosts_dir, registry_configs=configs) as ctd:
+    with CriContainerd(hosts_dir, registry_auth=configs) as ctd:
         mark = _mark(mirror)
         image_id, error = _cri_pull(ctd, f"{PRIVATE}/{PRIVATE_REPO}:{TAG}", None)
         seen = _access(mirror, mark, last=f"/blobs/{_last_layer(site.private_image)}")
