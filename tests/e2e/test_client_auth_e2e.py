@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import grpc
 import pytest
 
 from tests.support import images, tls
+from tests.support.containers import ContainersTools
 from tests.support.cri import AuthConfig, CriContainerd, CriImageClient, rpc_error_text
 from tests.support.procs import (
     CTR_ENV_OVERRIDES,
@@ -236,58 +236,32 @@ def test_skopeo_with_and_without_creds(site: Site, scheme: str) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["basic", "bearer"])
-def test_podman_login_then_pull(site: Site, scheme: str, tmp_path: Path) -> None:
+def test_podman_login_then_pull(
+    site: Site, scheme: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     _require("podman")
     mirror = site.basic if scheme == "basic" else site.bearer
-    short = Path(tempfile.mkdtemp(prefix="pod", dir="/tmp"))  # podman: runroot <= 50 chars
-    try:
-        _podman_login_then_pull(site, mirror, scheme, tmp_path, short)
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
-
-
-def _podman_login_then_pull(
-    site: Site, mirror: MirrorProcess, scheme: str, tmp_path: Path, short: Path
-) -> None:
-    registries = tmp_path / "registries.conf"
+    workdir = tmp_path_factory.mktemp("podauth")  # short: podman wants runroot <= 50 chars
+    registries = workdir / "registries.conf"
     registries.write_text("unqualified-search-registries = []\n")
-    env = {"CONTAINERS_REGISTRIES_CONF": str(registries)}
-    base = [
-        "podman",
-        "--root",
-        str(short / "root"),
-        "--runroot",
-        str(short / "run"),
-        "--storage-driver",
-        "vfs",
-    ]
-    auth_file = tmp_path / "auth.json"
+    tools = ContainersTools(workdir, registries)
+    auth_file = workdir / "auth.json"
     auth_file.write_text('{"auths": {}}\n')  # podman's own, never the machine's logins
-    auth = ["--authfile", str(auth_file), "--tls-verify=false"]
+    auth = ("--authfile", str(auth_file), "--tls-verify=false")
+    login = ("login", *auth, "-u", "alice", "--password-stdin", _host(mirror))
     ref = f"{_host(mirror)}/{PRIVATE}/{PRIVATE_REPO}:{TAG}"
     mark = _mark(mirror)
-    before = _run([*base, "pull", *auth, ref], env=env)
+    before = tools.podman("pull", *auth, ref)
     assert before.returncode != 0
-    assert (
-        "unauthorized" in before.stderr.lower()
-        or "authentication required" in before.stderr.lower()
-    ), before.stderr
-    bad = _run(
-        [*base, "login", *auth, "-u", "alice", "--password-stdin", _host(mirror)],
-        env=env,
-        stdin="not-her-password\n",
-    )
+    # Basic: "authentication required"; Bearer: an anonymous token without the scope.
+    assert "authentication required" in before.stderr or "unauthorized" in before.stderr
+
+    bad = tools.podman(*login, stdin="not-her-password\n")
     assert bad.returncode != 0  # the login check on /v2/ refuses it
-    assert "invalid username/password" in bad.stderr or "unauthorized" in bad.stderr.lower(), (
-        bad.stderr
-    )
-    login = _run(
-        [*base, "login", *auth, "-u", "alice", "--password-stdin", _host(mirror)],
-        env=env,
-        stdin=USERS["alice"] + "\n",
-    )
-    assert login.returncode == 0, login.stderr
-    pulled = _run([*base, "pull", *auth, ref], env=env)
+    assert "invalid username/password" in bad.stderr, bad.stderr
+    good = tools.podman(*login, stdin=USERS["alice"] + "\n")
+    assert good.returncode == 0, good.stderr
+    pulled = tools.podman("pull", *auth, ref)
     assert pulled.returncode == 0, pulled.stderr
     seen = _access(mirror, mark, last=f"/blobs/{_last_layer(site.private_image)} 200")
     print(f"podman/{scheme} -> mirror:", *seen, sep="\n  ")
@@ -356,7 +330,9 @@ def test_cri_pull_image_with_pull_secret_credentials(
         with CriContainerd(hosts_dir) as ctd:  # a fresh content store per case
             mark = _mark(mirror)
             image_id, error = _cri_pull(ctd, ref, auth)
-            seen = _access(mirror, mark, last=f"manifests/{TAG}?ns={PRIVATE}")
+            # Wait for the line that decided it: lines are written in batches.
+            decided = f"manifests/{TAG}?ns={PRIVATE} {200 if image_id else 401}"
+            seen = _access(mirror, mark, last=decided)
             results[name] = (image_id, error, seen)
             print(f"CRI/{scheme} {name}: id={image_id} error={error}", *seen, sep="\n  ")
     manifest = f"HEAD /v2/{PRIVATE_REPO}/manifests/{TAG}?ns={PRIVATE}"
