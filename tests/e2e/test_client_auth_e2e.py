@@ -263,7 +263,7 @@ def test_podman_login_then_pull(
     assert good.returncode == 0, good.stderr
     pulled = tools.podman("pull", *auth, ref)
     assert pulled.returncode == 0, pulled.stderr
-    seen = _access(mirror, mark, last=f"/blobs/{_last_layer(site.private_image)} 200")
+    seen = _access(mirror, mark, last=f"/blobs/{_config_digest(site.private_image)} 200")
     print(f"podman/{scheme} -> mirror:", *seen, sep="\n  ")
     assert (
         f"GET /v2/{PRIVATE}/{PRIVATE_REPO}/blobs/{_config_digest(site.private_image)} 200" in seen
