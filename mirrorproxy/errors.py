@@ -105,7 +105,8 @@ class BadRequest(RegistryError):
 
 
 class Denied(RegistryError):
-    """The client's address is outside ``[server] allow``."""
+    """The client's address is outside ``[server] allow``, or a logged-in user may
+    not pull through that namespace (``access``)."""
 
     code, status = "DENIED", 403
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -114,7 +115,7 @@ class Isolation:
             return ""
         try:
             entry = index.get(kind, str(digest))
-        except Exception as err:  # sqlite3.Error, or a closed index at shutdown
+        except sqlite3.Error as err:  # a closed index at shutdown counts too
             logger.warning("cannot read the cache index for %s: %s", digest, err)
             return ""
         return entry.namespace if entry is not None else ""
