@@ -211,3 +211,25 @@ async def test_no_isolation_lookups_without_private_namespaces(
     assert resp.status == 200
     assert await resp.read() == data
     assert second.registry.requests == []
+
+
+async def test_content_of_unknown_origin_is_confirmed_too(
+    setup: tuple[Mirror, RunningFake, RunningFake, Image],
+) -> None:
+    """A cached file the index knows nothing about (a crash before the index write,
+    say) may have come through the private namespace: treated like that."""
+    mirror, _, public, _ = setup
+    data = b"public layer bytes" * 1000
+    digest = public.registry.add_blob(data)
+    assert (await mirror.client.get(_blob(OPEN, digest))).status == 200
+    await mirror.settled()
+    index = mirror.budget.index
+    assert index is not None
+    index.remove("blob", digest)  # as if the entry had never been written
+    public.registry.clear_log()
+    resp = await mirror.client.get(_blob(OPEN, digest))
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert [(r.method, r.path) for r in public.registry.requests] == [
+        ("HEAD", f"/v2/{PROBE_REPO}/blobs/{digest}")
+    ]
