@@ -158,6 +158,7 @@ class BlobFill:
         self._verified = False  # digest matched: the held-back last byte may go out
         self._tick: asyncio.Future[None] = loop.create_future()  # more to read, or the end
         self._moved_fut: asyncio.Future[None] = loop.create_future()  # a follower moved on
+        self.failed: asyncio.Future[None] = loop.create_future()  # resolves when it fails
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
 
     def claim_direct(self) -> UpstreamResponse | None:
@@ -178,6 +179,12 @@ class BlobFill:
     @property
     def finished(self) -> bool:
         return self.result is not None or self.error is not None
+
+    @property
+    def held(self) -> int:
+        """Bytes of this download held in memory (not on disk, or not yet sent once the
+        disk failed)."""
+        return self._window_bytes
 
     def check(self) -> None:
         """Raise FillFailed if the download failed (followers call it between sends)."""
@@ -470,6 +477,7 @@ class BlobFill:
                 await self._stream_out()
         except BaseException as err:
             self.error = err
+            self.failed.set_result(None)
             self._on_done(self)  # new requests start afresh instead of joining a failure
             self._release_clients()  # cut them now, not after the disk lets go
             self._log_failure(err, resp)

@@ -18,9 +18,10 @@ for slow ones, so a stall or a failure is seen soon. A client slower than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Coroutine
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
@@ -77,29 +78,26 @@ class Sender:
         pos: int,
         end: int,
         *,
-        check: Callable[[], None] | None = None,
+        fill: BlobFill | None = None,
         moved: Callable[[int], None] | None = None,
     ) -> int:
         """Send bytes ``[pos, end)`` of ``f``; return ``end``.
 
-        ``check`` runs before every slice (it raises to stop), ``moved`` gets the new
-        position after each.
+        With ``fill`` (the download writing ``f``), a failure of the download stops
+        the slice under way; ``moved`` gets the new position after each slice.
 
         Raises:
+            FillFailed: ``fill`` failed.
             Stalled: the client took nothing for ``stall`` seconds.
             EOFError: the file ends early.
         """
         loop = asyncio.get_running_loop()
         while pos < end:
-            if check is not None:
-                check()
+            if fill is not None:
+                fill.check()
             n = min(self._slice, end - pos)
             began = loop.time()
-            try:
-                async with asyncio.timeout(self._stall):
-                    done = await loop.sendfile(self.transport(), f, pos, n)
-            except TimeoutError:
-                raise Stalled(f"client took nothing for {self._stall:.0f}s") from None
+            done = await self._slice_unless(loop.sendfile(self.transport(), f, pos, n), fill)
             if not done:
                 raise EOFError(f"file ends before byte {pos}")
             self._adapt(loop.time() - began, done)
@@ -108,6 +106,39 @@ class Sender:
             if moved is not None:
                 moved(pos)
         return pos
+
+    async def _slice_unless(self, send: Coroutine[Any, Any, int], fill: BlobFill | None) -> int:
+        """Run one ``sendfile``; stop it if the client stalls or ``fill`` fails meanwhile."""
+        task = asyncio.ensure_future(send)
+        stops: set[asyncio.Future[Any]] = {task}
+        if fill is not None:
+            stops.add(fill.failed)
+        await asyncio.wait(stops, timeout=self._stall, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        await self._abort(task)
+        if fill is not None:
+            fill.check()  # raises FillFailed
+        raise Stalled(f"client took nothing for {self._stall:.0f}s")
+
+    async def _abort(self, task: asyncio.Future[int]) -> None:
+        """Drop the connection under a running ``sendfile``, then let the call end.
+
+        Not by cancelling it first: asyncio's ``sendfile`` cancelled while it waits for
+        the transport's buffer to empty leaves that transport unable to close.
+        Aborting fails that wait within a loop turn or two; a call further on, in
+        the socket wait itself, is safe to cancel.
+        """
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+        for _ in range(3):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
     async def data(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
         """Write ``data`` through ``resp`` (which frames it), in slices.
@@ -162,7 +193,7 @@ class Sender:
             elif part <= pos:
                 return  # complete and verified (unknown end)
             elif end is not None:
-                await self.file(follower.file, pos, part, check=fill.check, moved=follower.advance)
+                await self.file(follower.file, pos, part, fill=fill, moved=follower.advance)
             else:
                 data = await asyncio.to_thread(
                     os.pread, follower.file.fileno(), min(part - pos, RELAY_CHUNK), pos

@@ -144,6 +144,7 @@ class MirrorFactory(Protocol):
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> Awaitable[Mirror]: ...
 
 
@@ -156,14 +157,17 @@ def mirror_config(
     read_timeout: str = "2s",
     namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
     cache: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
 ) -> Config:
     """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``.
 
     ``cache`` adds keys to the ``[cache]`` table as the TOML file would give them,
-    e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``.
+    e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``; ``server``
+    likewise to ``[server]`` (``{"client_timeout": "500ms"}``).
     """
     nss = {NS: upstreams} if namespaces is None else namespaces
     data = {
+        **({"server": dict(server)} if server else {}),
         "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl, **(cache or {})},
         "defaults": {
             "connect_timeout": "1s",
@@ -207,6 +211,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -216,6 +221,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             read_timeout=read_timeout,
             namespaces=namespaces,
             cache=cache,
+            server=server,
         )
         client = await aiohttp_client(create_app(config))
         return Mirror(client, config)
