@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clientlab import ClientMatrix, LabMirror, Upstreams
+from tests.support.clientlab import LabMirror, Upstreams
+from tests.support.exchanges import ClientMatrix
 from tests.support.procs import (
     Containerd,
     MirrorFactory,

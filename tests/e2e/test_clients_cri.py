@@ -20,15 +20,17 @@ import pytest
 
 from tests.support.clientlab import (
     IMAGE_KINDS,
-    ClientMatrix,
-    Exchange,
     LabImage,
     LabMirror,
     Upstreams,
+)
+from tests.support.cri import CriContainerd, CriImageClient, rpc_error_text
+from tests.support.exchanges import (
+    ClientMatrix,
+    Exchange,
     describe_all,
     served_problems,
 )
-from tests.support.cri import CriContainerd, CriImageClient, rpc_error_text
 
 
 @pytest.fixture(scope="module")

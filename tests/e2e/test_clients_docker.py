@@ -18,17 +18,19 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.clientlab import (
-    ClientMatrix,
-    Exchange,
     LabMirror,
     Upstreams,
+    require_tools,
+)
+from tests.support.dockerd import Dockerd
+from tests.support.exchanges import (
+    ClientMatrix,
+    Exchange,
     describe_all,
     last_error,
     manifest_exchanges,
-    require_tools,
     served_problems,
 )
-from tests.support.dockerd import Dockerd
 
 DOCKER_KINDS = ("v2s2", "oci", "oci-index", "docker-list")
 PULLS = 4  # Docker orders its Accept lines at random on each pull
@@ -37,7 +39,7 @@ PULLS = 4  # Docker orders its Accept lines at random on each pull
 @pytest.fixture(scope="module")
 def dockerd(lab_mirror: LabMirror) -> Iterator[Dockerd]:
     """One dockerd for the module, with the mirror as its registry mirror."""
-    require_tools("dockerd", package="docker.io")
+    require_tools("dockerd", "docker", package="docker.io")
     daemon = Dockerd(lab_mirror.url)
     yield daemon
     daemon.cleanup()

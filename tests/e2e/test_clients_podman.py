@@ -19,17 +19,19 @@ import pytest
 
 from tests.support.clientlab import (
     IMAGE_KINDS,
-    ClientMatrix,
-    Exchange,
     LabImage,
     LabMirror,
     Upstreams,
-    describe_all,
-    last_error,
     require_tools,
-    served_problems,
 )
 from tests.support.containers import ContainersTools
+from tests.support.exchanges import (
+    ClientMatrix,
+    Exchange,
+    describe_all,
+    last_error,
+    served_problems,
+)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,18 @@ import pytest
 from tests.support import images
 from tests.support.clientlab import (
     IMAGE_KINDS,
-    ClientMatrix,
     LabImage,
     LabMirror,
     Upstreams,
-    describe_all,
-    last_error,
     require_tools,
-    served_problems,
 )
 from tests.support.containers import ContainersTools
+from tests.support.exchanges import (
+    ClientMatrix,
+    describe_all,
+    last_error,
+    served_problems,
+)
 from tests.support.procs import Registry
 
 MULTI_ARCH = ("oci-index", "docker-list")

@@ -25,7 +25,19 @@ class ContainersTools:
     def __init__(self, workdir: Path, registries_conf: Path | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.env = dict(os.environ) | CTR_ENV_OVERRIDES
+        # The machine's containers.conf and a user's registry logins stay out of it.
+        empty_conf = workdir / "containers.conf"
+        empty_conf.write_text("")
+        no_logins = workdir / "auth.json"
+        no_logins.write_text('{"auths": {}}\n')
+        self.env = (
+            dict(os.environ)
+            | CTR_ENV_OVERRIDES
+            | {
+                "CONTAINERS_CONF": str(empty_conf),
+                "REGISTRY_AUTH_FILE": str(no_logins),
+            }
+        )
         if registries_conf is not None:
             self.env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
 

@@ -45,9 +45,17 @@ class Dockerd(_Process):
         self.dir = Path(tempfile.mkdtemp(prefix="dkd", dir="/tmp"))
         super().__init__(self.dir / "dockerd.log")
         self.socket = self.dir / "docker.sock"
+        # Neither the machine's daemon.json nor a user's CLI config (credential
+        # helpers, auths) may change what is pulled from where.
+        config_file = self.dir / "daemon.json"
+        config_file.write_text("{}\n")
+        self.cli_config = self.dir / "cli"
+        self.cli_config.mkdir()
         mirror_host = mirror_url.split("://", 1)[1]
         argv = [
             "dockerd",
+            "--config-file",
+            str(config_file),
             "--containerd",
             self.containerd.address,
             "--registry-mirror",
@@ -92,6 +100,7 @@ class Dockerd(_Process):
             [self.cli, "-H", f"unix://{self.socket}", *args],
             capture_output=True,
             text=True,
+            env=dict(os.environ) | {"DOCKER_CONFIG": str(self.cli_config)},
             timeout=timeout,
             check=False,
         )
