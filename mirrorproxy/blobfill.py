@@ -1,13 +1,24 @@
 """BlobFill: one upstream download of a blob, shared by every client that wants it.
 
 The download runs as its own task, detached from any client, so it completes (and
-the cache gets the blob) even when the client that started it goes away. Clients
-follow the temp file as it grows, each at its own pace; the few that keep up with
-the download are "live": each chunk goes to their socket straight from memory, so
-they do not wait for the disk. A live client that falls behind goes back to the
-file. The last byte is held back until the digest is verified, so a corrupt
-download never reaches a client whole. A connection cut mid-blob resumes with
-``Range`` on the next usable endpoint.
+the cache gets the blob) even when the client that started it goes away. Each
+client joins as a ``Follower`` and reads the temp file as it grows, at its own
+pace; the few that keep up with the download are "live": each chunk goes to their
+socket straight from memory, so they do not wait for the disk. A live client that
+falls behind goes back to the file.
+
+Integrity: the last byte of every response (whole blob or range) is held back
+until the digest is verified, so a corrupt download never reaches a client whole.
+When a download fails, its followers learn it at once (they check between bounded
+sends). On a digest mismatch the endpoints that sent the bytes cool down (only a
+verified body clears that), and ``CorruptBlobs`` remembers them so the next
+download of the blob tries them last.
+
+Faults: a connection cut mid-blob resumes with ``Range`` on the next usable
+endpoint. A disk that fails mid-download (ENOSPC, EIO) turns the download into
+stream-through for its followers: the bytes not on disk stay in memory (bounded;
+the download then goes at the pace of the slowest follower), are verified the
+same way, and nothing is cached.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
 from typing import BinaryIO
 
 import aiohttp
@@ -25,7 +38,8 @@ from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import BlobWriter, CacheWriteError, DigestMismatch, FileBlobStore
 from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget, Reservation
 from mirrorproxy.cache.index import BLOB
-from mirrorproxy.config import Namespace
+from mirrorproxy.config import Namespace, Upstream
+from mirrorproxy.corruption import CorruptBlobs
 from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import Digest
@@ -33,11 +47,21 @@ from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamR
 
 logger = logging.getLogger(__name__)
 
-WRITE_BATCH = 4 * 1024 * 1024  # bytes gathered before one write: fewer thread hops
-LIVE_MAX = 4  # live clients per download; the others read the file (sendfile, no copy)
-LIVE_BUFFER = 4 * 1024 * 1024  # a live client with more than this unsent goes to the file
-MAX_RESUMES = 3
-UNCLAIMED_TIMEOUT = 30.0  # a direct response nobody picked up is closed after this
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FillTuning:
+    """How downloads share their bytes (tests pass smaller values)."""
+
+    write_batch: int = 4 * MIB  # bytes gathered before one write: fewer thread hops
+    live_max: int = 4  # live clients per download; the others read the file (sendfile)
+    live_buffer: int = 4 * MIB  # a live client with more than this unsent goes to the file
+    # Once the disk failed: bytes kept in memory for the followers; past this the
+    # download waits for the slowest of them.
+    stream_buffer: int = 16 * MIB
+    max_resumes: int = 3
+    unclaimed_timeout: float = 30.0  # a direct response nobody picked up is closed after this
 
 
 class FillFailed(Exception):
@@ -58,6 +82,40 @@ class LiveFollower:
         self.left: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
 
+class Follower:
+    """One client of a fill: its next byte, and its own handle on the temp file.
+
+    The handle is opened on joining and follows the file across the rename at
+    commit (or its removal), so a follower can always read what was written.
+    """
+
+    __slots__ = ("_fill", "file", "pos")
+
+    def __init__(self, fill: BlobFill, file: BinaryIO, pos: int) -> None:
+        self._fill, self.file, self.pos = fill, file, pos
+
+    def advance(self, pos: int) -> None:
+        """Record that everything before ``pos`` was sent."""
+        self.pos = pos
+        self._fill._moved()
+
+    def close(self) -> None:
+        """Leave the fill (idempotent)."""
+        self._fill._leave(self)
+        self.file.close()
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class BlobFill:
     def __init__(
         self,
@@ -70,11 +128,13 @@ class BlobFill:
         store: FileBlobStore,
         budget: CacheBudget,
         metrics: Metrics,
+        corrupt: CorruptBlobs,
+        tuning: FillTuning,
         on_done: Callable[[BlobFill], None],
     ) -> None:
         self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
         self._client, self._store, self._metrics, self._on_done = client, store, metrics, on_done
-        self._budget = budget
+        self._budget, self._corrupt, self._tuning = budget, corrupt, tuning
         # Set instead of a writer when the blob cannot be cached: the upstream
         # response itself, for the one client that claims it.
         self.direct: UpstreamResponse | None = None
@@ -86,11 +146,19 @@ class BlobFill:
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
         self._reservation: Reservation | None = None  # this fill's room in the budget
+        self._sources: list[Upstream] = []  # endpoints that sent bytes of this download
         self.received = 0  # bytes taken from upstream: on disk, in flight or in ``_window``
-        self._window: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not yet on disk
+        # (offset, chunk) not yet on disk; once streaming, not yet sent to every follower
+        self._window: deque[tuple[int, bytes]] = deque()
+        self._window_bytes = 0
         self._live: list[LiveFollower] = []
+        self._followers: set[Follower] = set()
+        self._streaming = False  # the disk failed: followers are served from memory
+        self._finishing = False  # streaming and verified: waiting for followers to finish
         self._verified = False  # digest matched: the held-back last byte may go out
-        self._tick: asyncio.Future[None] = loop.create_future()
+        self._tick: asyncio.Future[None] = loop.create_future()  # more to read, or the end
+        self._moved_fut: asyncio.Future[None] = loop.create_future()  # a follower moved on
+        self.failed: asyncio.Future[None] = loop.create_future()  # resolves when it fails
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
 
     def claim_direct(self) -> UpstreamResponse | None:
@@ -112,36 +180,113 @@ class BlobFill:
     def finished(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def _notify(self) -> None:
-        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
-        tick.set_result(None)
+    @property
+    def held(self) -> int:
+        """Bytes of this download held in memory (not on disk, or not yet sent once the
+        disk failed)."""
+        return self._window_bytes
 
-    def _readable(self) -> int:
-        if self._writer is None:
-            return 0
+    def check(self) -> None:
+        """Raise FillFailed if the download failed (followers call it between sends)."""
+        if self.error is not None:
+            raise FillFailed(_describe(self.error))
+
+    # -- followers ---------------------------------------------------------------
+
+    def join(self, pos: int) -> Follower | None:
+        """Follow this download from byte ``pos``; None if it cannot serve that any more."""
+        if self._writer is None or self.error is not None:
+            return None
+        if self._streaming and not self._available(pos):
+            return None
+        file = self._writer.reader()
+        if file is None:  # committed: the writer let go of the file
+            if self.result is None:
+                return None
+            file = open(self.result.path, "rb", buffering=0)  # noqa: SIM115 - the follower owns it
+        follower = Follower(self, file, pos)
+        self._followers.add(follower)
+        return follower
+
+    def _available(self, pos: int) -> bool:
+        """Whether a new follower can still get byte ``pos`` (file, memory or to come)."""
+        if pos < self.written:
+            return True
+        return pos >= (self._window[0][0] if self._window else self.received)
+
+    def _leave(self, follower: Follower) -> None:
+        if follower not in self._followers:
+            return
+        self._followers.discard(follower)
+        self._moved()
+        if self._streaming and not self._followers and not self.finished:
+            if self._finishing:
+                self._wake_pump()
+            else:
+                logger.info(
+                    "blob %s: no client left for the uncached download; stopped", self.digest
+                )
+                self.task.cancel()
+
+    def _moved(self) -> None:
+        """A follower moved on or left: in memory-only mode, forget what all have sent."""
+        if self._streaming:
+            self._trim(min((f.pos for f in self._followers), default=self.received))
+            self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        moved, self._moved_fut = self._moved_fut, asyncio.get_running_loop().create_future()
+        moved.set_result(None)
+
+    async def next_part(self, follower: Follower, end: int | None) -> int | memoryview:
+        """What ``follower`` may send next of a response ending at ``end`` (None: the blob's end).
+
+        Returns:
+            A position past ``follower.pos`` up to which it may read its file, or bytes
+            from memory (after a disk failure); ``follower.pos`` itself when the blob is
+            complete and everything was sent (only for ``end=None``).
+
+        Raises:
+            FillFailed: the download failed; the response must be aborted.
+        """
+        while True:
+            self.check()
+            pos, cap = follower.pos, self._cap(end)
+            if pos < cap:
+                written = self.written
+                if pos < written:
+                    return min(written, cap)
+                if self._streaming:
+                    view = self._from_memory(pos, cap)
+                    if view is not None:
+                        return view
+            elif self._verified and pos >= self.received:
+                return pos  # everything was sent
+            await asyncio.shield(self._tick)
+
+    def _cap(self, end: int | None) -> int:
+        """How far a response ending at ``end`` may go now: never to its last byte unverified."""
         if self._verified:
-            return self._writer.written
-        limit = self._writer.written - 1
+            return end if end is not None else self.received
+        limit = (end if end is not None else self.received) - 1
         if self.size is not None:
             limit = min(limit, self.size - 1)  # never a complete-looking unverified blob
         return max(0, limit)
 
-    def open_reader(self) -> BinaryIO:
-        """Open the blob being written, for a client to follow with ``readable``.
+    def _from_memory(self, pos: int, cap: int) -> memoryview | None:
+        for offset, chunk in self._window:
+            if offset <= pos < offset + len(chunk):
+                stop = min(offset + len(chunk), cap)
+                return memoryview(chunk)[pos - offset : stop - offset] if stop > pos else None
+        return None
 
-        Raises:
-            FillFailed: the download failed or never started.
-        """
-        # Open synchronously, right after checking state: the temp file is renamed
-        # on commit, and an open descriptor follows it across the rename.
-        if self.error is not None or self._writer is None:
-            raise FillFailed(str(self.error or "download not started"))
-        path = self.result.path if self.result is not None else self._writer.tmp_path
-        try:
-            return open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            # The commit's rename (in a worker thread) beat us: it is in place now.
-            return open(self._store.path_of(self.digest), "rb", buffering=0)
+    def _trim(self, below: int) -> None:
+        """Drop the chunks in memory that end at or before ``below``."""
+        window = self._window
+        while window and window[0][0] + len(window[0][1]) <= below:
+            self._window_bytes -= len(window.popleft()[1])
+
+    # -- live clients --------------------------------------------------------------
 
     def go_live(self, transport: asyncio.Transport, pos: int, end: int) -> LiveFollower | None:
         """Have the download write to ``transport`` from ``pos`` (None: read the file).
@@ -149,17 +294,19 @@ class BlobFill:
         Only for a client that has everything on disk before ``pos``, wants the rest
         of the blob, and is close enough to the head to catch up from memory.
         """
+        tuning = self._tuning
         if (
             self._writer is None
+            or self._streaming
             or self.finished
             or self.size is None
             or end != self.size
             or pos >= end - 1
-            or len(self._live) >= LIVE_MAX
+            or len(self._live) >= tuning.live_max
             or not self._writer.written <= pos <= self.received
-            or self.received - pos > LIVE_BUFFER
+            or self.received - pos > tuning.live_buffer
             or transport.is_closing()
-            or transport.get_write_buffer_size() > LIVE_BUFFER // 2
+            or transport.get_write_buffer_size() > tuning.live_buffer // 2
         ):
             return None
         live = LiveFollower(transport, pos, end)
@@ -192,41 +339,60 @@ class BlobFill:
             whole = start == 0 and stop == len(chunk)
             transport.write(chunk if whole else memoryview(chunk)[start:stop])
             live.pos = offset + stop
-        if live.pos >= live.end or transport.get_write_buffer_size() > LIVE_BUFFER:
+        if live.pos >= live.end or transport.get_write_buffer_size() > self._tuning.live_buffer:
             self.leave(live)
 
+    def _notify(self) -> None:
+        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+        tick.set_result(None)
+
     def _on_written(self) -> None:
-        """More is on disk: forget those chunks, wake followers of the file."""
-        written = self.written
-        window = self._window
-        while window and window[0][0] + len(window[0][1]) <= written:
-            window.popleft()
+        """The disk moved: forget chunks now on disk, wake followers (or go memory-only)."""
+        writer = self._writer
+        if writer is not None and writer.disk_error is not None:
+            if not self._streaming and not self.finished:
+                self._degrade(writer.disk_error)
+            return
+        if not self._streaming:
+            self._trim(self.written)
         self._notify()
 
-    async def readable(self, pos: int) -> int:
-        """Wait until bytes past ``pos`` may be sent; return how far (``pos``: the end).
+    def _degrade(self, err: BaseException) -> None:
+        """The disk failed: serve the followers from memory, cache nothing."""
+        self._streaming = True
+        self._metrics.cache_write_errors.inc()
+        self._metrics.cache_passthrough.labels(WRITE_ERROR).inc()
+        if self._reservation is not None:
+            self._reservation.release()  # nothing of it will be committed
+        if isinstance(err, OSError):
+            self._budget.write_failed(err)
+        logger.error(
+            "blob %s: cache write failed (%s); streaming it uncached to its %d clients",
+            self.digest,
+            err,
+            len(self._followers),
+        )
+        self._on_done(self)  # new requests start afresh (and stream through)
+        for live in list(self._live):
+            self.leave(live)  # from now on they read memory like the others
+        self._moved()
+        self._notify()
+        if not self._followers and not self._verified:
+            logger.info("blob %s: no client to stream the uncached download to", self.digest)
+            self.task.cancel()
 
-        Raises:
-            FillFailed: the download failed; the response must be aborted.
-        """
-        while True:
-            if self.error is not None:
-                raise FillFailed(str(self.error))
-            limit = self._readable()
-            if limit > pos:
-                return limit
-            if self.result is not None:
-                return limit  # everything was sent
-            await asyncio.shield(self._tick)
+    # -- the download --------------------------------------------------------------
 
     async def _run(self) -> None:
         resp: UpstreamResponse | None = None
         path = f"{self.repo}/blobs/{self.digest}"
         what = f"blob {self.digest}"
+        avoid = self._corrupt.avoid(self.digest)
         try:
             resp = await self._client.open(
-                self.ns, self.ns_name, "GET", path, what=what, stream=True
+                self.ns, self.ns_name, "GET", path, what=what, stream=True, avoid=avoid
             )
+            self._sources.append(resp.upstream)
             self.size = resp.content_length
             self.upstream = resp.upstream.url
             self._reservation = self._budget.reserve(self.digest, self.size)
@@ -264,7 +430,7 @@ class BlobFill:
                     )
                     resp.close()
                     self._client.mark_failed(self.ns, resp.upstream)
-                    if resumes > MAX_RESUMES:
+                    if resumes > self._tuning.max_resumes:
                         raise
                     resp = await self._client.open(
                         self.ns,
@@ -274,7 +440,9 @@ class BlobFill:
                         what=what,
                         stream=True,
                         start=self.received,
+                        avoid=avoid,
                     )
+                    self._sources.append(resp.upstream)
                     self.upstream = resp.upstream.url
                     self._check_resumed(resp)
             if self.size is not None and self.received != self.size:
@@ -284,19 +452,37 @@ class BlobFill:
             # fsync and rename follow while clients finish (this fill stays
             # registered until then: a request meanwhile joins it).
             await self._writer.verify()
+            self._client.mark_verified(self.ns, resp.upstream)
             self._on_verified()
-            self.result = await self._writer.commit()
-            self._budget.committed(
-                BLOB, self.digest, self.result.size, self.ns_name, reservation=self._reservation
-            )
-            logger.info(
-                "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
-            )
+            if not self._streaming:
+                try:
+                    self.result = await self._writer.commit()
+                except CacheWriteError as err:  # fsync or rename: the file is whole
+                    self._degrade(err)
+                else:
+                    self._budget.committed(
+                        BLOB,
+                        self.digest,
+                        self.result.size,
+                        self.ns_name,
+                        reservation=self._reservation,
+                    )
+                    logger.info(
+                        "cached blob %s (%d bytes) from %s",
+                        self.digest,
+                        self.result.size,
+                        resp.upstream.url,
+                    )
+            if self._streaming:
+                await self._stream_out()
         except BaseException as err:
             self.error = err
+            self.failed.set_result(None)
             self._on_done(self)  # new requests start afresh instead of joining a failure
             self._release_clients()  # cut them now, not after the disk lets go
             self._log_failure(err, resp)
+            if isinstance(err, DigestMismatch):
+                self._distrust()
             if self._writer is not None:
                 await self._writer.abort()
                 if self._reservation is not None:
@@ -316,6 +502,23 @@ class BlobFill:
             self._release_clients()
             self._on_done(self)
 
+    async def _stream_out(self) -> None:
+        """Verified but not cached: let the followers finish from memory, then clean up."""
+        self._finishing = True
+        while self._followers:
+            await asyncio.shield(self._moved_fut)
+        writer = self._writer
+        assert writer is not None  # noqa: S101 - streaming implies a writer
+        self.error = writer.disk_error or CacheWriteError("the cache could not be written")
+        logger.info("blob %s streamed through uncached", self.digest)
+        await writer.abort()
+
+    def _distrust(self) -> None:
+        """Bad bytes: every endpoint that sent some cools down and goes last next time."""
+        for up in dict.fromkeys(self._sources):
+            self._client.mark_failed(self.ns, up, corrupt=True)
+        self._corrupt.record(self.digest, (up.url for up in self._sources))
+
     def _check_resumed(self, resp: UpstreamResponse) -> None:
         """A resumed response must be the same blob's rest: same total size.
 
@@ -333,11 +536,13 @@ class BlobFill:
             )
 
     def _release_clients(self) -> None:
-        """Live clients go back to ``readable``, which tells them how it ended."""
+        """Live clients go back to ``next_part``, which tells them how it ended."""
         for live in list(self._live):
             self.leave(live)
         self._window.clear()
+        self._window_bytes = 0
         self._notify()
+        self._wake_pump()
 
     def _on_verified(self) -> None:
         """Release the last byte: to live clients from memory, to the others from disk."""
@@ -358,7 +563,7 @@ class BlobFill:
                 self.direct = None
                 resp.close()
 
-        asyncio.get_running_loop().call_later(UNCLAIMED_TIMEOUT, close_unclaimed)
+        asyncio.get_running_loop().call_later(self._tuning.unclaimed_timeout, close_unclaimed)
 
     async def _pump(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
         """Copy the body to live clients and the writer; after a resume from 0, skip."""
@@ -383,23 +588,33 @@ class BlobFill:
                         f" of blob {self.digest}"
                     )
                 self._window.append((offset, chunk))
+                self._window_bytes += len(chunk)
                 for live in list(self._live):
                     self._send_live(live, offset, chunk)
                 batch.append(chunk)
                 batched += len(chunk)
-                if batched >= WRITE_BATCH:
+                if batched >= self._tuning.write_batch or self._streaming:
                     queued, batch, batched = batch, [], 0  # queued once, even if cancelled
                     await writer.write(*queued)
+                if self._streaming:
+                    self._notify()
+                    await self._room()
         finally:
             if batch:  # good bytes before a cut still count: resume after them
                 await writer.write(*batch)
+
+    async def _room(self) -> None:
+        """Memory-only: wait while the bytes held for followers exceed the buffer."""
+        while self._window_bytes > self._tuning.stream_buffer and self._followers:
+            self._trim(min(f.pos for f in self._followers))
+            if self._window_bytes <= self._tuning.stream_buffer:
+                return
+            await asyncio.shield(self._moved_fut)
 
     def _log_failure(self, err: BaseException, resp: UpstreamResponse | None) -> None:
         endpoint = resp.upstream.url if resp is not None else "-"
         if isinstance(err, DigestMismatch):
             self._metrics.digest_mismatches.labels(self.ns.name).inc()
-            if resp is not None:
-                self._client.mark_failed(self.ns, resp.upstream)
             logger.error("blob %s from %s discarded: %s", self.digest, endpoint, err)
         elif isinstance(err, CacheWriteError):
             self._metrics.cache_write_errors.inc()
@@ -408,6 +623,14 @@ class BlobFill:
             logger.warning("blob %s: %s", self.digest, err)
         elif not isinstance(err, asyncio.CancelledError):
             logger.error("blob %s: download from %s failed: %r", self.digest, endpoint, err)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, DigestMismatch):
+        return f"the download failed verification ({err})"
+    if isinstance(err, asyncio.CancelledError):
+        return "the download was stopped"
+    return str(err) or type(err).__name__
 
 
 def _client_error(err: BaseException, what: str) -> Exception:

@@ -75,6 +75,19 @@ class RangeNotSatisfiable(RegistryError):
     code, status = "RANGE_INVALID", 416
 
 
+class ResumeRefused(RegistryError):
+    """A range past byte 0 of a blob whose download just failed verification: what the
+    client holds of it may be corrupt, so it must start again from byte 0."""
+
+    code, status = "RANGE_INVALID", 409
+
+
+class PreconditionFailed(RegistryError):
+    """``If-Match`` names no ETag of the blob (its digest)."""
+
+    code, status = "PRECONDITION_FAILED", 412
+
+
 class PaginationInvalid(RegistryError):
     """A tag list's ``n`` that is not a page size (distribution's code for it)."""
 
@@ -92,7 +105,8 @@ class BadRequest(RegistryError):
 
 
 class Denied(RegistryError):
-    """The client's address is outside ``[server] allow``."""
+    """The client's address is outside ``[server] allow``, or a logged-in user may
+    not pull through that namespace (``access``)."""
 
     code, status = "DENIED", 403
 

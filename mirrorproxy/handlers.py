@@ -5,22 +5,29 @@ No policy and no I/O of its own beyond writing the response body.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorproxy import keys
-from mirrorproxy.blobfill import BlobFill, FillFailed
+from mirrorproxy.blobfill import BlobFill, FillFailed, Follower
+from mirrorproxy.blobhttp import (
+    blob_headers,
+    content_range,
+    first_byte,
+    not_modified,
+    wanted_range,
+)
+from mirrorproxy.blobsend import Sender, Stalled
 from mirrorproxy.cache import BlobInfo
-from mirrorproxy.errors import API_VERSION_HEADER, NotFound, Unavailable, Unsupported
+from mirrorproxy.cache.blobs import DigestMismatch
+from mirrorproxy.clientauth.middleware import authorize_target
+from mirrorproxy.errors import API_VERSION_HEADER, BlobUnknown, NotFound, Unavailable, Unsupported
 from mirrorproxy.namespaces import route
 from mirrorproxy.oci import (
     OCI_INDEX,
@@ -29,7 +36,6 @@ from mirrorproxy.oci import (
     join_fields,
     parse_digest,
     parse_name,
-    parse_range,
     parse_reference,
     parse_tags_query,
 )
@@ -40,10 +46,7 @@ from mirrorproxy.upstream.client import UpstreamResponse
 logger = logging.getLogger(__name__)
 
 STALE_WARNING = '110 - "Response is Stale"'
-BLOB_TYPE = "application/octet-stream"
 SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one read
-CONDITIONAL = ("Range", "If-Range", "If-None-Match", "If-Modified-Since", "If-Match")
-UNSIZED_CHUNK = 1024 * 1024  # read size when the body must go through resp.write
 
 
 def _target(request: web.Request) -> Target:
@@ -51,7 +54,9 @@ def _target(request: web.Request) -> Target:
         request.app[keys.CONFIG], request.query.get("ns"), request.match_info["name"]
     )
     note_ns(request, ns_name)
-    return Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    target = Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    authorize_target(request, ns, ns_name, target.repo)  # [server.auth]: 401/403/429
+    return target
 
 
 async def v2_root(request: web.Request) -> web.Response:
@@ -86,53 +91,97 @@ async def blob(request: web.Request) -> web.StreamResponse:
     target = _target(request)
     digest = parse_digest(request.match_info["digest"])
     pt = request.app[keys.PULLTHROUGH]
-    if request.method == "HEAD":
+    unchanged = not_modified(request.headers, digest)
+    if request.method == "HEAD" or unchanged:
         head = await pt.blob_head(target, digest)
         note_cache(request, head.result, head.upstream)
-        resp = web.Response(headers=_blob_headers(digest))
-        resp.content_type = BLOB_TYPE
+        if unchanged:
+            return web.Response(status=304, headers=blob_headers(digest))
+        resp = web.Response(headers=blob_headers(digest))
         return _with_length(resp, head.size)
-    answer = await pt.blob(target, digest)
-    if answer.info is not None:
-        note_cache(request, HIT)
-        return _serve_file(request, target, digest, answer.info)
-    if answer.fill is not None:
-        note_cache(request, MISS, answer.fill.upstream)
-        return await _serve_fill(request, target, digest, answer.fill, answer.size)
-    if answer.direct is not None:
-        note_cache(request, MISS, answer.direct.upstream.url)
-        return await _serve_direct(request, target, digest, answer.direct)
-    raise RuntimeError("blob answer without file, fill or stream")  # pragma: no cover
+    for _ in range(2):  # a hit evicted before it could be opened is asked again
+        answer = await pt.blob(target, digest, first_byte=first_byte(request.headers, digest))
+        if answer.info is not None:
+            served = await _serve_file(request, target, digest, answer.info)
+            if served is not None:
+                note_cache(request, HIT)
+                return served
+            continue
+        fill = answer.fill
+        if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
+            break
+        note_cache(request, MISS, fill.upstream)
+        rng = wanted_range(request.headers, digest, fill.size)
+        follower = fill.join(rng[0] if rng is not None else 0) if fill.caching else None
+        if follower is not None:
+            with follower:
+                return await _serve_fill(request, target, digest, fill, follower, rng)
+        upstream = await pt.stream_through(target, digest, fill, rng)
+        note_cache(request, MISS, upstream.upstream.url)
+        return await _serve_direct(request, target, digest, upstream, rng, fill.size)
+    raise BlobUnknown(f"blob {digest} vanished while being served")
 
 
-def _serve_file(
-    request: web.Request, target: Target, digest: Digest, info: BlobInfo
-) -> web.StreamResponse:
-    rng = _requested_range(request, info.size)
-    sent = info.size if rng is None else rng[1] - rng[0] + 1
+def _sender(request: web.Request, target: Target, source: str) -> Sender:
+    """A body sender bounded by ``client_timeout``, counting bytes by ``source``."""
     metrics = request.app[keys.METRICS]
-    metrics.child(metrics.cache_bytes, target.ns.name, "cache").inc(sent)
-    if info.size <= SMALL_BLOB and not any(h in request.headers for h in CONDITIONAL):
+    counter = metrics.child(metrics.cache_bytes, target.ns.name, source)
+    stall = request.app[keys.CONFIG].server.client_timeout
+    return Sender(request, stall=stall, count=counter.inc)
+
+
+def _answer(digest: Digest, rng: tuple[int, int] | None, size: int | None) -> web.StreamResponse:
+    """The headers of a 200 (whole blob) or 206 (``rng``), with the length when known."""
+    resp = web.StreamResponse(status=200 if rng is None else 206, headers=blob_headers(digest))
+    if rng is not None and size is not None:
+        resp.headers.update(content_range(rng, size))
+        resp.content_length = rng[1] - rng[0] + 1
+    elif size is not None:
+        resp.content_length = size
+    return resp
+
+
+async def _serve_file(
+    request: web.Request, target: Target, digest: Digest, info: BlobInfo
+) -> web.StreamResponse | None:
+    """Send a cached blob (sendfile); None if it was evicted before it could be opened."""
+    rng = wanted_range(request.headers, digest, info.size)
+    if rng is None and info.size <= SMALL_BLOB:
         small = _read_small(info.path, info.size)
         if small is not None:
-            return web.Response(
-                body=small,
-                headers={**_blob_headers(digest), "Content-Type": BLOB_TYPE},
-            )
-    # FileResponse brings sendfile, Range/If-Range and conditional requests.
+            metrics = request.app[keys.METRICS]
+            metrics.child(metrics.cache_bytes, target.ns.name, "cache").inc(len(small))
+            return web.Response(body=small, headers=blob_headers(digest))
     budget = request.app[keys.PULLTHROUGH].budget
     budget.pin(digest)  # never evicted while being sent
-    return _PinnedFileResponse(
-        info.path,
-        unpin=lambda: budget.unpin(digest),
-        chunk_size=1024 * 1024,
-        headers={"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE},
-    )
+    try:
+        f = _open_cached(info.path)
+        if f is None:
+            return None
+        with f:
+            resp = _answer(digest, rng, info.size)
+            start, end = (0, info.size) if rng is None else (rng[0], rng[1] + 1)
+            sender = _sender(request, target, "cache")
+            try:
+                await resp.prepare(request)
+                await sender.file(f, start, end)
+            except Exception as err:
+                _cut(request, digest, err)
+                return resp
+            finally:
+                note_body_bytes(request, sender.sent)
+    finally:
+        budget.unpin(digest)
+    await resp.write_eof()
+    return resp
 
 
-def _blob_headers(digest: Digest) -> dict[str, str]:
-    """The digest, and an ETag that is the digest (the content never changes)."""
-    return {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
+def _open_cached(path: Path) -> BinaryIO | None:
+    """Open a cached blob (a metadata lookup on the loop: cheap); None if it is gone."""
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
 
 
 def _read_small(path: Path, size: int) -> bytes | None:
@@ -141,168 +190,88 @@ def _read_small(path: Path, size: int) -> bytes | None:
         with open(path, "rb", buffering=0) as f:
             data = f.read(size + 1)
     except OSError:
-        return None  # evicted meanwhile, say: FileResponse reports it properly
+        return None  # evicted meanwhile, say: the sendfile path reports it properly
     return data if len(data) == size else None
 
 
-class _PinnedFileResponse(web.FileResponse):
-    """A FileResponse that releases its cache pin once the file has been sent."""
-
-    def __init__(self, path: Path, *, unpin: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._unpin: Callable[[], None] | None = unpin
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        try:
-            return await super().prepare(request)
-        finally:
-            if self._unpin is not None:
-                self._unpin()
-                self._unpin = None
-
-
 async def _serve_direct(
-    request: web.Request, target: Target, digest: Digest, upstream: UpstreamResponse
+    request: web.Request,
+    target: Target,
+    digest: Digest,
+    upstream: UpstreamResponse,
+    rng: tuple[int, int] | None,
+    size: int | None,
 ) -> web.StreamResponse:
-    """Relay an uncached blob from upstream; the client verifies the digest itself."""
-    resp = web.StreamResponse()
-    resp.headers.update(_blob_headers(digest))
-    resp.content_type = BLOB_TYPE
-    if upstream.content_length is not None:
-        resp.content_length = upstream.content_length
-    counter = request.app[keys.METRICS].cache_bytes.labels(target.ns.name, "upstream")
-    sent = 0
+    """Relay an uncached blob from upstream; a whole blob is verified on the way.
+
+    A range was asked of the upstream itself and cannot be verified here (the
+    client verifies the blob it assembles).
+    """
+    pt = request.app[keys.PULLTHROUGH]
+    size = size if size is not None else (upstream.content_length if rng is None else None)
+    resp = _answer(digest, rng, size)
+    start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
+    whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
+    sender = _sender(request, target, "upstream")
     try:
         await resp.prepare(request)
-        async for chunk in upstream.resp.content.iter_chunked(1024 * 1024):
-            await resp.write(chunk)
-            counter.inc(len(chunk))
-            sent += len(chunk)
+        await sender.relay(
+            resp, upstream, start=start, length=length, digest=digest if whole else None
+        )
     except Exception as err:
         upstream.close()
+        if isinstance(err, DigestMismatch):
+            pt.stream_failed_verification(target, digest, upstream)
         _cut(request, digest, err)
         return resp
     finally:
         upstream.release()
-        note_body_bytes(request, sent)
+        note_body_bytes(request, sender.sent)
+    if whole:
+        pt.stream_verified(target, upstream)
     await resp.write_eof()
     return resp
 
 
-def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    try:
-        return parse_range(request.headers.get("Range"), size)
-    except Exception:
-        return None  # FileResponse answers 416 itself
-
-
 async def _serve_fill(
-    request: web.Request, target: Target, digest: Digest, fill: BlobFill, size: int | None
+    request: web.Request,
+    target: Target,
+    digest: Digest,
+    fill: BlobFill,
+    follower: Follower,
+    rng: tuple[int, int] | None,
 ) -> web.StreamResponse:
     """Stream a blob that is still downloading, following the shared fill."""
-    rng = parse_range(request.headers.get("Range"), size) if size is not None else None
-    resp = web.StreamResponse(status=200 if rng is None else 206)
-    resp.headers.update(_blob_headers(digest))
-    resp.content_type = BLOB_TYPE
-    start, end = 0, size
-    if rng is not None and size is not None:
-        start, end = rng[0], rng[1] + 1
-        resp.headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
-        resp.content_length = end - start
-    elif size is not None:
-        resp.content_length = size
-        resp.headers["Accept-Ranges"] = "bytes"
-    await resp.prepare(request)
-    metrics = request.app[keys.METRICS]
-    counter = metrics.child(metrics.cache_bytes, target.ns.name, "upstream")
-    progress = [start]
+    resp = _answer(digest, rng, fill.size)
+    end = fill.size if rng is None else rng[1] + 1
+    sender = _sender(request, target, "upstream")
     try:
-        with fill.open_reader() as f:
-            if end is None:
-                await _follow_unsized(request, resp, fill, f, progress, counter)
-            else:
-                await _follow(request, fill, f, start, end, progress, counter)
+        await resp.prepare(request)
+        await sender.follow(resp, fill, follower, end)
     except Exception as err:
         # Headers are gone already: the only honest signal left is a cut connection
         # (an error body here would be read as blob bytes).
         _cut(request, digest, err)
         return resp
     finally:
-        note_body_bytes(request, progress[0] - start)
+        note_body_bytes(request, sender.sent)
     await resp.write_eof()
     return resp
 
 
-async def _follow(
-    request: web.Request,
-    fill: BlobFill,
-    f: BinaryIO,
-    start: int,
-    end: int,
-    progress: list[int],
-    counter: Counter,
-) -> None:
-    """Send ``[start, end)``: live while at the head of the download, else from the file."""
-    loop = asyncio.get_running_loop()
-    pos = start
-    while pos < end:
-        live = fill.go_live(_transport(request), pos, end)
-        if live is not None:
-            before = pos
-            try:
-                await live.left
-            finally:
-                fill.leave(live)
-            counter.inc(live.pos - before)
-            progress[0] = pos = live.pos
-            if pos > before:
-                continue  # it moved on: maybe it can stay live
-        limit = min(await fill.readable(pos), end)
-        if limit <= pos:
-            raise FillFailed(f"download ended at byte {pos} of {end}")
-        # Read the transport after the wait: the client may have gone meanwhile.
-        # The kernel copies file to socket (falls back to read/write on TLS).
-        n = await loop.sendfile(_transport(request), f, pos, limit - pos)
-        if not n:
-            raise FillFailed(f"temp file ends before byte {pos}")
-        counter.inc(n)
-        progress[0] = pos = pos + n
-
-
-async def _follow_unsized(
-    request: web.Request,
-    resp: web.StreamResponse,
-    fill: BlobFill,
-    f: BinaryIO,
-    progress: list[int],
-    counter: Counter,
-) -> None:
-    """No Content-Length upstream: aiohttp frames a chunked body, so every byte goes
-    through ``resp.write`` (rare: registries state blob sizes)."""
-    pos = 0
-    while True:
-        limit = await fill.readable(pos)
-        if limit <= pos:
-            return  # the download is complete and verified
-        _transport(request)  # raises if the client went away while we waited
-        data = await asyncio.to_thread(os.pread, f.fileno(), min(limit - pos, UNSIZED_CHUNK), pos)
-        if not data:
-            raise FillFailed(f"temp file ends before byte {pos}")
-        await resp.write(data)
-        counter.inc(len(data))
-        progress[0] = pos = pos + len(data)
-
-
-def _transport(request: web.Request) -> asyncio.Transport:
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    return transport
-
-
 def _cut(request: web.Request, digest: Digest, err: Exception) -> None:
-    """End a response whose headers were sent: close the connection, log why."""
-    if isinstance(err, ConnectionResetError | FillFailed | aiohttp.ClientError | TimeoutError):
+    """End a response whose headers were sent: close the connection, log why.
+
+    A client that went away or stopped reading is routine (INFO); a failed
+    download is the upstream's fault (WARNING); anything else is a bug (ERROR).
+    """
+    if isinstance(err, ConnectionError):  # reset, broken pipe, aborted; aiohttp's too
+        logger.info("blob %s: client went away (%s)", digest, str(err) or type(err).__name__)
+    elif isinstance(err, Stalled):
+        logger.info("blob %s: closing a client that stopped reading: %s", digest, err)
+    elif isinstance(
+        err, FillFailed | DigestMismatch | EOFError | aiohttp.ClientError | TimeoutError
+    ):
         logger.warning("aborting blob %s: %s", digest, err)
     else:
         logger.error("aborting blob %s after an unexpected error", digest, exc_info=err)

@@ -32,7 +32,7 @@ _NAME_RE = re.compile(
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 _HEX = {"sha256": 64, "sha512": 128}
-_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # ASCII digits: \d takes any script
+_RANGE_RE = re.compile(r"([0-9]*)-([0-9]*)")  # one range-spec; ASCII digits: \d takes any script
 # A byte position past any blob; longer digit strings cap here (int() refuses >4300).
 _BEYOND = 10**18
 
@@ -136,37 +136,57 @@ def parse_reference(text: str) -> str | Digest:
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """Turn a single ``bytes=a-b`` range into inclusive (start, end) within ``size``.
+    """Apply a ``Range`` header to a blob of ``size`` bytes, the RFC 9110 way.
 
-    Returns None when there is no usable single range: the header is absent, or has
-    several ranges, which a server may answer with the whole body.
+    One rule for every way a blob is served (cached, downloading, streamed through):
+
+    - a single satisfiable range gives its inclusive (start, end) within the blob;
+    - no header, another unit, a malformed or invalid range set (``bytes=abc``,
+      ``bytes=5-3``), or several ranges of which one is satisfiable: None, and the
+      whole blob is sent with 200 (a server may ignore Range; multipart answers are
+      not worth their cost for blobs);
+    - a well-formed set of which no range is satisfiable (``bytes=5000-`` on a
+      1000-byte blob, ``bytes=-0``): 416.
 
     Raises:
-        RangeNotSatisfiable: a well-formed range outside the blob.
+        RangeNotSatisfiable: no range of a well-formed set overlaps the blob.
     """
     if not header:
         return None
-    m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
-    if m is None:
+    unit, eq, spec = header.strip().partition("=")
+    if not eq or unit.strip().lower() != "bytes":
         return None
-    first, last = m.groups()
-    unsatisfied = {"Content-Range": f"bytes */{size}"}
-    if not first and not last:
+    parts = [p.replace(" ", "").replace("\t", "") for p in spec.split(",")]
+    parsed: list[tuple[int, int] | None] = []  # None: a well-formed but unsatisfiable part
+    for part in parts:
+        if not part:
+            continue  # the list syntax allows empty elements: "bytes=0-1,,5-6"
+        m = _RANGE_RE.fullmatch(part)
+        if m is None:
+            return None
+        first, last = m.groups()
+        if not first and not last:
+            return None
+        if not first:  # suffix: the last N bytes
+            n = _position(last)
+            if size == 0 and n:
+                return None  # the whole (empty) body satisfies a suffix range
+            parsed.append((max(0, size - n), size - 1) if n else None)
+            continue
+        start = _position(first)
+        if last and _position(last) < start:
+            return None  # an invalid range-spec makes the whole header invalid
+        end = min(_position(last), size - 1) if last else size - 1
+        parsed.append((start, end) if start < size else None)
+    if not parsed:
         return None
-    if not first:  # suffix: the last N bytes
-        n = _position(last)
-        if size == 0:
-            return None  # the whole (empty) body satisfies a suffix range
-        if n == 0:
-            raise RangeNotSatisfiable(f"range {header[:100]!r} is empty", headers=unsatisfied)
-        return max(0, size - n), size - 1
-    start = _position(first)
-    end = min(_position(last), size - 1) if last else size - 1
-    if start >= size or (last and _position(last) < start):
+    satisfiable = [r for r in parsed if r is not None]
+    if not satisfiable:
         raise RangeNotSatisfiable(
-            f"range {header[:100]!r} not satisfiable for size {size}", headers=unsatisfied
+            f"range {header[:100]!r} not satisfiable for size {size}",
+            headers={"Content-Range": f"bytes */{size}"},
         )
-    return start, end
+    return satisfiable[0] if len(parsed) == 1 else None
 
 
 def _position(digits: str) -> int:

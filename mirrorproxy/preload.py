@@ -156,12 +156,14 @@ async def _fetch_blob(
     if answer.info is not None:
         image.cached += size
         return
-    if answer.direct is not None:
-        answer.direct.release()
-        raise PreloadError(f"blob {digest} cannot be cached (max_size too small, or disk full)")
     fill = answer.fill
-    if fill is None:  # pragma: no cover - BlobAnswer holds one of the three
+    if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
         raise PreloadError(f"blob {digest}: nothing to fetch")
+    if not fill.caching:
+        resp = fill.claim_direct()
+        if resp is not None:
+            resp.release()
+        raise PreloadError(f"blob {digest} cannot be cached (max_size too small, or disk full)")
     before = image.fetched
     while not fill.task.done():
         image.fetched = before + fill.written

@@ -20,13 +20,14 @@ from typing import TypeVar
 
 from yarl import URL
 
-from mirrorproxy.blobfill import BlobFill, finish_fills
+from mirrorproxy.blobfill import BlobFill, FillTuning, finish_fills
 from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB, MANIFEST
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import Config, Namespace
+from mirrorproxy.corruption import CorruptBlobs
 from mirrorproxy.errors import (
     BadGateway,
     BlobUnknown,
@@ -34,8 +35,11 @@ from mirrorproxy.errors import (
     ManifestUnknown,
     NameUnknown,
     NotFound,
+    RangeNotSatisfiable,
+    ResumeRefused,
     Unavailable,
 )
+from mirrorproxy.isolation import Isolation
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import (
     MANIFEST_TYPES,
@@ -81,12 +85,12 @@ class ManifestAnswer:
 
 @dataclass(frozen=True, slots=True)
 class BlobAnswer:
-    """A cached file to sendfile, a running fill to follow, or an uncached stream."""
+    """A cached file to sendfile, or a download: followed if ``fill.caching``, else
+    streamed through (``PullThrough.stream_through``)."""
 
     size: int | None
     info: BlobInfo | None = None
     fill: BlobFill | None = None
-    direct: UpstreamResponse | None = None  # the caller reads and releases it
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,9 @@ class PullThrough:
         # (new requests start afresh) but still cleans up for a moment.
         self._running: set[BlobFill] = set()
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
+        self._isolation = Isolation(config, client=client, budget=budget, metrics=metrics)
+        self.corrupt = CorruptBlobs()  # recent digest mismatches (replaceable in tests)
+        self.fill_tuning = FillTuning()  # how downloads share bytes (replaceable in tests)
 
     async def settled(self) -> None:
         """Wait until every running download is in place (or failed and cleaned up)."""
@@ -156,6 +163,7 @@ class PullThrough:
     ) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
         if cached is not None:
+            await self._isolation.check(t, MANIFEST, digest)  # cached via a private namespace?
             self.budget.touch(MANIFEST, digest)
             return ManifestAnswer(cached, HIT)
         if self._config.cache.offline:
@@ -321,24 +329,45 @@ class PullThrough:
 
     # -- blobs -------------------------------------------------------------------
 
-    async def blob(self, t: Target, digest: Digest) -> BlobAnswer:
-        """A cached blob, or a fill shared with every other client asking for it.
+    async def blob(self, t: Target, digest: Digest, *, first_byte: int = 0) -> BlobAnswer:
+        """A cached blob, or a download shared with every other client asking for it.
+
+        Args:
+            first_byte: where the client's range starts (0: the whole blob).
 
         Raises:
+            ResumeRefused: a resume into a blob whose download failed verification
+                a moment ago (the bytes the client holds may be corrupt).
             BlobUnknown: no upstream has it.
             RegistryError: upstreams failed in another way.
         """
+        ago = self.corrupt.refused_resume(digest, first_byte)
+        if ago is not None:
+            self._count(t, "blob", "refused")
+            raise ResumeRefused(
+                f"not resuming blob {digest} at byte {first_byte}: a download of it failed"
+                f" verification {ago:.0f}s ago, so the bytes before it may be corrupt;"
+                " fetch it again from byte 0"
+            )
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             self.budget.touch(BLOB, digest)
             return BlobAnswer(info.size, info=info)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
+        fill = await self._fill(t, digest)
+        self._count(t, "blob", MISS)
+        return BlobAnswer(fill.size, fill=fill)
+
+    async def _fill(self, t: Target, digest: Digest) -> BlobFill:
+        """The running download of ``digest`` for this namespace, or a new one; once ready."""
         fill = self._fills.get(digest)
         while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
             # Bytes are shared across repositories (they are verified by digest), but
             # not failures: another namespace's upstreams may lack what ours have.
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             try:
                 await asyncio.shield(fill.ready)
                 break
@@ -355,57 +384,124 @@ class PullThrough:
                 store=self._blobs,
                 budget=self.budget,
                 metrics=self._metrics,
+                corrupt=self.corrupt,
+                tuning=self.fill_tuning,
                 on_done=self._fill_done,
             )
             self._fills[digest] = fill
             self._running.add(fill)
             fill.task.add_done_callback(partial(_discard, self._running, fill))
         await asyncio.shield(fill.ready)
-        self._count(t, "blob", MISS)
-        if not fill.caching:
-            return await self._direct(t, digest, fill)
-        return BlobAnswer(fill.size, fill=fill)
+        return fill
 
-    async def _direct(self, t: Target, digest: Digest, fill: BlobFill) -> BlobAnswer:
-        """An uncached blob (no room, or no writable disk): straight from upstream."""
-        resp = fill.claim_direct()
-        if resp is None:  # another client has that response: fetch our own
-            try:
-                resp = await self._client.open(
-                    t.ns,
-                    t.ns_name,
-                    "GET",
-                    f"{t.repo}/blobs/{digest}",
-                    what=f"blob {digest}",
-                    stream=True,
-                )
-            except UpstreamError as err:
-                raise err.registry_error(BlobUnknown) from None
-        return BlobAnswer(resp.content_length, direct=resp)
+    async def stream_through(
+        self, t: Target, digest: Digest, fill: BlobFill | None, rng: tuple[int, int] | None
+    ) -> UpstreamResponse:
+        """An uncached blob (no room, no writable disk), straight from upstream.
+
+        The response the download got is used for the whole blob; a range is asked
+        of the upstream itself. The caller reads and releases the response.
+
+        Raises:
+            RangeNotSatisfiable: the upstream refused the range.
+            BlobUnknown: no upstream has it.
+        """
+        if rng is None and fill is not None:
+            resp = fill.claim_direct()
+            if resp is not None:
+                return resp
+        start, end = rng if rng is not None else (0, None)
+        try:
+            return await self._client.open(
+                t.ns,
+                t.ns_name,
+                "GET",
+                f"{t.repo}/blobs/{digest}",
+                what=f"blob {digest}",
+                stream=True,
+                start=start,
+                end=end,
+                avoid=self.corrupt.avoid(digest),
+            )
+        except UpstreamError as err:
+            if any(a.status == 416 for a in err.attempts):
+                raise RangeNotSatisfiable(
+                    f"upstreams refused the range of blob {digest}"
+                ) from None
+            raise err.registry_error(BlobUnknown) from None
+
+    def stream_verified(self, t: Target, resp: UpstreamResponse) -> None:
+        """A blob streamed through from ``resp`` matched its digest."""
+        self._client.mark_verified(t.ns, resp.upstream)
+
+    def stream_failed_verification(
+        self, t: Target, digest: Digest, resp: UpstreamResponse
+    ) -> None:
+        """A blob streamed through from ``resp`` did not match: as for a download."""
+        self._metrics.digest_mismatches.labels(t.ns.name).inc()
+        self._client.mark_failed(t.ns, resp.upstream, corrupt=True)
+        self.corrupt.record(digest, [resp.upstream.url])
+        logger.error(
+            "blob %s streamed through from %s failed verification", digest, resp.upstream.url
+        )
 
     def _fill_done(self, fill: BlobFill) -> None:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
 
     async def blob_head(self, t: Target, digest: Digest) -> BlobHead:
-        """Size for a HEAD: from the cache, a running fill, or an upstream HEAD."""
+        """Size for a HEAD: from the cache, a running fill, or the upstream.
+
+        An upstream HEAD without a length is asked for the first byte instead (its
+        Content-Range states the total); failing that, the blob is downloaded.
+        """
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             return BlobHead(info.size, HIT)
         fill = self._fills.get(digest)
-        if fill is not None and fill.ready.done() and not fill.ready.exception():
+        ready = fill is not None and fill.ready.done() and not fill.ready.exception()
+        if fill is not None and ready and fill.size is not None:
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             return BlobHead(fill.size, MISS, fill.upstream)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
+        path, what = f"{t.repo}/blobs/{digest}", f"blob {digest}"
         try:
-            resp = await self._client.open(
-                t.ns, t.ns_name, "HEAD", f"{t.repo}/blobs/{digest}", what=f"blob {digest}"
-            )
+            resp = await self._client.open(t.ns, t.ns_name, "HEAD", path, what=what)
         except UpstreamError as err:
             raise err.registry_error(BlobUnknown) from None
         resp.release()
-        return BlobHead(resp.content_length, MISS, resp.upstream.url)
+        if resp.content_length is not None:
+            return BlobHead(resp.content_length, MISS, resp.upstream.url)
+        size = await self._probe_size(t, digest)
+        return BlobHead(size, MISS, resp.upstream.url)
+
+    async def _probe_size(self, t: Target, digest: Digest) -> int:
+        """The size of a blob whose upstream HEAD did not say: a one-byte range, else
+        the whole download.
+
+        Raises:
+            BadGateway: the size could not be learnt.
+        """
+        path, what = f"{t.repo}/blobs/{digest}", f"blob {digest}"
+        try:
+            resp = await self._client.open(
+                t.ns, t.ns_name, "GET", path, what=what, stream=True, start=0, end=0
+            )
+        except UpstreamError:
+            pass
+        else:
+            total = _range_total(resp.headers.get("Content-Range"))
+            resp.close()  # one byte at most was asked for; never reuse a half-read body
+            if total is not None:
+                return total
+        fill = await self._fill(t, digest)
+        await asyncio.wait({fill.task})
+        if fill.result is not None:
+            return fill.result.size
+        raise BadGateway(f"no upstream states the size of {what}")
 
     # -- referrers ---------------------------------------------------------------
 
@@ -605,3 +701,9 @@ class _WrongDigest(BadGateway):
 
 def _discard(running: set[BlobFill], fill: BlobFill, _task: object) -> None:
     running.discard(fill)
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """The complete length in ``Content-Range: bytes a-b/total`` (None: absent or ``*``)."""
+    total = (content_range or "").rpartition("/")[2].strip()
+    return int(total) if total.isascii() and total.isdigit() and len(total) <= 18 else None

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
 from mirrorproxy.cache.index import BLOB
@@ -125,45 +126,69 @@ class BlobWriter:
         self._counted = 0  # our part of store.in_flight
         self._closed = False
 
-    async def write(self, *chunks: Chunk) -> None:
-        """Queue ``chunks`` (the caller must not change them afterwards).
+    def reader(self) -> BinaryIO | None:
+        """A new read handle on the blob being written; None once the writer let go.
 
-        Raises:
-            OSError: an earlier write failed (the fill must give up).
+        Opened through the writer's descriptor (``/proc/self/fd``), it is the same
+        file whatever happens to its name: renamed at commit, or removed. It has a
+        position of its own (TLS senders seek and read).
         """
-        if self._failure is not None:
-            raise self._failure
+        if self._closed:
+            return None
+        try:
+            return open(f"/proc/self/fd/{self._fd}", "rb", buffering=0)
+        except OSError:  # no /proc: by name (the caller must join before the commit)
+            return open(self.tmp_path, "rb", buffering=0)
+
+    @property
+    def disk_error(self) -> BaseException | None:
+        """The first failed write (the blob will not be cached), or None."""
+        return self._failure
+
+    async def write(self, *chunks: Chunk) -> None:
+        """Queue ``chunks`` for the disk and the hash (the caller must not change them).
+
+        Once a write has failed (``disk_error``), chunks are only hashed: the blob
+        cannot be cached any more, but the bytes still streaming to clients can be
+        verified.
+        """
         size = sum(len(c) for c in chunks)
-        if not size:
+        if not size or self._stop:
             return
         loop = asyncio.get_running_loop()
         offset, self.queued = self.queued, self.queued + size
-        wrote = loop.run_in_executor(self._writing, self._write_job, chunks, offset)
-        wrote.add_done_callback(partial(self._wrote, size))
+        if self._failure is None:
+            wrote = loop.run_in_executor(self._writing, self._write_job, chunks, offset)
+            wrote.add_done_callback(partial(self._wrote, size))
+            self._writes.append(wrote)
         hashed = loop.run_in_executor(self._hashing, self._hash_job, chunks)
         hashed.add_done_callback(partial(self._did_hash, size))
-        self._writes.append(wrote)
         self._hashes.append(hashed)
         self._track()
         while self._over_budget():
             # Waiting for our own oldest jobs: they shrink our share and the total.
             # (Shielded: a cancelled caller must not detach a job from ``abort``.)
-            if self.written <= self._hashed and self._writes:
-                await asyncio.shield(self._writes.popleft())  # raises a failed write's error
+            if self._failure is None and self.written <= self._hashed and self._writes:
+                with contextlib.suppress(OSError):  # kept in ``disk_error``
+                    await asyncio.shield(self._writes.popleft())
             elif self._hashes:
                 await asyncio.shield(self._hashes.popleft())
             else:
-                await asyncio.shield(self._writes.popleft())
+                break
+
+    def _done(self) -> int:
+        """Bytes no longer in flight: written and hashed (only hashed once the disk failed)."""
+        return self._hashed if self._failure is not None else min(self.written, self._hashed)
 
     def _over_budget(self) -> bool:
-        mine = self.queued - min(self.written, self._hashed)
+        mine = self.queued - self._done()
         if mine <= WRITE_AHEAD_MIN or not (self._writes or self._hashes):
             return False
         return mine > WRITE_AHEAD or self.store.in_flight > WRITE_AHEAD
 
     def _track(self) -> None:
         """Keep this writer's share of the store-wide in-flight count current."""
-        mine = self.queued - min(self.written, self._hashed) if not self._closed else 0
+        mine = self.queued - self._done() if not self._closed else 0
         self.store.in_flight += mine - self._counted
         self._counted = mine
 
@@ -186,7 +211,12 @@ class BlobWriter:
     def _wrote(self, size: int, job: asyncio.Future[None]) -> None:
         err = CacheWriteError("write cancelled") if job.cancelled() else job.exception()
         if err is not None:
-            self._failure = self._failure or err
+            if self._failure is None:
+                self._failure = err
+                self._writes.clear()  # the rest are skipped; their errors are read here
+                self._track()
+                if self._on_written is not None:
+                    self._on_written()  # the owner learns of it at once
             return
         self.written += size
         self._track()

@@ -5,6 +5,9 @@ A request goes to the first endpoint not in cooldown and moves on when one fails
 (connection error, timeout, any status but 200/206). An endpoint that failed at
 the transport level or with 5xx/429 is skipped for a cooldown that doubles per
 consecutive failure, so a dead first mirror does not cost every request a timeout.
+An endpoint that sent bytes which failed verification is cooled down the same way,
+but only a verified body makes it healthy again (``mark_verified``): its answering
+with 200 says nothing about its bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -152,6 +155,7 @@ class UpstreamResponse:
 class _Health:
     failures: int = 0
     until: float = 0.0
+    corrupt: bool = False  # its last failure was bad bytes: only a verified body clears it
 
 
 class UpstreamClient:
@@ -203,11 +207,21 @@ class UpstreamClient:
         return h is not None and h.until > self._clock()
 
     def mark_failed(
-        self, ns: Namespace, up: Upstream, *, retry_after: float | None = None
+        self,
+        ns: Namespace,
+        up: Upstream,
+        *,
+        retry_after: float | None = None,
+        corrupt: bool = False,
     ) -> None:
-        """Put an endpoint in cooldown: given by Retry-After, else doubling per failure."""
+        """Put an endpoint in cooldown: given by Retry-After, else doubling per failure.
+
+        ``corrupt``: it sent bytes that failed verification; it stays unhealthy (each
+        further failure doubling its cooldown) until ``mark_verified``.
+        """
         h = self._health.setdefault((ns.name, up.url), _Health())
         h.failures += 1
+        h.corrupt = h.corrupt or corrupt
         d = self._config.defaults
         if retry_after is not None:
             delay = min(retry_after, MAX_RETRY_AFTER)
@@ -217,15 +231,28 @@ class UpstreamClient:
         self._metrics.upstream_up.labels(ns.name, up.url).set(0)
         logger.warning("upstream %s (%s) in cooldown for %.1fs", up.url, ns.name, delay)
 
+    def mark_verified(self, ns: Namespace, up: Upstream) -> None:
+        """A body from ``up`` matched its digest: whatever it failed before, it is healthy."""
+        self._restore(ns, up)
+
     def _mark_ok(self, ns: Namespace, up: Upstream) -> None:
+        """Response headers came: enough to trust a transport again, not its bytes."""
+        h = self._health.get((ns.name, up.url))
+        if h is not None and not h.corrupt:
+            self._restore(ns, up)
+
+    def _restore(self, ns: Namespace, up: Upstream) -> None:
         if self._health.pop((ns.name, up.url), None) is not None:
             self._metrics.upstream_up.labels(ns.name, up.url).set(1)
             logger.info("upstream %s (%s) is healthy again", up.url, ns.name)
 
-    def candidates(self, ns: Namespace) -> list[Upstream]:
-        """Endpoints to try, in order: those not cooling down, or all if every one is."""
-        ready = [u for u in ns.upstreams if not self.in_cooldown(ns, u)]
-        return ready or list(ns.upstreams)
+    def candidates(self, ns: Namespace, avoid: Collection[str] = ()) -> list[Upstream]:
+        """Endpoints to try, in order: those not cooling down, or all if every one is.
+
+        Endpoints named in ``avoid`` (URLs) come last: tried only when no other can serve.
+        """
+        ready = [u for u in ns.upstreams if not self.in_cooldown(ns, u)] or list(ns.upstreams)
+        return [u for u in ready if u.url not in avoid] + [u for u in ready if u.url in avoid]
 
     def url_for(self, up: Upstream, ns_name: str, path: str) -> URL:
         url = URL(up.origin + up.path + "/" + path, encoded=True)
@@ -242,29 +269,34 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
         start: int = 0,
+        end: int | None = None,
         stream: bool = False,
+        avoid: Collection[str] = (),
     ) -> UpstreamResponse:
-        """Send a request to the first endpoint that answers 200 (or 206 for ``start``).
+        """Send a request to the first endpoint that answers 200 (or 206 for a range).
 
         Args:
             ns: the configured namespace; ns_name: the registry the client asked for.
             path: below the API root, e.g. ``library/alpine/manifests/3`` (validated).
             what: names the object in errors ("manifest library/alpine:3").
             start: resume a blob at this byte with ``Range: bytes=start-``.
+            end: with ``start``, the last byte wanted (``Range: bytes=start-end``).
             stream: a blob body (no total timeout, only connect and read timeouts).
+            avoid: endpoint URLs to try last (they sent this blob corrupt lately).
 
         Raises:
             UpstreamError: every candidate endpoint failed.
         """
         attempts: list[Attempt] = []
         req_headers = dict(headers or {})
-        if start:
-            req_headers["Range"] = f"bytes={start}-"
-        for i, up in enumerate(self.candidates(ns)):
+        if start or end is not None:
+            req_headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+        ranged = "Range" in req_headers
+        for i, up in enumerate(self.candidates(ns, avoid)):
             if i:
                 self._metrics.upstream_failovers.labels(ns.name).inc()
             attempt = await self._try(
-                ns, ns_name, up, method, path, req_headers, query, start, stream
+                ns, ns_name, up, method, path, req_headers, query, start, stream, ranged
             )
             if isinstance(attempt, UpstreamResponse):
                 return attempt
@@ -296,7 +328,7 @@ class UpstreamClient:
             if i:
                 self._metrics.upstream_failovers.labels(ns.name).inc()
             attempt = await self._try(
-                ns, ns_name, up, "GET", path, dict(headers or {}), query, 0, False
+                ns, ns_name, up, "GET", path, dict(headers or {}), query, 0, False, False
             )
             if not isinstance(attempt, UpstreamResponse):
                 attempts.append(attempt)
@@ -325,6 +357,7 @@ class UpstreamClient:
         query: Mapping[str, str] | None,
         start: int,
         stream: bool,
+        ranged: bool,
     ) -> UpstreamResponse | Attempt:
         url = self.url_for(up, ns_name, path)
         if query:
@@ -353,7 +386,7 @@ class UpstreamClient:
             self.mark_failed(ns, up)
             return Attempt(up.url, f"{type(err).__name__}: {err}"[:200])
         count.labels(ns.name, up.url, str(resp.status)).inc()
-        if resp.status == 200 or (resp.status == 206 and start):
+        if resp.status == 200 or (resp.status == 206 and ranged):
             offset = _range_offset(resp) if resp.status == 206 else 0
             if offset is None or offset > start:
                 resp.close()

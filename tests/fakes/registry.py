@@ -9,7 +9,7 @@ Every request is recorded before it is answered. Faults are set per instance on
 ``registry.faults`` (never through module globals) and can be changed between
 requests of a running test: a fixed status for everything (with ``Retry-After``),
 a delay before answering, a cut connection after N body bytes of a blob, wrong
-blob bytes, ignoring ``Range``, and a slow body.
+blob bytes (all of them, or one in the middle), ignoring ``Range``, and a slow body.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class Faults:
     cut_after: int | None = None  # close the connection after this many blob body bytes
     cut_pause: float = 0.05  # let the client read those bytes before the close
     wrong_bytes: bool = False  # serve blob bodies with every byte flipped (same length)
+    flip_at: int | None = None  # serve blob bodies with the byte at this offset flipped
     ignore_range: bool = False  # answer blob Range requests with 200 and the full body
     chunk_size: int = 64 * 1024  # blob body write size
     chunk_delay: float = 0.0  # seconds to sleep between blob body chunks (a slow body)
@@ -304,6 +305,9 @@ class FakeRegistry:
             return _error(404, "BLOB_UNKNOWN", f"blob {digest} unknown")
         if self.faults.wrong_bytes:
             data = bytes(b ^ 0xFF for b in data)
+        flip = self.faults.flip_at
+        if flip is not None and flip < len(data):
+            data = data[:flip] + bytes([data[flip] ^ 0xFF]) + data[flip + 1 :]
         size = len(data)
         status, start, end = 200, 0, size
         headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}

@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy import keys
 from mirrorproxy.app import create_app
+from mirrorproxy.blobfill import FillTuning
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
 from tests.fakes.registry import FakeRegistry
@@ -87,6 +88,16 @@ class Mirror:
         return self.cache_dir / "manifests" / alg / hex_[:2] / hex_
 
     @property
+    def fill_tuning(self) -> FillTuning:
+        """How the app's downloads share bytes (``tune`` changes it for new downloads)."""
+        return self.client.app[keys.PULLTHROUGH].fill_tuning
+
+    def tune(self, **changes: Any) -> None:
+        """Change ``FillTuning`` values (e.g. ``write_batch``) for downloads started after."""
+        pt = self.client.app[keys.PULLTHROUGH]
+        pt.fill_tuning = replace(pt.fill_tuning, **changes)
+
+    @property
     def budget(self) -> CacheBudget:
         """The app's CacheBudget (to shorten ``write_retry`` or ``flush()`` in a test)."""
         return self.client.app[keys.PULLTHROUGH].budget
@@ -133,6 +144,7 @@ class MirrorFactory(Protocol):
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> Awaitable[Mirror]: ...
 
 
@@ -145,14 +157,17 @@ def mirror_config(
     read_timeout: str = "2s",
     namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
     cache: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
 ) -> Config:
     """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``.
 
     ``cache`` adds keys to the ``[cache]`` table as the TOML file would give them,
-    e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``.
+    e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``; ``server``
+    likewise to ``[server]`` (``{"client_timeout": "500ms"}``).
     """
     nss = {NS: upstreams} if namespaces is None else namespaces
     data = {
+        **({"server": dict(server)} if server else {}),
         "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl, **(cache or {})},
         "defaults": {
             "connect_timeout": "1s",
@@ -196,6 +211,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         read_timeout: str = "2s",
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -205,6 +221,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             read_timeout=read_timeout,
             namespaces=namespaces,
             cache=cache,
+            server=server,
         )
         client = await aiohttp_client(create_app(config))
         return Mirror(client, config)

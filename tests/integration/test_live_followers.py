@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import aiohttp
 import pytest
 
-from mirrorproxy import blobfill, keys
+from mirrorproxy import keys
 from mirrorproxy.blobfill import BlobFill, LiveFollower
 from mirrorproxy.cache import blobs as blobs_module
 from tests.fakes.registry import payload
@@ -116,16 +116,17 @@ async def test_clients_beyond_the_live_ones_read_the_file(
     fake.registry.faults.chunk_size = 256 * KIB
     fake.registry.faults.chunk_delay = 0.01
 
-    bodies = await asyncio.gather(*(get(mirror, digest) for _ in range(2 * blobfill.LIVE_MAX)))
-    assert bodies == [data] * (2 * blobfill.LIVE_MAX)
-    assert max(live_count) == blobfill.LIVE_MAX
+    live_max = mirror.fill_tuning.live_max
+    bodies = await asyncio.gather(*(get(mirror, digest) for _ in range(2 * live_max)))
+    assert bodies == [data] * (2 * live_max)
+    assert max(live_count) == live_max
     assert len(fake.registry.calls("GET", "blobs")) == 1
 
 
 async def test_a_live_client_that_falls_behind_reads_on_from_the_file(
     fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch, live_count: list[int]
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_BUFFER", 512 * KIB)
+    mirror.tune(live_buffer=512 * KIB)
     data = payload(8 * MIB, "dawdler")
     digest = fake.registry.add_blob(data)
     fake.registry.faults.chunk_size = 256 * KIB
@@ -167,7 +168,7 @@ async def test_memory_held_for_a_slow_disk_is_bounded_over_all_downloads(
     assert await asyncio.gather(*pulls) == datas
     # Over the bound by at most the batch each download queued before it waited
     # (a batch: WRITE_BATCH and the chunk that crossed it).
-    batch = blobfill.WRITE_BATCH + TRICKLE
+    batch = mirror.fill_tuning.write_batch + TRICKLE
     assert peak <= blobs_module.WRITE_AHEAD + len(digests) * batch
     await mirror.settled()
     assert store.in_flight == 0
@@ -182,7 +183,7 @@ async def start_fake_blobs(
     """Three 8 MiB blobs sent slowly, and small limits: a 2 MiB bound, 256 KiB batches."""
     monkeypatch.setattr(blobs_module, "WRITE_AHEAD", 2 * MIB)
     monkeypatch.setattr(blobs_module, "WRITE_AHEAD_MIN", 512 * KIB)
-    monkeypatch.setattr(blobfill, "WRITE_BATCH", 256 * KIB)
+    mirror.tune(write_batch=256 * KIB)
     fake.registry.faults.chunk_size = TRICKLE  # chunks come one by one, not merged
     fake.registry.faults.chunk_delay = 0.001
     datas = [payload(8 * MIB, f"bounded {i}") for i in range(3)]

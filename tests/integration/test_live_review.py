@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from mirrorproxy import blobfill, keys, pullthrough
+from mirrorproxy import keys, pullthrough
 from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
@@ -237,7 +237,7 @@ async def test_a_late_disk_error_is_not_taken_for_a_digest_mismatch(
     hash_gate: threading.Event,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(blobfill, "WRITE_BATCH", 256 * KIB)
+    mirror.tune(write_batch=256 * KIB)
     data = payload(MIB, "late enospc")
     digest = fake.registry.add_blob(data)
     disk.fail_from = 256 * KIB  # the second batch hits a full disk
@@ -264,8 +264,6 @@ async def test_a_late_disk_error_is_not_taken_for_a_digest_mismatch(
 async def test_a_resume_on_a_longer_blob_never_completes_a_follower(
     start_fake: FakeFactory, start_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_MAX", 0)  # the client follows the file
-    monkeypatch.setattr(blobfill, "WRITE_BATCH", 64 * KIB)
     one, two = await start_fake(), await start_fake()
     data = payload(512 * KIB, "right")
     digest = one.registry.add_blob(data)
@@ -275,6 +273,7 @@ async def test_a_resume_on_a_longer_blob_never_completes_a_follower(
     two.registry.faults.chunk_size = 64 * KIB
     two.registry.faults.chunk_delay = 0.03
     mirror = await start_mirror([one.url, two.url], cooldown="1s")
+    mirror.tune(live_max=0, write_batch=64 * KIB)  # the client follows the file
 
     body = await get_or_cut(mirror, digest)
     resumed = two.registry.calls("GET", "blobs")[0]
@@ -295,7 +294,7 @@ async def test_upstream_timeouts_are_not_cache_write_errors(
 
     assert await get_or_cut(mirror, digest) is None
     await mirror.settled()
-    assert len(fake.registry.calls("GET", "blobs")) == blobfill.MAX_RESUMES + 1
+    assert len(fake.registry.calls("GET", "blobs")) == mirror.fill_tuning.max_resumes + 1
     fake.registry.faults.clear()
     assert await get(mirror, digest) == data
     await mirror.settled()
@@ -336,12 +335,13 @@ async def test_a_client_gone_while_waiting_for_the_disk_is_not_an_error(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_MAX", 0)  # the client follows the file
+    caplog.set_level(logging.INFO, logger="mirrorproxy")
     data = payload(MIB, "gone while waiting")
     digest = fake.registry.add_blob(data)
     config = with_server(mirror_config(tmp_path / "cache", [fake.url]))
     # The production listener: handlers are not cancelled when their client goes away.
     async with listening(config, handler_cancellation=False) as m:
+        m.tune(live_max=0)  # the client follows the file
         async with asyncio.timeout(WAIT):
             reader, writer = await asyncio.open_connection(m.host, m.port)
             path = blob_path(REPO, digest)
@@ -354,7 +354,9 @@ async def test_a_client_gone_while_waiting_for_the_disk_is_not_an_error(
             await asyncio.sleep(0.05)  # the handler wakes up and gives up
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []  # once: "... after an unexpected error" + traceback
-    assert any("aborting blob" in r.getMessage() for r in caplog.records)
+    gone = [r for r in caplog.records if "client went away" in r.getMessage()]
+    assert gone
+    assert all(r.levelno == logging.INFO for r in gone)
 
 
 # -- TLS -----------------------------------------------------------------------------
@@ -367,7 +369,6 @@ async def test_tls_live_clients_and_a_slow_one_get_every_byte(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_BUFFER", 256 * KIB)
     ca = make_ca(tmp_path / "pki")
     cert = issue_server_cert(ca, tmp_path / "pki")
     data = payload(16 * MIB, "over tls")
@@ -387,6 +388,7 @@ async def test_tls_live_clients_and_a_slow_one_get_every_byte(
 
     monkeypatch.setattr(loop, "sendfile", sendfile)
     async with listening(config) as m, aiohttp.ClientSession() as session:
+        m.tune(live_buffer=256 * KIB)
         url = f"{m.url}{blob_path(REPO, digest)}"
 
         async def fast() -> bytes:
@@ -489,8 +491,8 @@ async def test_a_range_to_the_end_never_gets_the_last_byte_of_a_corrupt_blob(
     fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch, live: bool
 ) -> None:
     if not live:
-        monkeypatch.setattr(blobfill, "LIVE_MAX", 0)
-        monkeypatch.setattr(blobfill, "WRITE_BATCH", 64 * KIB)  # the file grows meanwhile
+        mirror.tune(live_max=0)
+        mirror.tune(write_batch=64 * KIB)  # the file grows meanwhile
     data = payload(MIB, "corrupt range")
     sent = bytes(b ^ 0xFF for b in data)  # what the lying upstream sends
     digest = fake.registry.add_blob(data)
@@ -562,7 +564,6 @@ async def test_a_live_client_that_goes_away_does_not_disturb_the_others(
 async def test_a_resume_that_restarts_from_zero_keeps_live_and_file_clients_right(
     start_fake: FakeFactory, start_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_MAX", 1)  # one live client, two on the file
     one, two = await start_fake(), await start_fake()
     data = payload(3 * MIB, "resume from zero")
     digest = one.registry.add_blob(data)
@@ -573,6 +574,7 @@ async def test_a_resume_that_restarts_from_zero_keeps_live_and_file_clients_righ
         reg.faults.chunk_delay = 0.005
     two.registry.faults.ignore_range = True  # the resume gets 200 and the whole body
     mirror = await start_mirror([one.url, two.url], cooldown="1s")
+    mirror.tune(live_max=1)  # one live client, two on the file
 
     bodies = await asyncio.gather(*(get(mirror, digest) for _ in range(3)))
     assert bodies == [data] * 3
@@ -597,10 +599,11 @@ async def test_failed_downloads_leave_no_memory_thread_or_descriptor_behind(
     assert list(cut_bodies) == [None, None]
     await mirror.settled()
     fake.registry.faults.wrong_bytes = False
-    # The disk fills up a third of the way, with more to come from upstream.
+    # The disk fills up a third of the way, with more to come from upstream: the
+    # client gets the rest from memory, uncached.
     full = fake.registry.add_blob(payload(12 * MIB, "full"))
     disk.fail_from = 4 * MIB
-    assert await get_or_cut(mirror, full) is None
+    assert await get_or_cut(mirror, full) == payload(12 * MIB, "full")
     await mirror.settled()
     disk.fail_from = None
     # Upstream cuts every response.
@@ -620,7 +623,7 @@ async def test_failed_downloads_leave_no_memory_thread_or_descriptor_behind(
 async def test_shutdown_cuts_the_clients_of_a_running_download(
     fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blobfill, "LIVE_MAX", 1)  # one live client, one on the file
+    mirror.tune(live_max=1)  # one live client, one on the file
     monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
     data = payload(4 * MIB, "shutdown")
     digest = fake.registry.add_blob(data)

@@ -41,13 +41,26 @@ class ContainersTools:
         if registries_conf is not None:
             self.env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
 
-    def _run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, argv: list[str], timeout: float, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            argv, capture_output=True, text=True, env=self.env, timeout=timeout, check=False
+            argv,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+            input=stdin,
         )
 
-    def podman(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """``podman --root ... --storage-driver vfs ARGS...``; never raises on failure."""
+    def podman(
+        self, *args: str, timeout: float = RUN_TIMEOUT, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``podman --root ... --storage-driver vfs ARGS...``; never raises on failure.
+
+        ``stdin`` is written to its standard input (``login --password-stdin``).
+        """
         base = [
             "podman",
             "--root",
@@ -61,7 +74,7 @@ class ContainersTools:
             "--cgroup-manager",
             "cgroupfs",
         ]
-        return self._run([*base, *args], timeout)
+        return self._run([*base, *args], timeout, stdin)
 
     def podman_inspect(self, ref: str) -> dict[str, Any]:
         """``podman image inspect`` of one image, parsed.

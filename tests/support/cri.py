@@ -104,6 +104,35 @@ def _image_spec(image: str) -> bytes:
     return field_bytes(1, field_bytes(1, image.encode()))  # <Request>.image = ImageSpec{image}
 
 
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """CRI ``AuthConfig`` (``PullImageRequest.auth = 2``): what the kubelet sends from
+    an imagePullSecret (``username = 1``, ``password = 2``, ``auth = 3``,
+    ``server_address = 4``, ``identity_token = 5``, ``registry_token = 6``)."""
+
+    username: str = ""
+    password: str = ""
+    auth: str = ""  # base64 of user:password
+    server_address: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+
+    def encode(self) -> bytes:
+        values = (
+            self.username,
+            self.password,
+            self.auth,
+            self.server_address,
+            self.identity_token,
+            self.registry_token,
+        )
+        return b"".join(
+            field_bytes(number, value.encode())
+            for number, value in enumerate(values, start=1)
+            if value
+        )
+
+
 def rpc_error_text(err: grpc.RpcError) -> str:
     """``CODE: details`` of a failed call (grpcio raises objects that are also Calls)."""
     code, details = getattr(err, "code", None), getattr(err, "details", None)
@@ -137,13 +166,17 @@ class CriImageClient:
         answer: bytes = rpc(request, timeout=self._timeout)
         return answer
 
-    def pull(self, image: str) -> str:
-        """PullImage; return ``image_ref`` (containerd: the config digest).
+    def pull(self, image: str, auth: AuthConfig | None = None) -> str:
+        """PullImage (with ``auth`` as a pull secret gives it); return ``image_ref``
+        (containerd: the config digest).
 
         Raises:
             grpc.RpcError: the pull failed (``details()`` says why).
         """
-        fields = parse_fields(self._call("PullImage", _image_spec(image)))
+        request = _image_spec(image)
+        if auth is not None:
+            request += field_bytes(2, auth.encode())
+        fields = parse_fields(self._call("PullImage", request))
         refs = _strings(fields, 1)
         return refs[0] if refs else ""
 
@@ -188,10 +221,14 @@ class CriContainerd(Containerd):
     Under CRI the daemon itself fetches, so the daemon gets the closed local proxy:
     a fallback to a real registry fails at once instead of leaving the machine.
     Everything else (ttrpc socket, CNI dirs, the stream server) stays in a scratch
-    directory or on loopback.
+    directory or on loopback. ``registry_auth`` adds
+    ``[...cri.registry.configs."HOST".auth]`` tables (``username``/``password`` per
+    host), which is what k3s writes for ``registries.yaml`` ``configs``.
     """
 
-    def __init__(self, hosts_dir: Path) -> None:
+    def __init__(
+        self, hosts_dir: Path, *, registry_auth: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="cri", dir="/tmp"))
         cri = '[plugins."io.containerd.grpc.v1.cri"]'
         extra = "\n".join(
@@ -206,6 +243,14 @@ class CriContainerd(Containerd):
                 f"  conf_dir = {json.dumps(str(self.scratch / 'cni-conf'))}",
                 f"{cri[:-1]}.registry]",
                 f"  config_path = {json.dumps(str(hosts_dir))}",
+                *(
+                    line
+                    for host, auth in (registry_auth or {}).items()
+                    for line in (
+                        f"{cri[:-1]}.registry.configs.{json.dumps(host)}.auth]",
+                        *(f"  {k} = {json.dumps(v)}" for k, v in auth.items()),
+                    )
+                ),
                 "",
             ]
         )

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mirrorproxy import keys
 from mirrorproxy.app import create_app
 from mirrorproxy.config import Config
 from mirrorproxy.listener import GuardedRunner, GuardedServer, GuardedSite, start
@@ -44,6 +45,11 @@ class Listening:
         server = self.runner.server
         assert isinstance(server, GuardedServer)
         return server
+
+    def tune(self, **changes: Any) -> None:
+        """Change ``FillTuning`` values for downloads started after this call."""
+        pt = self.runner.app[keys.PULLTHROUGH]
+        pt.fill_tuning = replace(pt.fill_tuning, **changes)
 
 
 def with_server(config: Config, **changes: Any) -> Config:

@@ -156,6 +156,11 @@ class SlowReader:
         self._sock = sock
         self._body = bytearray(body_start)
 
+    @property
+    def received(self) -> bytes:
+        """The body bytes read so far."""
+        return bytes(self._body)
+
     async def body(self, size: int) -> bytes:
         """Read on until ``size`` body bytes arrived (bounded); raise if cut short."""
         loop = asyncio.get_running_loop()
