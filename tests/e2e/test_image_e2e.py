@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,7 @@ TAG = "localhost/mirrorproxy:e2e-test"
 UID = 10001
 CONFIG_DIR = "/etc/mirrorproxy"  # where the image looks for config.toml
 CACHE_DIR = Path("/var/lib/mirrorproxy")  # the image's cache volume
+DEAD = "http://127.0.0.1:9"  # an upstream that is never asked
 
 
 @pytest.fixture(scope="module")
@@ -209,11 +211,33 @@ def test_image_contents(image: BuiltImage) -> None:
 
 
 def test_saved_archive_loads_into_containerd_and_podman(
-    image: BuiltImage, containerd: Containerd
+    image: BuiltImage, containerd: Containerd, tmp_path: Path
 ) -> None:
     imported = ctr(containerd, "images", "import", str(image.archive), timeout=300)
     assert imported.returncode == 0, imported.stderr
     assert TAG in ctr_images(containerd)
+
+    # The README's next step on a node: fill its cache from a bundle with this image.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (tmp_path / "mp.toml").write_text(mirror_config(free_port(), cache, {"docker.io": [DEAD]}))
+    exported = run(
+        [sys.executable, "-m", "mirrorproxy", "export", "--config", str(tmp_path / "mp.toml"),
+         "--out", str(tmp_path / "site.tar")],
+    )  # fmt: skip
+    assert exported.startswith("exported 0 images")
+    os.chown(cache, UID, UID)
+    filled = ctr(
+        containerd, "run", "--rm",
+        "--mount", f"type=bind,src={cache},dst={CACHE_DIR},options=rbind:rw",
+        "--mount", f"type=bind,src={tmp_path / 'site.tar'},dst=/site.tar,options=rbind:ro",
+        TAG, "mirrorproxy-import",
+        "mirrorproxy", "import", "--config", f"{CONFIG_DIR}/config.toml", "/site.tar",
+        timeout=120,
+    )  # fmt: skip
+    assert filled.returncode == 0, filled.stdout + filled.stderr
+    assert "added 0 blobs" in filled.stdout
+    assert (cache / "index.db").stat().st_uid == UID  # written by the image's user
 
     # A separate podman store stands in for an air-gapped node (podman wants a short
     # runroot path).
