@@ -32,6 +32,7 @@ from tests.support.container import (
     missing_image_requirements,
     podman,
     process_uids,
+    remove_image,
     run,
 )
 from tests.support.procs import (
@@ -55,7 +56,9 @@ DEAD = "http://127.0.0.1:9"  # an upstream that is never asked
 
 
 @pytest.fixture(scope="module")
-def image(e2e_requirements: None, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+def image(
+    e2e_requirements: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BuiltImage]:
     """Build the image once for every test here; skip (or fail) without the tools."""
     missing = missing_image_requirements()
     if missing:
@@ -67,7 +70,8 @@ def image(e2e_requirements: None, tmp_path_factory: pytest.TempPathFactory) -> B
     built = build_image(TAG, archive)
     # The size is part of the report (shown with -s or on failure).
     print(built.output.strip().splitlines()[-2])
-    return built
+    yield built
+    remove_image(TAG)  # the base stays, cached for the next run
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ pytest, registries or containerd.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +44,25 @@ class CommandError(RuntimeError):
     """A command exited non-zero; the message carries its output."""
 
 
-def run(argv: Sequence[str], *, timeout: float = PODMAN_TIMEOUT) -> str:
-    """Run a command and return its stdout.
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = PODMAN_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run a command (with ``env`` added to the environment) and return its stdout.
 
     Raises:
         CommandError: it exited non-zero (stdout and stderr in the message).
     """
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else os.environ | dict(env),
+        check=False,
+    )
     if proc.returncode != 0:
         output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         raise CommandError(f"{' '.join(argv)} exited {proc.returncode}\n{output}")
@@ -73,11 +86,25 @@ class BuiltImage:
 def build_image(tag: str, archive: Path) -> BuiltImage:
     """Run ``docker/build.sh --local-base --save ARCHIVE TAG`` (no Docker Hub needed).
 
+    Intermediate layers are not kept (BUILDAH_LAYERS=false): the sources differ on
+    every run, so they would only pile up. build.sh's cached base is what saves time.
+
     Raises:
         CommandError: the build failed.
     """
-    out = run([str(BUILD_SH), "--local-base", "--save", str(archive), tag], timeout=BUILD_TIMEOUT)
+    out = run(
+        [str(BUILD_SH), "--local-base", "--save", str(archive), tag],
+        timeout=BUILD_TIMEOUT,
+        env={"BUILDAH_LAYERS": "false"},
+    )
     return BuiltImage(tag, archive, out)
+
+
+def remove_image(tag: str) -> None:
+    """Remove an image from podman's store; a missing one is fine."""
+    subprocess.run(
+        ["podman", "rmi", "--force", tag], capture_output=True, timeout=PODMAN_TIMEOUT, check=False
+    )
 
 
 class Container:
