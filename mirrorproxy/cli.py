@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hosts.set_defaults(func=_cmd_hosts)
 
+    health = sub.add_parser(
+        "healthcheck",
+        help="probe the running server's /healthz (for HEALTHCHECK, exec probes, scripts)",
+        description=(
+            "Probe /healthz (or /readyz) of the running server and exit 0 if it answers 200. "
+            "Without --config and --listen, the one running `mirrorproxy serve` process is "
+            "found and its own --listen or config is used."
+        ),
+    )
+    health.add_argument("-c", "--config", type=Path, help="the server's config file")
+    health.add_argument("--listen", help="HOST:PORT the server listens on (overrides the config)")
+    health.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.set_defaults(func=_cmd_healthcheck)
+
     doctor = sub.add_parser("doctor", help="check a node's client configuration for known traps")
     doctor.add_argument(
         "--containerd-config", type=Path, default=Path("/etc/containerd/config.toml")
@@ -207,6 +222,18 @@ def _cmd_hosts(args: argparse.Namespace) -> int:
         )
     except HostsError as err:
         raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    from mirrorproxy.healthcheck import HealthcheckError, probe, target_server
+
+    try:
+        server = target_server(args.config, args.listen, build_parser().parse_args)
+        url = probe(server, "/readyz" if args.ready else "/healthz", args.timeout)
+    except HealthcheckError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+    print(f"healthy: {url}")
+    return EXIT_OK
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
