@@ -67,7 +67,9 @@ async def test_preload_fetches_host_platform_then_skips_what_is_cached(
     fake.registry.clear_log()
     assert await asyncio.to_thread(main, args) == 0
     assert _blob_gets(fake.registry) == []  # everything was cached
-    assert "0B fetched" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "from upstream: 0 blobs (0B), 0 manifests" in out
+    assert "already cached: 5 blobs" in out
 
 
 async def test_all_platforms_and_named_failures(
@@ -102,16 +104,35 @@ async def test_all_platforms_and_named_failures(
     }
 
 
-async def test_bad_image_list_is_one_line_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+async def test_every_bad_line_is_reported_and_keep_going_fetches_the_good_ones(
+    start_fake: FakeFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    fake = await start_fake()
+    app = fake.registry.add_image("library/app", "1", layer_sizes=(3000,))
     images = tmp_path / "images.txt"
-    images.write_text("alpine:3\nNot A Reference!\n")
-    config = _write_config(tmp_path, "http://127.0.0.1:9")
-    assert await asyncio.to_thread(main, ["preload", "-c", str(config), str(images)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "images.txt:2" in err
+    images.write_text("app:1\nNot A Reference!\n# fine\nbad::tag\n\nalso bad@sha256:12\n")
+    config = _write_config(tmp_path, fake.url)
+    args = ["preload", "-c", str(config), str(images)]
+
+    assert await asyncio.to_thread(main, args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 2)[1] for line in err[:3]] == [
+        f"{images}:2",
+        f"{images}:4",
+        f"{images}:6",
+    ]
+    assert err[3] == (
+        "mirrorproxy: 3 bad lines, nothing done "
+        "(fix them, or --keep-going to go on with the good ones)"
+    )
+    assert len(err) == 4
+    assert fake.registry.calls() == []  # nothing fetched
+
+    assert await asyncio.to_thread(main, [*args, "--keep-going"]) == 1
+    out, err2 = capsys.readouterr()
+    assert err2.count("\n") == 3  # the same three lines, nothing else
+    assert "preloaded 1 of 1 images" in out
+    assert set(_blob_gets(fake.registry)) == {app.config_digest, *app.layer_digests}
 
 
 async def test_transient_errors_are_retried(start_fake: FakeFactory, tmp_path: Path) -> None:
