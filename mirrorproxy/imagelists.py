@@ -2,8 +2,8 @@
 
 A source is a file, a directory or ``-`` (standard input). Files named ``*.yaml``,
 ``*.yml`` or ``*.json`` are Kubernetes manifests (``mirrorproxy.kubeimages``), and
-so is any other file or input whose lines start with ``apiVersion:``, ``kind:`` or
-``---``; the rest are image lists: one reference per line, ``#`` comments. A
+so is any other file or input with a line that starts with ``apiVersion:``,
+``kind:``, ``---`` or ``{``; the rest are image lists: one reference per line, ``#`` comments. A
 directory contributes its manifest files, recursively, as ``kubectl apply -f``
 would. Every reference is normalised as containerd does; every bad line is kept as
 a ``file:line: why`` problem instead of stopping at the first.
@@ -22,7 +22,7 @@ from mirrorproxy.reference import ImageRef, parse_image_reference
 
 STDIN = "-"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-_YAML_STARTS = ("apiVersion:", "kind:", "---")
+_YAML_STARTS = ("apiVersion:", "kind:", "---", "{")  # "{": kubectl's JSON
 
 
 @dataclass(slots=True)
@@ -65,7 +65,7 @@ def _manifest_files(root: Path) -> list[Path]:
             for name in sorted(filenames)
             if name.lower().endswith(MANIFEST_SUFFIXES) and not name.startswith(".")
         ]
-    return found
+    return sorted(found)
 
 
 def _read_file(path: Path, manifests: bool | None, out: ImageList) -> None:
@@ -86,11 +86,10 @@ def _read_text(text: str, source: str, manifests: bool | None, out: ImageList) -
         manifests = any(line.startswith(_YAML_STARTS) for line in text.splitlines())
     if manifests:
         findings = images_in_yaml(text)
-        for line, why in findings.problems:
-            out.problems.append(f"{source}:{line}: {why}")
+        problems = findings.problems
         items = [(f.line, f.image) for f in findings.images]
     else:
-        items = []
+        problems, items = [], []
         for number, raw in enumerate(text.splitlines(), 1):
             item = raw.split("#", 1)[0].strip()
             if item:
@@ -99,4 +98,5 @@ def _read_text(text: str, source: str, manifests: bool | None, out: ImageList) -
         try:
             out.add(parse_image_reference(item))
         except ValueError as err:
-            out.problems.append(f"{source}:{number}: {err}")
+            problems.append((number, str(err)))
+    out.problems += [f"{source}:{line}: {why}" for line, why in sorted(problems)]
