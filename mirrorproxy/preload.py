@@ -225,7 +225,7 @@ async def _fetch_blob(
     before = image.fetched if mine else image.shared
     try:
         while not fill.task.done():
-            _progress(image, mine, before + fill.written)
+            _progress(image, mine, before + fill.received)
             await asyncio.wait({fill.task}, timeout=0.25)
         if fill.result is None:
             raise FillFailed(f"blob {digest}: {fill.error or 'download failed'}")

@@ -3,7 +3,10 @@
 On a terminal (``rich``): one summary line with a bar (images done, bytes from
 upstream, rate, ETA), then one row per image in flight, never more rows than the
 terminal has; each finished image is printed once above that area and scrolls away
-with the terminal's own history. Elsewhere (logs, CI, pipes): one line per change.
+with the terminal's own history. The screen is redrawn once per tick (finished
+images included), so the output grows with the run's length and the terminal's
+height, not with the number of images times the ticks. Elsewhere (logs, CI,
+pipes): one line per change.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TextIO
 
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -71,6 +74,7 @@ class TerminalReporter:
         self._started = time.monotonic()
         self._active: dict[int, ImageState] = {}  # in the order they started
         self._samples: deque[tuple[float, int]] = deque()
+        self._finished: list[Text] = []  # printed above the live area on the next tick
 
     def __enter__(self) -> TerminalReporter:
         self._live.start()
@@ -90,10 +94,14 @@ class TerminalReporter:
         elif image.state in ("done", "failed"):
             self._active.pop(id(image), None)
             style = "red" if image.state == "failed" else ""
-            self._live.console.print(Text(finished_line(image), style=style), soft_wrap=True)
+            self._finished.append(Text(finished_line(image), style=style))
 
     def tick(self, images: Sequence[ImageState], totals: Totals) -> None:
-        self._live.update(self.render(images), refresh=True)
+        """Print what finished since the last tick above the live area, then redraw it once."""
+        self._live.update(self.render(images), refresh=not self._finished)
+        if self._finished:
+            self._live.console.print(*self._finished, sep="\n", soft_wrap=True)
+            self._finished.clear()
 
     def render(self, images: Sequence[ImageState]) -> RenderableType:
         """The summary line, then as many in-flight rows as the terminal has room for."""
@@ -108,29 +116,32 @@ class TerminalReporter:
         failed = sum(1 for i in images if i.state == "failed")
         elapsed = now - self._started
         eta = _clock(elapsed / done * (len(images) - done)) if done else "-:--:--"
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(no_wrap=True)
-        grid.add_column(no_wrap=True)
-        grid.add_column(no_wrap=True, overflow="ellipsis")
-        summary = f"{format_size(fetched)} at {format_size(rate)}/s, ETA {eta}"
-        if failed:
-            summary += f", {failed} failed"
-        grid.add_row(
+        summary = Table.grid(padding=(0, 1))
+        summary.add_row(
             f"{done}/{len(images)} images",
-            ProgressBar(total=max(len(images), 1), completed=done, width=24),
-            summary,
+            ProgressBar(total=max(len(images), 1), completed=done, width=20),
+            Text(
+                f"{format_size(fetched)} at {format_size(rate)}/s, ETA {eta}"
+                + (f", {failed} failed" if failed else ""),
+                no_wrap=True,
+                overflow="ellipsis",
+            ),
         )
+        rows = Table.grid(padding=(0, 1), expand=True)
+        rows.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        rows.add_column(no_wrap=True)
+        rows.add_column(no_wrap=True, justify="right")
         room = max(self.console.height - 2, 1)
         active = list(self._active.values())
         shown = active if len(active) <= room else active[: room - 1]
         for image in shown:
             have = image.fetched + image.cached + image.shared
-            bar = ProgressBar(total=image.total or None, completed=have, width=24)
-            sizes = f"{format_size(have)}/{format_size(image.total)}" if image.total else ""
-            grid.add_row(Text(f"  {image.state}"), bar, Text(f"{sizes} {image.ref}"))
+            bar = ProgressBar(total=image.total or None, completed=have, width=12)
+            sizes = f"{format_size(have)}/{format_size(image.total)}" if image.total else "..."
+            rows.add_row(Text(f"  {image.ref}"), bar, Text(sizes))
         if len(shown) < len(active):
-            grid.add_row(Text(f"  ... and {len(active) - len(shown)} more in flight"), "", "")
-        return grid
+            rows.add_row(Text(f"  ... and {len(active) - len(shown)} more in flight"), "", "")
+        return Group(summary, rows)
 
 
 def _clock(seconds: float) -> str:
