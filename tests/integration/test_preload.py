@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -225,7 +226,8 @@ async def test_reported_numbers_equal_what_the_upstream_served(
         for arch in ("amd64", "arm64", "unknown"):
             blobs = [payload(200, f"ic{i}{arch}"), bases[0], payload(5_000, f"il{i}{arch}")]
             digest, body = _manifest(reg, "library/multi", f"{i}-{arch}", blobs)
-            entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body)}
+            entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": digest}
+            entry["size"] = len(body)
             entry["platform"] = {"os": "unknown" if arch == "unknown" else "linux"}
             entry["platform"]["architecture"] = arch
             if arch == "unknown":
