@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -32,6 +32,9 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers or {}
+
+    def http_status(self) -> int:
+        return self.status
 
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -116,13 +119,40 @@ class GatewayTimeout(RegistryError):
     code, status = "UNAVAILABLE", 504
 
 
+class Relayed(RegistryError):
+    """An upstream's answer to this very request (400 MANIFEST_INVALID for an Accept
+    it cannot satisfy, say), passed on with its status and error codes: it is the
+    registry's answer, not an outage of the mirror."""
+
+    code = "UNKNOWN"
+
+    def __init__(
+        self,
+        status: int,
+        errors: list[Mapping[str, object]],
+        message: str,
+        detail: Any = None,
+    ) -> None:
+        super().__init__(message, detail)
+        self.relayed_status = status
+        self.errors = errors
+
+    def http_status(self) -> int:
+        return self.relayed_status
+
+    def body(self) -> dict[str, Any]:
+        if not self.errors:
+            return super().body()
+        return {"errors": [{**e, "detail": self.detail} for e in self.errors]}
+
+
 def error_response(err: RegistryError, *, head: bool = False) -> web.Response:
     body = json.dumps(err.body()).encode()
     headers = {**API_VERSION_HEADER, **err.headers}
     if head:  # a HEAD answer states the length of the body it does not send
         headers["Content-Length"] = str(len(body))
     return web.Response(
-        status=err.status,
+        status=err.http_status(),
         body=None if head else body,
         content_type="application/json",
         headers=headers,

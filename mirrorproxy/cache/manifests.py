@@ -24,7 +24,7 @@ from typing import Any
 from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
 from mirrorproxy.cache.index import MANIFEST
 from mirrorproxy.cache.walk import content_path
-from mirrorproxy.oci import Digest, parse_digest
+from mirrorproxy.oci import Digest, manifest_digest, parse_digest
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class FileManifestStore:
         self._tag_locks: dict[TagKey, tuple[asyncio.Lock, list[int]]] = {}
 
     def prepare(self) -> None:
-        for sub in ("manifests", "tags", "tmp"):
+        for sub in ("manifests", "tags", "referrers", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def path_of(self, digest: Digest) -> Path:
@@ -65,7 +65,7 @@ class FileManifestStore:
         except OSError:
             return None
         media_type, sep, body = raw.partition(b"\n")
-        if not sep or Digest.of(body, digest.algorithm) != digest:
+        if not sep or manifest_digest(body, media_type.decode(), digest.algorithm) != digest:
             logger.warning("dropping corrupt cached manifest %s", digest)
             with contextlib.suppress(OSError):
                 self.path_of(digest).unlink()
@@ -179,6 +179,40 @@ class FileManifestStore:
             [(self._tag_path(*key), _record_bytes(key, e)) for key, e in changed.items()],
         )
         return len(changed)
+
+    def _referrers_path(self, ns: str, repo: str, subject: Digest) -> Path:
+        key = hashlib.sha256(f"{ns}\0{repo}\0{subject}".encode()).hexdigest()
+        return self.root / "referrers" / key[:2] / f"{key}.json"
+
+    async def get_referrers(self, ns: str, repo: str, subject: Digest) -> TagEntry | None:
+        """The last referrers index learnt for ``subject`` (stored as a manifest)."""
+        path = self._referrers_path(ns, repo, subject)
+        try:
+            record: Any = json.loads(await asyncio.to_thread(path.read_bytes))
+            return TagEntry(
+                digest=parse_digest(record["digest"]),
+                media_type=str(record["media_type"]),
+                size=int(record["size"]),
+                fetched=float(record["fetched"]),
+            )
+        except FileNotFoundError:
+            return None
+        except Exception:  # a torn or foreign file is a cache miss, not an outage
+            logger.warning("ignoring unreadable referrers record %s", path)
+            return None
+
+    async def put_referrers(self, ns: str, repo: str, subject: Digest, entry: TagEntry) -> None:
+        record = {
+            "namespace": ns,
+            "repository": repo,
+            "subject": str(subject),
+            "digest": str(entry.digest),
+            "media_type": entry.media_type,
+            "size": entry.size,
+            "fetched": entry.fetched,
+        }
+        path = self._referrers_path(ns, repo, subject)
+        await asyncio.to_thread(_atomic_write, self.tmp, path, json.dumps(record).encode())
 
     def _read_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
         path = self._tag_path(ns, repo, tag)
