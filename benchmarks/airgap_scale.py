@@ -39,6 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.measure import peak_rss_bytes
 from mirrorproxy.bundle import CONTAINERD_KEY
 from mirrorproxy.cache import TagEntry
 from mirrorproxy.cache.manifests import FileManifestStore
@@ -169,23 +170,27 @@ class Builder:
 
 
 def measured(name: str, argv: Sequence[str], log: Path, *, timeout: float = 1800) -> Step:
-    """Run one step as its own process; wall, CPU and peak RSS from ``wait4``."""
+    """Run one step as its own process: wall time, CPU from ``wait4``, peak RSS (VmHWM).
+
+    The peak is the step's own ``VmHWM``, polled every 20 ms: ``ru_maxrss`` would
+    include this (much larger) benchmark process, copied by the fork before the exec.
+    """
     t0 = time.perf_counter()
+    peak = 0
     with open(log, "w") as out:
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
+            peak = max(peak, peak_rss_bytes(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
                 proc.kill()
-            time.sleep(0.05)
+            time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    return Step(
-        name, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode, ""
-    )
+    return Step(name, wall, usage.ru_utime + usage.ru_stime, peak / MiB, proc.returncode, "")
 
 
 def _with_note(step: Step, note: str) -> Step:
