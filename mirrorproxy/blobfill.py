@@ -23,7 +23,7 @@ import aiohttp
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import BlobWriter, CacheWriteError, DigestMismatch, FileBlobStore
-from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget
+from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget, Reservation
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace
 from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
@@ -85,6 +85,7 @@ class BlobFill:
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
+        self._reservation: Reservation | None = None  # this fill's room in the budget
         self.received = 0  # bytes taken from upstream: on disk, in flight or in ``_window``
         self._window: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not yet on disk
         self._live: list[LiveFollower] = []
@@ -228,7 +229,8 @@ class BlobFill:
             )
             self.size = resp.content_length
             self.upstream = resp.upstream.url
-            refused = self._budget.reserve(self.digest, self.size)
+            self._reservation = self._budget.reserve(self.digest, self.size)
+            refused = self._reservation.refused
             if refused is not None:
                 self._hand_over(resp, refused)
                 resp = None
@@ -236,7 +238,7 @@ class BlobFill:
             try:
                 self._writer = self._store.begin(self.digest, self._on_written)
             except OSError as err:
-                self._budget.release(self.digest)
+                self._reservation.release()
                 self._budget.write_failed(err)
                 self._metrics.cache_write_errors.inc()
                 self._hand_over(resp, WRITE_ERROR)
@@ -284,7 +286,9 @@ class BlobFill:
             await self._writer.verify()
             self._on_verified()
             self.result = await self._writer.commit()
-            self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
+            self._budget.committed(
+                BLOB, self.digest, self.result.size, self.ns_name, reservation=self._reservation
+            )
             logger.info(
                 "cached blob %s (%d bytes) from %s", self.digest, self.size or 0, resp.upstream.url
             )
@@ -295,7 +299,8 @@ class BlobFill:
             self._log_failure(err, resp)
             if self._writer is not None:
                 await self._writer.abort()
-                self._budget.release(self.digest)
+                if self._reservation is not None:
+                    self._reservation.release()  # this fill's own, not a retry's
                 if isinstance(err, CacheWriteError):
                     self._budget.write_failed(err)
             if not self.ready.done():

@@ -56,23 +56,51 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.set_defaults(func=_cmd_serve)
 
-    hosts = sub.add_parser("hosts", help="write containerd hosts.toml files for the mirror")
+    hosts = sub.add_parser("hosts", help="write the client configuration that uses the mirror")
     hosts.add_argument("-c", "--config", required=True, type=Path)
-    hosts.add_argument("--out", type=Path, help="certs.d directory, e.g. /etc/containerd/certs.d")
-    hosts.add_argument("--mirror-url", help="URL containerd uses to reach the mirror")
-    hosts.add_argument("--format", dest="fmt", default="containerd", choices=["containerd", "k3s"])
+    hosts.add_argument(
+        "--out",
+        type=Path,
+        help="containerd: certs.d directory, e.g. /etc/containerd/certs.d; "
+        "registries-conf: the drop-in file (default: print it)",
+    )
+    hosts.add_argument("--mirror-url", help="URL clients use to reach the mirror")
+    hosts.add_argument(
+        "--format",
+        dest="fmt",
+        default="containerd",
+        choices=["containerd", "k3s", "registries-conf", "docker"],
+        help="containerd hosts.toml, k3s registries.yaml, containers-registries.conf "
+        "(podman, skopeo, CRI-O) or Docker's daemon.json",
+    )
     hosts.add_argument("--dry-run", action="store_true", help="print the files, write nothing")
     hosts.add_argument(
         "--ca", type=Path, help="CA file (on the node) that signed an https mirror's certificate"
     )
     hosts.set_defaults(func=_cmd_hosts)
 
-    doctor = sub.add_parser("doctor", help="check a node's containerd config for known traps")
+    doctor = sub.add_parser("doctor", help="check a node's client configuration for known traps")
     doctor.add_argument(
         "--containerd-config", type=Path, default=Path("/etc/containerd/config.toml")
     )
     doctor.add_argument("--hosts-dir", type=Path, help="default: config_path from config.toml")
     doctor.add_argument("--mirror-url", help="the mirror the node should use")
+    doctor.add_argument(
+        "-c", "--config", type=Path, help="the mirror's config: its namespaces and listen address"
+    )
+    doctor.add_argument(
+        "--registries-conf",
+        type=Path,
+        help="registries.conf to check, with its .d directory "
+        "(default: $CONTAINERS_REGISTRIES_CONF or /etc/containers/registries.conf)",
+    )
+    doctor.add_argument(
+        "--systemd-dir",
+        type=Path,
+        action="append",
+        help="unit directory to read containerd's and CRI-O's environment from (repeatable)",
+    )
+    doctor.add_argument("--proc-dir", type=Path, default=Path("/proc"), help="default: /proc")
     doctor.set_defaults(func=_cmd_doctor)
 
     sources_help = (
@@ -182,28 +210,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_hosts(args: argparse.Namespace) -> int:
-    from mirrorproxy.hoststoml import hosts_command
+    from mirrorproxy.hostscmd import HostsError, hosts_command
 
-    return hosts_command(
-        _load(args),
-        out_dir=args.out,
-        mirror_url=args.mirror_url,
-        fmt=args.fmt,
-        dry_run=args.dry_run,
-        stdout=sys.stdout,
-        ca=str(args.ca.absolute()) if args.ca is not None else None,
-    )
+    try:
+        return hosts_command(
+            _load(args),
+            out_dir=args.out,
+            mirror_url=args.mirror_url,
+            fmt=args.fmt,
+            dry_run=args.dry_run,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            ca=str(args.ca.absolute()) if args.ca is not None else None,
+        )
+    except HostsError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from mirrorproxy.doctor import doctor_command
+    import os
 
-    return doctor_command(
-        containerd_config=args.containerd_config,
-        hosts_dir=args.hosts_dir,
-        mirror_url=args.mirror_url,
-        stdout=sys.stdout,
-    )
+    from mirrorproxy.doctor import DoctorError, doctor_command
+
+    try:
+        ok = doctor_command(
+            config=_load(args) if args.config is not None else None,
+            containerd_config=args.containerd_config,
+            hosts_dir=args.hosts_dir,
+            mirror_url=args.mirror_url,
+            registries_conf=args.registries_conf,
+            environ={
+                k: os.environ[k] for k in ("HOME", "CONTAINERS_REGISTRIES_CONF") if k in os.environ
+            },
+            systemd_dirs=args.systemd_dir,
+            proc_dir=args.proc_dir,
+            stdout=sys.stdout,
+        )
+    except DoctorError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:

@@ -12,11 +12,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
+import aiohttp
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
 API_VERSION_HEADER = {"Docker-Distribution-Api-Version": "registry/2.0"}
+# The status recorded (access log, metrics) for a request whose client went away
+# before its answer could be sent; nginx's convention, never sent on the wire.
+CLIENT_CLOSED = 499
 
 
 class RegistryError(Exception):
@@ -159,6 +163,24 @@ def error_response(err: RegistryError, *, head: bool = False) -> web.Response:
     )
 
 
+class ClientGone(ConnectionResetError):
+    """The client closed its connection: nothing can be answered, and nothing failed."""
+
+
+def client_gone(request: web.BaseRequest, err: BaseException) -> bool:
+    """Whether ``err`` means that the client of ``request`` went away.
+
+    A closed client transport says so whatever the exception; otherwise only an
+    OS-level reset or broken pipe does. aiohttp's own ``ClientConnectionResetError``
+    is a ``ConnectionResetError`` too, but raised by an upstream connection it is
+    not the client's doing.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    return isinstance(err, ConnectionError) and not isinstance(err, aiohttp.ClientError)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -182,8 +204,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(NotFound(f"no such endpoint {request.path[:200]!r}"), head=head)
     except web.HTTPException:
         raise
-    except ConnectionResetError:
-        raise  # the client went away: nothing to answer
-    except Exception:
+    except Exception as err:
+        if client_gone(request, err):
+            # Ordinary (a pull cancelled, a client timing out): nothing to answer.
+            logger.debug("client went away during %s %s: %r", request.method, request.path, err)
+            raise ClientGone(str(err)) from err
         logger.exception("internal error serving %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=head)

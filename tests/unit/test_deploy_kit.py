@@ -21,7 +21,7 @@ import yaml
 
 from mirrorproxy.cli import build_parser
 from mirrorproxy.config import Config, load_config
-from mirrorproxy.hoststoml import hosts_command
+from mirrorproxy.hostscmd import hosts_command
 
 DOCKER = Path(__file__).parent.parent.parent / "docker"
 CONFIG_PATH = "/etc/mirrorproxy/config.toml"  # where every deployment keeps the config
