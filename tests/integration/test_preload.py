@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,16 @@ from mirrorproxy.reference import parse_image_reference
 from mirrorproxy.units import format_size
 from tests.fakes.registry import FakeRegistry, payload, sha256
 from tests.integration.conftest import FakeFactory, mirror_config
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """preload configures logging onto this test's captured stderr: undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _write_config(cfg_dir: Path, url: str, *, offline: bool = False) -> Path:
