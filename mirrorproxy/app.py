@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirrorproxy import keys
+from mirrorproxy.clientauth.middleware import setup_client_auth
 from mirrorproxy.config import Config
 from mirrorproxy.engine import Engine
 from mirrorproxy.errors import error_middleware
@@ -49,4 +50,5 @@ def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Applica
     app.on_response_prepare.append(add_registry_headers)
     setup_observability(app, config, metrics)
     setup_routes(app, metrics_route=config.metrics.listen is None)
+    setup_client_auth(app, config, metrics)  # innermost middleware; only with [server.auth]
     return app

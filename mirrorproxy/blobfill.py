@@ -36,7 +36,7 @@ import aiohttp
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import BlobWriter, CacheWriteError, DigestMismatch, FileBlobStore
-from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget
+from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget, Reservation
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace, Upstream
 from mirrorproxy.corruption import CorruptBlobs
@@ -145,6 +145,7 @@ class BlobFill:
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
+        self._reservation: Reservation | None = None  # this fill's room in the budget
         self._sources: list[Upstream] = []  # endpoints that sent bytes of this download
         self.received = 0  # bytes taken from upstream: on disk, in flight or in ``_window``
         # (offset, chunk) not yet on disk; once streaming, not yet sent to every follower
@@ -361,7 +362,8 @@ class BlobFill:
         self._streaming = True
         self._metrics.cache_write_errors.inc()
         self._metrics.cache_passthrough.labels(WRITE_ERROR).inc()
-        self._budget.release(self.digest)
+        if self._reservation is not None:
+            self._reservation.release()  # nothing of it will be committed
         if isinstance(err, OSError):
             self._budget.write_failed(err)
         logger.error(
@@ -393,7 +395,8 @@ class BlobFill:
             self._sources.append(resp.upstream)
             self.size = resp.content_length
             self.upstream = resp.upstream.url
-            refused = self._budget.reserve(self.digest, self.size)
+            self._reservation = self._budget.reserve(self.digest, self.size)
+            refused = self._reservation.refused
             if refused is not None:
                 self._hand_over(resp, refused)
                 resp = None
@@ -401,7 +404,7 @@ class BlobFill:
             try:
                 self._writer = self._store.begin(self.digest, self._on_written)
             except OSError as err:
-                self._budget.release(self.digest)
+                self._reservation.release()
                 self._budget.write_failed(err)
                 self._metrics.cache_write_errors.inc()
                 self._hand_over(resp, WRITE_ERROR)
@@ -457,7 +460,13 @@ class BlobFill:
                 except CacheWriteError as err:  # fsync or rename: the file is whole
                     self._degrade(err)
                 else:
-                    self._budget.committed(BLOB, self.digest, self.result.size, self.ns_name)
+                    self._budget.committed(
+                        BLOB,
+                        self.digest,
+                        self.result.size,
+                        self.ns_name,
+                        reservation=self._reservation,
+                    )
                     logger.info(
                         "cached blob %s (%d bytes) from %s",
                         self.digest,
@@ -476,7 +485,8 @@ class BlobFill:
                 self._distrust()
             if self._writer is not None:
                 await self._writer.abort()
-                self._budget.release(self.digest)
+                if self._reservation is not None:
+                    self._reservation.release()  # this fill's own, not a retry's
                 if isinstance(err, CacheWriteError):
                     self._budget.write_failed(err)
             if not self.ready.done():

@@ -1,8 +1,11 @@
 """``mirrorproxy cache ls|du|verify|prune``: look after the cache from the command line.
 
-Every subcommand works while the server runs: the index is SQLite in WAL mode,
-content files are immutable once in place, and deleting one only turns a later
-request into a miss. The server picks up the new totals within seconds.
+Every subcommand is safe while the server runs. ``ls`` and ``du`` only read: they
+open the index read-only and never reconcile it with the files (only the server
+does that, at start: next to a running server a reconcile would record blobs just
+renamed into place or just evicted). ``verify`` and ``prune`` remove an entry and
+its file under the index's write lock, and only if the entry is still the one they
+looked at; the server picks up the new totals within seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mirrorproxy.config import Config
 from mirrorproxy.units import format_size
 
 HASH_CHUNK = 4 * 1024 * 1024
+INDEX_FILE = "index.db"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +39,19 @@ class TagRow:
     last_used: float | None
 
 
-def open_index(config: Config) -> CacheIndex:
-    """Open (or create) the index and make it agree with the files first."""
+def open_index(config: Config, *, read_only: bool) -> CacheIndex:
+    """Open the index as it is (no reconcile: that is the server's job at start).
+
+    Raises:
+        FileNotFoundError: no cache, or (``read_only``) no index in it yet.
+    """
     root = config.cache.dir
     if not root.is_dir():
         raise FileNotFoundError(f"no cache at {root}")
-    index = CacheIndex(root / "index.db")
-    index.reconcile(root)
-    return index
+    path = root / INDEX_FILE
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"no cache index at {path} (the server creates it)")
+    return CacheIndex(path, read_only=read_only)
 
 
 def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[TagRow]:
@@ -61,7 +70,9 @@ def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[T
             if digest in seen:
                 continue
             seen.add(digest)
-            used = entries.get((MANIFEST, digest))
+            size = _image_size(root, digest, entries)
+            # No manifest file: not in the cache, whatever the index still says.
+            used = entries.get((MANIFEST, digest)) if size is not None else None
             rows.append(
                 TagRow(
                     ns,
@@ -69,7 +80,7 @@ def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[T
                     tag,
                     digest,
                     str(v.get("media_type", "")),
-                    _image_size(root, digest, entries),
+                    size,
                     used.last_used if used else None,
                 )
             )
@@ -93,7 +104,7 @@ def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) 
 
 
 def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:
-    index = open_index(config)
+    index = open_index(config, read_only=True)
     try:
         rows = tag_rows(config, index, namespace)
     finally:
@@ -112,7 +123,7 @@ def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:
 
 
 def cmd_du(config: Config, out: TextIO) -> int:
-    index = open_index(config)
+    index = open_index(config, read_only=True)
     try:
         entries = index.entries()
     finally:
@@ -146,7 +157,7 @@ def cmd_du(config: Config, out: TextIO) -> int:
 def cmd_verify(config: Config, out: TextIO) -> int:
     """Re-hash every entry; move mismatches to ``quarantine/``. Exit 1 if any."""
     root = config.cache.dir
-    index = open_index(config)
+    index = open_index(config, read_only=False)
     bad = checked = 0
     try:
         for e in index.entries():
@@ -158,12 +169,16 @@ def cmd_verify(config: Config, out: TextIO) -> int:
             checked += 1
             if ok:
                 continue
-            bad += 1
             target = root / "quarantine" / f"{e.kind}-{e.digest.replace(':', '-')}"
             target.parent.mkdir(exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(path, target)
-            index.remove(e.kind, e.digest)
+
+            def quarantine(path: Path = path, target: Path = target) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, target)
+
+            if not index.drop(e, then=quarantine):
+                continue  # evicted (and maybe fetched again) while it was hashed
+            bad += 1
             out.write(f"MISMATCH {e.kind} {e.digest}: moved to {target}\n")
     finally:
         index.close()
@@ -186,7 +201,7 @@ def cmd_prune(
     config: Config, *, older_than: float | None, to_size: int | None, out: TextIO
 ) -> int:
     root = config.cache.dir
-    index = open_index(config)
+    index = open_index(config, read_only=False)
     removed = freed = 0
     try:
         entries = sorted(index.entries(), key=lambda e: (e.kind == MANIFEST, e.last_used))
@@ -197,9 +212,16 @@ def cmd_prune(
             too_big = to_size is not None and total > to_size
             if not (too_old or too_big):
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                content_path(root, e.kind, e.digest).unlink()
-            index.remove(e.kind, e.digest)
+            path = content_path(root, e.kind, e.digest)
+
+            def unlink(path: Path = path) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+            # A server may have evicted it meanwhile, or fetched it again: then
+            # the entry is not the one looked at, and stays.
+            if not index.drop(e, then=unlink):
+                continue
             removed += 1
             freed += e.size
             total -= e.size

@@ -12,9 +12,13 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirrorproxy import __version__
 from mirrorproxy.config import Config, ConfigError, load_config, with_overrides
+
+if TYPE_CHECKING:
+    from mirrorproxy.reference import ImageRef
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -52,28 +56,76 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.set_defaults(func=_cmd_serve)
 
-    hosts = sub.add_parser("hosts", help="write containerd hosts.toml files for the mirror")
+    hosts = sub.add_parser("hosts", help="write the client configuration that uses the mirror")
     hosts.add_argument("-c", "--config", required=True, type=Path)
-    hosts.add_argument("--out", type=Path, help="certs.d directory, e.g. /etc/containerd/certs.d")
-    hosts.add_argument("--mirror-url", help="URL containerd uses to reach the mirror")
-    hosts.add_argument("--format", dest="fmt", default="containerd", choices=["containerd", "k3s"])
+    hosts.add_argument(
+        "--out",
+        type=Path,
+        help="containerd: certs.d directory, e.g. /etc/containerd/certs.d; "
+        "registries-conf: the drop-in file (default: print it)",
+    )
+    hosts.add_argument("--mirror-url", help="URL clients use to reach the mirror")
+    hosts.add_argument(
+        "--format",
+        dest="fmt",
+        default="containerd",
+        choices=["containerd", "k3s", "registries-conf", "docker"],
+        help="containerd hosts.toml, k3s registries.yaml, containers-registries.conf "
+        "(podman, skopeo, CRI-O) or Docker's daemon.json",
+    )
     hosts.add_argument("--dry-run", action="store_true", help="print the files, write nothing")
     hosts.add_argument(
         "--ca", type=Path, help="CA file (on the node) that signed an https mirror's certificate"
     )
     hosts.set_defaults(func=_cmd_hosts)
 
-    doctor = sub.add_parser("doctor", help="check a node's containerd config for known traps")
+    health = sub.add_parser(
+        "healthcheck",
+        help="probe the running server's /healthz (for HEALTHCHECK, exec probes, scripts)",
+        description=(
+            "Probe /healthz (or /readyz) of the running server and exit 0 if it answers 200. "
+            "Without --config and --listen, the one running `mirrorproxy serve` process is "
+            "found and its own --listen or config is used."
+        ),
+    )
+    health.add_argument("-c", "--config", type=Path, help="the server's config file")
+    health.add_argument("--listen", help="HOST:PORT the server listens on (overrides the config)")
+    health.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.set_defaults(func=_cmd_healthcheck)
+
+    doctor = sub.add_parser("doctor", help="check a node's client configuration for known traps")
     doctor.add_argument(
         "--containerd-config", type=Path, default=Path("/etc/containerd/config.toml")
     )
     doctor.add_argument("--hosts-dir", type=Path, help="default: config_path from config.toml")
     doctor.add_argument("--mirror-url", help="the mirror the node should use")
+    doctor.add_argument(
+        "-c", "--config", type=Path, help="the mirror's config: its namespaces and listen address"
+    )
+    doctor.add_argument(
+        "--registries-conf",
+        type=Path,
+        help="registries.conf to check, with its .d directory "
+        "(default: $CONTAINERS_REGISTRIES_CONF or /etc/containers/registries.conf)",
+    )
+    doctor.add_argument(
+        "--systemd-dir",
+        type=Path,
+        action="append",
+        help="unit directory to read containerd's and CRI-O's environment from (repeatable)",
+    )
+    doctor.add_argument("--proc-dir", type=Path, default=Path("/proc"), help="default: /proc")
     doctor.set_defaults(func=_cmd_doctor)
 
-    preload = sub.add_parser("preload", help="fetch a list of images into the cache")
+    sources_help = (
+        "image list (one reference a line), Kubernetes YAML file or directory, "
+        "or - for standard input"
+    )
+    keep_going_help = "after reporting every bad line, go on with the good ones (then exit 1)"
+    preload = sub.add_parser("preload", help="fetch images into the cache")
     preload.add_argument("-c", "--config", required=True, type=Path)
-    preload.add_argument("images", type=Path, help="file with one image reference per line")
+    preload.add_argument("sources", nargs="+", metavar="IMAGES", help=sources_help)
     preload.add_argument(
         "--platform",
         action="append",
@@ -82,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preload.add_argument("--all-platforms", action="store_true")
     preload.add_argument("--jobs", type=int, default=4, help="images fetched at once")
+    preload.add_argument("--keep-going", action="store_true", help=keep_going_help)
     preload.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
     preload.set_defaults(func=_cmd_preload)
+
+    images = sub.add_parser("images", help="print the image references found in lists or YAML")
+    images.add_argument("sources", nargs="+", metavar="IMAGES", help=sources_help)
+    images.set_defaults(func=_cmd_images)
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (safe while serving)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -107,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-c", "--config", required=True, type=Path)
     export.add_argument("--out", required=True, type=Path, help="the tar to write, e.g. site.tar")
     export.add_argument(
-        "--images", type=Path, help="file with one image reference per line (default: all tags)"
+        "--images",
+        action="append",
+        metavar="IMAGES",
+        help=f"only these images (repeatable; default: every cached tag): {sources_help}",
     )
+    export.add_argument("--keep-going", action="store_true", help=keep_going_help)
     export.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
     export.set_defaults(func=_cmd_export)
 
@@ -164,28 +225,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_hosts(args: argparse.Namespace) -> int:
-    from mirrorproxy.hoststoml import hosts_command
+    from mirrorproxy.hostscmd import HostsError, hosts_command
 
-    return hosts_command(
-        _load(args),
-        out_dir=args.out,
-        mirror_url=args.mirror_url,
-        fmt=args.fmt,
-        dry_run=args.dry_run,
-        stdout=sys.stdout,
-        ca=str(args.ca.absolute()) if args.ca is not None else None,
-    )
+    try:
+        return hosts_command(
+            _load(args),
+            out_dir=args.out,
+            mirror_url=args.mirror_url,
+            fmt=args.fmt,
+            dry_run=args.dry_run,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            ca=str(args.ca.absolute()) if args.ca is not None else None,
+        )
+    except HostsError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    from mirrorproxy.healthcheck import HealthcheckError, probe, target_server
+
+    try:
+        server = target_server(args.config, args.listen, build_parser().parse_args)
+        url = probe(server, "/readyz" if args.ready else "/healthz", args.timeout)
+    except HealthcheckError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+    print(f"healthy: {url}")
+    return EXIT_OK
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from mirrorproxy.doctor import doctor_command
+    import os
 
-    return doctor_command(
-        containerd_config=args.containerd_config,
-        hosts_dir=args.hosts_dir,
-        mirror_url=args.mirror_url,
-        stdout=sys.stdout,
-    )
+    from mirrorproxy.doctor import DoctorError, doctor_command
+
+    try:
+        ok = doctor_command(
+            config=_load(args) if args.config is not None else None,
+            containerd_config=args.containerd_config,
+            hosts_dir=args.hosts_dir,
+            mirror_url=args.mirror_url,
+            registries_conf=args.registries_conf,
+            environ={
+                k: os.environ[k] for k in ("HOME", "CONTAINERS_REGISTRIES_CONF") if k in os.environ
+            },
+            systemd_dirs=args.systemd_dir,
+            proc_dir=args.proc_dir,
+            stdout=sys.stdout,
+        )
+    except DoctorError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -213,50 +303,73 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise CliError(f"cache {action}: {err}") from None
 
 
+def _read_images(sources: Sequence[str], keep_going: bool) -> tuple[list[ImageRef], bool]:
+    """The references in ``sources``, and whether any line was bad (each one reported)."""
+    from mirrorproxy.imagelists import read_sources
+
+    found = read_sources(sources, sys.stdin)
+    for problem in found.problems:
+        print(f"mirrorproxy: {problem}", file=sys.stderr)
+    n = len(found.problems)
+    if n and not keep_going:
+        raise CliError(
+            f"{n} bad {'line' if n == 1 else 'lines'}, nothing done "
+            "(fix them, or --keep-going to go on with the good ones)",
+            EXIT_USAGE,
+        )
+    if not found.refs:
+        raise CliError(f"no image references in {' '.join(sources)}", EXIT_USAGE)
+    return found.refs, bool(n)
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    from mirrorproxy.imagelists import read_sources
+
+    found = read_sources(args.sources, sys.stdin)
+    for ref in found.refs:
+        print(ref)
+    for problem in found.problems:
+        print(f"mirrorproxy: {problem}", file=sys.stderr)
+    return EXIT_FAIL if found.problems else EXIT_OK
+
+
 def _cmd_preload(args: argparse.Namespace) -> int:
     import asyncio
+
+    from rich.console import Console
 
     from mirrorproxy.engine import Engine
     from mirrorproxy.log import configure_logging
     from mirrorproxy.metrics import Metrics
-    from mirrorproxy.preload import ImageState, Options, preload
+    from mirrorproxy.preload import ImageState, Options, Totals, describe, preload
     from mirrorproxy.progress import LineReporter, TerminalReporter
-    from mirrorproxy.reference import read_image_list
-    from mirrorproxy.units import format_size
 
     configure_logging("error" if sys.stdout.isatty() else "warning", "text")
     # Preloading means fetching: a config marked offline for serving is fine here.
     config = with_overrides(_load(args), cache_dir=args.cache_dir, offline=False)
-    try:
-        refs = [ref for _, ref in read_image_list(args.images)]
-    except OSError as err:
-        raise CliError(f"cannot read {args.images}: {err.strerror}", EXIT_USAGE) from None
-    except ValueError as err:
-        raise CliError(str(err), EXIT_USAGE) from None
-    if not refs:
-        raise CliError(f"{args.images}: no image references", EXIT_USAGE)
-    images = [ImageState(ref) for ref in dict.fromkeys(refs)]
+    refs, bad_lines = _read_images(args.sources, args.keep_going)
+    images = [ImageState(ref) for ref in refs]
     options = Options(tuple(args.platform), args.all_platforms, args.jobs)
-    reporter = TerminalReporter(sys.stdout) if sys.stdout.isatty() else LineReporter(sys.stdout)
+    totals = Totals()
 
     async def run() -> None:
         async with Engine(config, Metrics()) as engine:
-            await preload(engine, images, options, reporter)
+            if not sys.stdout.isatty():
+                await preload(engine, images, options, LineReporter(sys.stdout), totals)
+                return
+            with TerminalReporter(Console(highlight=False)) as reporter:
+                await preload(engine, images, options, reporter, totals)
 
     try:
         asyncio.run(run())
     except OSError as err:
         raise CliError(f"preload: {err}") from None
+    for line in describe(images, totals):
+        print(line)
     failed = [i for i in images if i.state != "done"]
-    fetched = sum(i.fetched for i in images)
-    cached = sum(i.cached for i in images)
-    print(
-        f"preloaded {len(images) - len(failed)} of {len(images)} images: "
-        f"{format_size(fetched)} fetched, {format_size(cached)} already cached"
-    )
     for image in failed:
         print(f"failed: {image.ref}: {image.error}", file=sys.stderr)
-    return EXIT_FAIL if failed else EXIT_OK
+    return EXIT_FAIL if failed or bad_lines else EXIT_OK
 
 
 def _warn(line: str) -> None:
@@ -265,32 +378,22 @@ def _warn(line: str) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from mirrorproxy.bundle import BundleError
-    from mirrorproxy.bundle.export import export_bundle
-    from mirrorproxy.reference import read_image_list
-    from mirrorproxy.units import format_size
+    from mirrorproxy.bundle.export import describe, export_bundle
 
     config = with_overrides(_load(args), cache_dir=args.cache_dir)
-    refs = None
+    refs, bad_lines = None, False
     if args.images is not None:
-        try:
-            refs = list(dict.fromkeys(ref for _, ref in read_image_list(args.images)))
-        except OSError as err:
-            raise CliError(f"cannot read {args.images}: {err.strerror}", EXIT_USAGE) from None
-        except ValueError as err:
-            raise CliError(str(err), EXIT_USAGE) from None
+        refs, bad_lines = _read_images(args.images, args.keep_going)
     try:
-        result = export_bundle(config.cache.dir, args.out, refs)
+        result = export_bundle(config.cache.dir, args.out, refs, keep_going=args.keep_going)
     except (BundleError, OSError) as err:
         raise CliError(f"export: {err}") from None
-    for line in result.left_out:
+    lines, warnings = describe(result, args.out)
+    for line in warnings:
         _warn(line)
-    n = len(result.left_out)
-    skipped = f"; {n} left out (not in the cache)" if n else ""
-    print(
-        f"exported {result.images} images to {args.out}: {result.blobs} blobs "
-        f"({format_size(result.blob_bytes)}), {result.manifests} manifests{skipped}"
-    )
-    return EXIT_OK
+    for line in lines:
+        print(line)
+    return EXIT_FAIL if bad_lines or (refs is not None and result.left_out) else EXIT_OK
 
 
 def _cmd_import(args: argparse.Namespace) -> int:

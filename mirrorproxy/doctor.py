@@ -1,278 +1,62 @@
 """``mirrorproxy doctor``: find the known ways a node ends up not using the mirror.
 
-The checks return Findings (what is wrong, how to fix it) rather than printing, so
-they can be tested against real config.toml and hosts.toml files. The traps are
-containerd's own, seen on containerd 1.6: a plugin table spelled for another config
-``version`` is ignored or stops containerd, legacy ``registry.mirrors`` next to
-``config_path`` stops the CRI plugin, and a hosts.toml that does not parse is skipped
-with one log line. This module reads files and sends one GET to the mirror; it never
-writes anything.
+It runs containerd's checks (containerdcheck), podman/skopeo/CRI-O's registries.conf
+checks (registriescheck), the proxy environment of containerd and CRI-O (proxycheck)
+and one GET on the mirror, and joins their Findings. It never writes anything. Nothing
+here reads the process environment: the command line passes in what it means.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
 import subprocess
-import tomllib
 import urllib.error
-import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from mirrorproxy.hoststoml import HOSTS_FILE, normalize_mirror_url
+from mirrorproxy.config import Config
+from mirrorproxy.containerdcheck import (
+    REGEN,
+    check_containerd_config,
+    check_hosts_dir,
+    load_containerd_config,
+)
+from mirrorproxy.findings import Finding
+from mirrorproxy.hoststoml import default_mirror_url, normalize_mirror_url
+from mirrorproxy.proxycheck import (
+    DAEMONS,
+    UNIT_DIRS,
+    check_daemon,
+    read_unit_env,
+    running,
+    unit_files,
+)
+from mirrorproxy.registriescheck import (
+    RegistriesConf,
+    Sources,
+    check_registries_conf,
+    load_registries_conf,
+    mirror_hosts,
+    uses_mirror,
+)
+from mirrorproxy.registriesconf import path_problem
 
 MIRROR_TIMEOUT = 3.0  # seconds; a node-local mirror that needs longer is not healthy
-V1_CRI = "cri"  # version 1 files name plugins by ID
-V2_CRI = "io.containerd.grpc.v1.cri"  # containerd 1.x, version 2
-V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x, version 3
-REGISTRY_PLUGIN = {1: V1_CRI, 2: V2_CRI, 3: V3_IMAGES}
-# containerd 2.x's config_path when the file leaves it out.
-V3_DEFAULT_CONFIG_PATH = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
-CAPABILITIES = {"pull", "resolve", "push"}
-REGEN = "run: mirrorproxy hosts --config FILE --out {}"
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
-    problem: str
-    fix: str
-
-    def line(self) -> str:
-        return f"PROBLEM {self.problem} -> fix: {self.fix}"
+class DoctorError(Exception):
+    """Arguments doctor cannot work with (the command line reports a usage error)."""
 
 
-@dataclass(frozen=True, slots=True)
-class RegistrySettings:
-    """What containerd makes of config.toml's registry section."""
-
-    version: int
-    table: str  # where config_path belongs, spelled as in TOML
-    config_path: tuple[str, ...]  # host directories containerd searches, in order
-    explicit: bool  # config_path is in the file, not containerd 2.x's default
-
-
-def load_containerd_config(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
-    """Parse config.toml plus its ``imports``; an import replaces whole plugin tables.
-
-    Relative imports are read from the config's directory, which is what their author
-    meant; a finding says that containerd itself looks elsewhere. Returns None (and no
-    finding) for a missing file: what that means depends on the containerd version,
-    which check_containerd_config decides.
-    """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, []
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        why = err.strerror if isinstance(err, OSError) else f"not valid TOML ({err})"
-        return None, [Finding(f"{path}: {why}; containerd cannot load it", f"repair {path}")]
-    findings = []
-    imports = data.get("imports")
-    for pattern in imports if isinstance(imports, list) else []:
-        if not os.path.isabs(str(pattern)):
-            problem = f'{path}: imports "{pattern}" is relative; containerd 1.6 resolves it from '
-            fix = "make it absolute"
-            findings.append(Finding(problem + "its working directory (/ under systemd)", fix))
-        for name in sorted(glob.glob(os.path.join(path.parent, str(pattern)))):
-            try:
-                extra = tomllib.loads(Path(name).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-                findings.append(Finding(f"{name} (imported by {path}): {err}", f"repair {name}"))
-                continue
-            if isinstance(extra.get("plugins"), dict):
-                data.setdefault("plugins", {}).update(extra["plugins"])
-    return data, findings
-
-
-def check_containerd_config(
-    data: dict[str, Any] | None, *, source: str, containerd_version: tuple[int, int] | None
-) -> tuple[RegistrySettings | None, list[Finding]]:
-    """Check plugin names, disabled_plugins, config_path and legacy registry settings.
-
-    ``containerd_version`` is the (major, minor) of the containerd that reads the file,
-    when known: 1.x reads a version 3 file with version 2 names, and 2.1+ has its own
-    trap with config_path lists.
-    """
-    major = containerd_version[0] if containerd_version else None
-    if data is None:  # no file: containerd runs on built-in defaults
-        if major is not None and major >= 2:
-            return _v3_settings({}, f"{source} (absent)", containerd_version)
-        problem = f"{source} does not exist, so containerd 1.x runs without config_path"
-        fix = f'create it: `version = 2`, [plugins."{V2_CRI}".registry] config_path = '
-        return None, [Finding(problem, fix + '"/etc/containerd/certs.d"; restart containerd')]
-    version = data.get("version", 1)
-    if isinstance(version, bool) or version not in REGISTRY_PLUGIN:
-        fix = "use version = 2 (containerd 1.x) or version = 3 (containerd 2.x)"
-        return None, [Finding(f"{source}: unknown config version {version!r}", fix)]
-    plugins = data.get("plugins")
-    plugins = plugins if isinstance(plugins, dict) else {}
-    if version == 3 and major == 1:
-        version = 2  # containerd 1.x reads any later version with version 2's plugin names
-    findings = _plugin_name_findings(plugins, version, source)
-    disabled = data.get("disabled_plugins")
-    for name in (V1_CRI, V2_CRI, V3_IMAGES):
-        if isinstance(disabled, list) and name in disabled:
-            problem = f'{source}: disabled_plugins has "{name}": kubelet\'s pulls never get here'
-            fix = (
-                f'remove "{name}" (Docker\'s containerd package ships it off); restart containerd'
-            )
-            findings.append(Finding(problem, fix))
-    plugin = REGISTRY_PLUGIN[version]
-    section = _table(plugins.get(plugin))
-    registry = _table(section.get("registry"))
-    if version == 3:
-        settings, found = _v3_settings(section, source, containerd_version)
-    else:
-        table = f'plugins."{plugin}".registry' if version > 1 else f"plugins.{plugin}.registry"
-        roots = _split_path_list(registry.get("config_path"))
-        settings, found = RegistrySettings(version, table, roots, bool(roots)), []
-        if not roots:
-            problem = f"{source}: config_path is not set in [{table}], so hosts.toml is ignored"
-            fix = f'add config_path = "/etc/containerd/certs.d" to [{table}]; restart containerd'
-            found.append(Finding(problem, fix))
-    findings += found + _legacy_findings(registry, settings.table, source, settings.explicit)
-    return settings, findings
-
-
-def _v3_settings(
-    images: dict[str, Any], source: str, containerd_version: tuple[int, int] | None
-) -> tuple[RegistrySettings, list[Finding]]:
-    """Read config_path as containerd 2.x does, with its default and the 2.1 trap.
-
-    From 2.1 the CRI plugin pulls through the transfer service unless told otherwise,
-    and that path takes config_path as a single directory: the default two-directory
-    list (or any list) then finds no hosts.toml at all (containerd issue 12415).
-    """
-    table = f'plugins."{V3_IMAGES}".registry'
-    roots = _split_path_list(_table(images.get("registry")).get("config_path"))
-    explicit = bool(roots)
-    roots = roots or V3_DEFAULT_CONFIG_PATH
-    local_pull = images.get("use_local_image_pull") is True
-    local_pull = local_pull or images.get("discard_unpacked_layers") is True
-    if len(roots) > 1 and not local_pull and (containerd_version or (2, 1)) >= (2, 1):
-        where = f'config_path "{":".join(roots)}"' if explicit else "the default config_path"
-        problem = (
-            f"{source}: {where} lists several directories; containerd 2.1+ pulls through its "
-            "transfer service, which takes it as one directory and finds no hosts.toml"
-        )
-        fix = f'set config_path = "/etc/containerd/certs.d" in [{table}]; restart containerd'
-        return RegistrySettings(3, table, roots, explicit), [Finding(problem, fix)]
-    return RegistrySettings(3, table, roots, explicit), []
-
-
-def _plugin_name_findings(plugins: dict[str, Any], version: int, source: str) -> list[Finding]:
-    """Flag CRI plugin tables spelled for another config version."""
-    right = f'[plugins."{REGISTRY_PLUGIN[version]}".registry]'
-    out = []
-    if version == 1:
-        for name in (V2_CRI, V3_IMAGES):
-            if name in plugins:
-                problem = (
-                    f'{source}: [plugins."{name}"] needs `version = 2` or 3, so it is ignored'
-                )
-                fix = "put `version = 2` (containerd 1.x) or `version = 3` (2.x) at the top"
-                out.append(Finding(problem, fix))
-        return out
-    if V1_CRI in plugins:
-        problem = f"{source}: [plugins.cri] is a version 1 name; containerd 1.6 refuses to start"
-        out.append(Finding(problem, f"move its settings under {right}"))
-    if version == 2 and V3_IMAGES in plugins:
-        problem = f'{source}: [plugins."{V3_IMAGES}"] is containerd 2.x\'s; 1.x never reads it'
-        out.append(Finding(problem, f"on containerd 1.x use {right} (and `version = 2`)"))
-    if version == 3 and "registry" in _table(plugins.get(V2_CRI)):
-        problem = f'{source}: [plugins."{V2_CRI}".registry] is ignored in a version 3 file'
-        out.append(Finding(problem, f"move it to {right}"))
-    return out
-
-
-def _legacy_findings(
-    registry: dict[str, Any], table: str, source: str, explicit: bool
-) -> list[Finding]:
-    """Flag the settings hosts.toml replaced: mirrors, configs.*.tls, auths."""
-    out = []
-    fatal = "next to config_path: containerd refuses to load the CRI plugin"
-    if registry.get("mirrors"):
-        what = fatal if explicit else "is deprecated (containerd 1.5+ reads hosts.toml)"
-        fix = "delete it; `mirrorproxy hosts --out DIR` writes the same routing as hosts.toml"
-        out.append(Finding(f"{source}: [{table}.mirrors] {what}", fix))
-    configs = _table(registry.get("configs"))
-    for name, entry in configs.items():
-        if _table(entry).get("tls"):
-            what = fatal if explicit else "is deprecated"
-            fix = "move ca/client/skip_verify into that registry's hosts.toml"
-            out.append(Finding(f'{source}: [{table}.configs."{name}".tls] {what}', fix))
-    if registry.get("auths"):
-        fix = "use imagePullSecrets (the CRI plugin hands them to a host that asks)"
-        out.append(Finding(f"{source}: [{table}.auths] is deprecated since containerd 1.3", fix))
-    return out
-
-
-def check_hosts_toml(
-    text: str, *, source: str, mirror_url: str | None
-) -> tuple[list[Finding], list[str]]:
-    """Check one hosts.toml as containerd 1.6 reads it; also return its [host] URLs."""
-    regen = REGEN.format(Path(source).parent.parent)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        return [Finding(f"{source}: not valid TOML ({err}); containerd skips it", regen)], []
-    hosts = data.get("host")
-    if not isinstance(hosts, dict) or not hosts:
-        problem = f'{source}: no [host."..."] table; containerd 1.6 rejects such a file'
-        return [Finding(problem, regen)], []
-    findings = []
-    if not isinstance(data.get("server", ""), str):
-        findings.append(Finding(f"{source}: `server` is not a string; containerd skips it", regen))
-    for url, entry in hosts.items():
-        caps = _table(entry).get("capabilities", [])
-        if not isinstance(caps, list) or not {str(c).lower() for c in caps} <= CAPABILITIES:
-            problem = f'{source}: [host."{url}"] capabilities {caps!r}; containerd skips the file'
-            findings.append(Finding(problem, regen))
-    if findings or mirror_url is None:  # containerd skips a file with findings so far
-        return findings, list(hosts)
-    match = next((u for u in hosts if _same_endpoint(u, mirror_url)), None)
-    if match is None:
-        problem = f"{source} does not send pulls to the mirror {mirror_url}"
-        findings.append(Finding(problem, f"{regen} --mirror-url {mirror_url}"))
-        return findings, list(hosts)
-    caps = _table(hosts[match]).get("capabilities", sorted(CAPABILITIES))
-    caps_set = {str(c).lower() for c in caps} if isinstance(caps, list) else set()
-    if caps_set != {"pull", "resolve"}:
-        problem = (
-            f"{source}: the mirror may {'/'.join(sorted(caps_set)) or 'do nothing'}; tags resolve "
-            "only on pull+resolve hosts and a pull-through mirror takes no pushes"
-        )
-        findings.append(
-            Finding(problem, f'capabilities = ["pull", "resolve"] in [host."{match}"]')
-        )
-    return findings, list(hosts)
-
-
-def check_hosts_dir(root: Path, mirror_url: str | None) -> tuple[list[Finding], list[list[str]]]:
-    """Check every ``<root>/*/hosts.toml``; also return the [host] URLs of each file."""
-    if not root.is_dir():
-        return [Finding(f"{root} does not exist", REGEN.format(root))], []
-    files = sorted(root.glob(f"*/{HOSTS_FILE}"))
-    if not files:
-        problem = f"no */{HOSTS_FILE} under {root}: containerd pulls straight from registries"
-        return [Finding(problem, REGEN.format(root))], []
-    findings: list[Finding] = []
-    hosts: list[list[str]] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            findings.append(Finding(f"cannot read {path}: {err}", "run doctor as root"))
-            continue
-        found, urls = check_hosts_toml(text, source=str(path), mirror_url=mirror_url)
-        findings += found
-        hosts.append(urls)
-    return findings, hosts
+@dataclass
+class _Report:
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # parts of the ok line
 
 
 def check_mirror(mirror_url: str, *, timeout: float = MIRROR_TIMEOUT) -> Finding | None:
@@ -315,20 +99,127 @@ def run_doctor(
     mirror_url: str | None,
     containerd_version: tuple[int, int] | None,
     timeout: float = MIRROR_TIMEOUT,
+    registries: Sources | None = None,
+    namespaces: Sequence[str] | None = None,
+    systemd_dirs: Sequence[Path] = (),
+    proc_dir: Path | None = None,
+    probe: bool = True,
 ) -> tuple[list[Finding], str]:
-    """Run every check; return the findings and the line to print if there are none."""
-    data, findings = load_containerd_config(containerd_config)
+    """Run every check; return the findings and the line to print if there are none.
+
+    Args:
+        registries: the registries.conf files to read; None skips podman/CRI-O.
+        namespaces: the mirror's path-routable namespaces, when its config is known.
+        systemd_dirs: unit directories to read daemons' environment from.
+        proc_dir: where running daemons are found; None skips them.
+        probe: send GET /v2/ to the mirror.
+    """
+    report = _Report()
+    daemons = [
+        (unit, name, read_unit_env(unit_files(unit, systemd_dirs)), running(proc_dir, name))
+        for unit, name in DAEMONS
+    ]
+    conf, found = load_registries_conf(registries) if registries else (None, [])
+    report.findings += found
+    crio = any(env.files or procs for unit, _, env, procs in daemons if unit == "crio.service")
+    containerd_absent = (
+        conf is not None
+        and containerd_version is None
+        and not containerd_config.exists()
+        and not any(
+            env.files or procs for u, _, env, procs in daemons if u == "containerd.service"
+        )
+    )
+    files: list[list[str]] = []
+    if containerd_absent:
+        report.notes.append(f"no containerd ({containerd_config} absent)")
+    else:
+        files = _containerd(report, containerd_config, hosts_dir, mirror_url, containerd_version)
+    mirror = mirror_url or _common_first_host(files) or (_guess(conf) if conf else None)
+    if registries is not None:
+        wanted = crio or containerd_absent or bool(registries.via)
+        _containers(report, registries, conf, mirror, namespaces, wanted=wanted)
+    if mirror is not None:
+        first_dir = systemd_dirs[0] if systemd_dirs else UNIT_DIRS[0]
+        for unit, name, env, procs in daemons:
+            report.findings += check_daemon(unit, name, env, procs, mirror, first_dir)
+        if probe and (problem := check_mirror(mirror, timeout=timeout)):
+            report.findings.append(problem)
+        report.notes.append(f"mirror {mirror} answers /v2/" if probe else f"mirror {mirror}")
+    return report.findings, "ok: " + "; ".join(report.notes)
+
+
+def doctor_command(
+    *,
+    config: Config | None,
+    containerd_config: Path,
+    hosts_dir: Path | None,
+    mirror_url: str | None,
+    registries_conf: Path | None,
+    environ: Mapping[str, str],
+    systemd_dirs: Sequence[Path] | None,
+    proc_dir: Path | None,
+    stdout: TextIO,
+) -> bool:
+    """Run ``mirrorproxy doctor``: one line per finding, or a single ``ok`` line.
+
+    ``config`` is the mirror's, when given: its namespaces are checked in
+    registries.conf and its listen address is the default mirror URL. ``environ``
+    holds HOME and CONTAINERS_REGISTRIES_CONF, which decide what podman reads.
+    Returns True when there was nothing to report.
+
+    Raises:
+        DoctorError: the mirror URL is not one a client could use.
+    """
+    try:
+        mirror = normalize_mirror_url(mirror_url) if mirror_url else None
+    except ValueError as err:
+        raise DoctorError(f"--mirror-url: {err}") from None
+    if mirror is None and config is not None:
+        mirror = default_mirror_url(config.server)
+    home = environ.get("HOME")
+    registries = Sources.choose(
+        flag=registries_conf,
+        env_path=environ.get("CONTAINERS_REGISTRIES_CONF"),
+        home=Path(home) if home else None,
+    )
+    findings, summary = run_doctor(
+        containerd_config=containerd_config,
+        hosts_dir=hosts_dir,
+        mirror_url=mirror,
+        containerd_version=installed_containerd_version(),
+        registries=registries,
+        namespaces=[n for n in config.namespaces if path_problem(n) is None] if config else None,
+        systemd_dirs=UNIT_DIRS if systemd_dirs is None else systemd_dirs,
+        proc_dir=proc_dir,
+    )
+    for finding in findings:
+        stdout.write(finding.line() + "\n")
+    if not findings:
+        stdout.write(summary + "\n")
+    return not findings
+
+
+def _containerd(
+    report: _Report,
+    config: Path,
+    hosts_dir: Path | None,
+    mirror_url: str | None,
+    version: tuple[int, int] | None,
+) -> list[list[str]]:
+    """Check config.toml and the hosts.toml files; return each file's [host] URLs."""
+    data, findings = load_containerd_config(config)
     settings = None
     if data is not None or not findings:  # a file that does not load has nothing to check
         settings, found = check_containerd_config(
-            data, source=str(containerd_config), containerd_version=containerd_version
+            data, source=str(config), containerd_version=version
         )
         findings += found
     roots = [Path(p) for p in settings.config_path] if settings else []
     if hosts_dir is not None:
         if settings and roots and not any(_same_path(hosts_dir, r) for r in roots):
             cp = ":".join(settings.config_path)
-            problem = f"{containerd_config}: config_path {cp} does not include {hosts_dir}"
+            problem = f"{config}: config_path {cp} does not include {hosts_dir}"
             fix = f'set config_path = "{hosts_dir}" in [{settings.table}]'
             findings.append(Finding(problem, fix))
         roots = [hosts_dir]
@@ -344,40 +235,47 @@ def run_doctor(
         found, hosts = check_hosts_dir(root, mirror_url)
         findings += found
         files += hosts
-    mirror = mirror_url if mirror_url is not None else _common_first_host(files)
-    if mirror is not None and (problem_ := check_mirror(mirror, timeout=timeout)):
-        findings.append(problem_)
-    summary = f"ok: {containerd_config}"
+    note = str(config)
     if settings:
-        summary += f" (version {settings.version}, config_path {':'.join(settings.config_path)})"
+        note += f" (version {settings.version}, config_path {':'.join(settings.config_path)})"
     if roots:
-        summary += f"; {len(files)} hosts.toml in {', '.join(map(str, roots))}"
-    if mirror:
-        summary += f"; mirror {mirror} answers /v2/"
-    return findings, summary
+        note += f"; {len(files)} hosts.toml in {', '.join(map(str, roots))}"
+    report.findings += findings
+    report.notes.append(note)
+    return files
 
 
-def doctor_command(
-    *, containerd_config: Path, hosts_dir: Path | None, mirror_url: str | None, stdout: TextIO
-) -> int:
-    """Run ``mirrorproxy doctor``: one line per finding, or a single ``ok`` line."""
-    from mirrorproxy.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
+def _containers(
+    report: _Report,
+    sources: Sources,
+    conf: RegistriesConf | None,
+    mirror: str | None,
+    namespaces: Sequence[str] | None,
+    *,
+    wanted: bool,
+) -> None:
+    """Check registries.conf when this is a podman/CRI-O node or the files use the mirror."""
+    if conf is None:
+        report.notes.append(f"no {sources.main} (podman, CRI-O)")
+        return
+    count = f"{len(conf.files)} registries.conf files"
+    if mirror is None:
+        report.notes.append(f"{count}; no mirror known to check them against")
+        return
+    if wanted or uses_mirror(conf, mirror):
+        report.findings += check_registries_conf(conf, mirror_url=mirror, namespaces=namespaces)
+        report.notes.append(f"{count} send pulls to the mirror")
+    else:
+        report.notes.append(f"{count}, none naming the mirror (podman pulls directly)")
 
-    try:
-        mirror = normalize_mirror_url(mirror_url) if mirror_url else None
-    except ValueError as err:
-        raise CliError(f"--mirror-url: {err}", EXIT_USAGE) from None
-    findings, summary = run_doctor(
-        containerd_config=containerd_config,
-        hosts_dir=hosts_dir,
-        mirror_url=mirror,
-        containerd_version=installed_containerd_version(),
-    )
-    for finding in findings:
-        stdout.write(finding.line() + "\n")
-    if not findings:
-        stdout.write(summary + "\n")
-    return EXIT_FAIL if findings else EXIT_OK
+
+def _guess(conf: RegistriesConf) -> str | None:
+    """The mirror, when every mirror in mirrorproxy's layout names the same host."""
+    hosts = mirror_hosts(conf)
+    if len(hosts) != 1:
+        return None
+    host, insecure = hosts.popitem()
+    return f"{'http' if insecure else 'https'}://{host}"
 
 
 def _common_first_host(files: list[list[str]]) -> str | None:
@@ -391,28 +289,6 @@ def _common_first_host(files: list[list[str]]) -> str | None:
     except ValueError:
         return None
     return url.removesuffix("/v2")  # containerd adds /v2 itself; check_mirror does too
-
-
-def _split_path_list(value: object) -> tuple[str, ...]:
-    """Split a config_path value the way containerd does (":"-separated, blanks dropped)."""
-    return tuple(p for p in value.split(":") if p) if isinstance(value, str) else ()
-
-
-def _table(value: object) -> dict[str, Any]:
-    """Return a TOML table, or an empty one for anything else."""
-    return value if isinstance(value, dict) else {}
-
-
-def _same_endpoint(host: str, mirror_url: str) -> bool:
-    """Compare a [host] key with the mirror URL as containerd would dial them."""
-
-    def norm(url: str) -> tuple[str, str, str]:
-        parts = urllib.parse.urlsplit(url if url.startswith("http") else "https://" + url)
-        path = parts.path.rstrip("/")
-        path = path if path.endswith("/v2") else path + "/v2"
-        return parts.scheme.lower(), parts.netloc.lower(), path
-
-    return norm(host) == norm(mirror_url)
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
+import aiohttp
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
 API_VERSION_HEADER = {"Docker-Distribution-Api-Version": "registry/2.0"}
+# The status recorded (access log, metrics) for a request whose client went away
+# before its answer could be sent; nginx's convention, never sent on the wire.
+CLIENT_CLOSED = 499
 
 
 class RegistryError(Exception):
@@ -32,6 +36,9 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers or {}
+
+    def http_status(self) -> int:
+        return self.status
 
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -98,7 +105,8 @@ class BadRequest(RegistryError):
 
 
 class Denied(RegistryError):
-    """The client's address is outside ``[server] allow``."""
+    """The client's address is outside ``[server] allow``, or a logged-in user may
+    not pull through that namespace (``access``)."""
 
     code, status = "DENIED", 403
 
@@ -129,17 +137,62 @@ class GatewayTimeout(RegistryError):
     code, status = "UNAVAILABLE", 504
 
 
+class Relayed(RegistryError):
+    """An upstream's answer to this very request (400 MANIFEST_INVALID for an Accept
+    it cannot satisfy, say), passed on with its status and error codes: it is the
+    registry's answer, not an outage of the mirror."""
+
+    code = "UNKNOWN"
+
+    def __init__(
+        self,
+        status: int,
+        errors: list[Mapping[str, object]],
+        message: str,
+        detail: Any = None,
+    ) -> None:
+        super().__init__(message, detail)
+        self.relayed_status = status
+        self.errors = errors
+
+    def http_status(self) -> int:
+        return self.relayed_status
+
+    def body(self) -> dict[str, Any]:
+        if not self.errors:
+            return super().body()
+        return {"errors": [{**e, "detail": self.detail} for e in self.errors]}
+
+
 def error_response(err: RegistryError, *, head: bool = False) -> web.Response:
     body = json.dumps(err.body()).encode()
     headers = {**API_VERSION_HEADER, **err.headers}
     if head:  # a HEAD answer states the length of the body it does not send
         headers["Content-Length"] = str(len(body))
     return web.Response(
-        status=err.status,
+        status=err.http_status(),
         body=None if head else body,
         content_type="application/json",
         headers=headers,
     )
+
+
+class ClientGone(ConnectionResetError):
+    """The client closed its connection: nothing can be answered, and nothing failed."""
+
+
+def client_gone(request: web.BaseRequest, err: BaseException) -> bool:
+    """Whether ``err`` means that the client of ``request`` went away.
+
+    A closed client transport says so whatever the exception; otherwise only an
+    OS-level reset or broken pipe does. aiohttp's own ``ClientConnectionResetError``
+    is a ``ConnectionResetError`` too, but raised by an upstream connection it is
+    not the client's doing.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    return isinstance(err, ConnectionError) and not isinstance(err, aiohttp.ClientError)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -165,8 +218,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(NotFound(f"no such endpoint {request.path[:200]!r}"), head=head)
     except web.HTTPException:
         raise
-    except ConnectionResetError:
-        raise  # the client went away: nothing to answer
-    except Exception:
+    except Exception as err:
+        if client_gone(request, err):
+            # Ordinary (a pull cancelled, a client timing out): nothing to answer.
+            logger.debug("client went away during %s %s: %r", request.method, request.path, err)
+            raise ClientGone(str(err)) from err
         logger.exception("internal error serving %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), head=head)

@@ -5,8 +5,10 @@ but GET and HEAD gets ``405 UNSUPPORTED``, whatever the path, before any handler
 runs. The peer address of the TCP connection decides; ``X-Forwarded-For``
 and friends are never trusted. ``/healthz`` and ``/readyz`` stay open to loopback
 clients so a local probe works on a site mirror whose allowlist leaves out
-loopback; they reveal nothing but liveness. Which namespaces a request may reach is
-``namespaces``' business, not this module's.
+loopback; they reveal nothing but liveness. ``/metrics`` answers to ``[metrics] allow``
+instead when that is set (on the main listener, and on a separate metrics listener,
+which otherwise takes ``[server] allow``). Which namespaces a request may reach is
+``namespaces``' and ``clientauth``'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 from collections.abc import Sequence
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from mirrorproxy import keys
 from mirrorproxy.errors import Denied, Handler, Unsupported, error_response
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_METHODS = ("GET", "HEAD")
 PROBES = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -59,7 +63,10 @@ def _loopback(remote: str | None) -> bool:
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse clients outside the allowlist, then every method but GET and HEAD."""
     head = request.method == "HEAD"
-    allow = request.app[keys.CONFIG].server.allow
+    config = request.app[keys.CONFIG]
+    allow = config.server.allow
+    if request.path == METRICS_PATH and config.metrics.allow:
+        allow = config.metrics.allow  # [metrics] allow replaces [server] allow there
     if not client_allowed(request.remote, allow) and not (
         request.path in PROBES and _loopback(request.remote)
     ):
@@ -73,3 +80,18 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         )
     return await handler(request)
+
+
+def allowlist_middleware(allow: Sequence[Network]) -> Middleware:
+    """Only ``allow`` (everyone if empty): for the separate ``/metrics`` listener."""
+
+    @web.middleware
+    async def allowlist(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not client_allowed(request.remote, allow):
+            logger.debug("denied %s from %s: not in the allowlist", request.path, request.remote)
+            return error_response(
+                Denied("this mirror does not serve your address"), head=request.method == "HEAD"
+            )
+        return await handler(request)
+
+    return allowlist

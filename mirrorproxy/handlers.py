@@ -26,10 +26,14 @@ from mirrorproxy.blobhttp import (
 from mirrorproxy.blobsend import Sender, Stalled
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import DigestMismatch
+from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.errors import API_VERSION_HEADER, BlobUnknown, NotFound, Unavailable, Unsupported
-from mirrorproxy.namespaces import resolve
+from mirrorproxy.namespaces import route
 from mirrorproxy.oci import (
+    OCI_INDEX,
     Digest,
+    filter_referrers,
+    join_fields,
     parse_digest,
     parse_name,
     parse_reference,
@@ -46,9 +50,13 @@ SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one rea
 
 
 def _target(request: web.Request) -> Target:
-    ns, ns_name = resolve(request.app[keys.CONFIG], request.query.get("ns"))
+    ns, ns_name, repo = route(
+        request.app[keys.CONFIG], request.query.get("ns"), request.match_info["name"]
+    )
     note_ns(request, ns_name)
-    return Target(ns=ns, ns_name=ns_name, repo=parse_name(request.match_info["name"]))
+    target = Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    authorize_target(request, ns, ns_name, target.repo)  # [server.auth]: 401/403/429
+    return target
 
 
 async def v2_root(request: web.Request) -> web.Response:
@@ -59,7 +67,7 @@ async def manifest(request: web.Request) -> web.Response:
     target = _target(request)
     ref = parse_reference(request.match_info["reference"])
     pt = request.app[keys.PULLTHROUGH]
-    answer = await pt.manifest(target, ref, request.headers.get("Accept"))
+    answer = await pt.manifest(target, ref, join_fields(request.headers.getall("Accept", ())))
     note_cache(request, answer.result, answer.upstream)
     m = answer.manifest
     headers = {
@@ -290,6 +298,23 @@ async def tags_list(request: web.Request) -> web.Response:
     if tags.link is not None:
         resp.headers["Link"] = tags.link
     return resp
+
+
+async def referrers(request: web.Request) -> web.Response:
+    """The OCI 1.1 referrers API: signatures, SBOMs and other artifacts of a manifest."""
+    target = _target(request)
+    subject = parse_digest(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    answer = await request.app[keys.PULLTHROUGH].referrers(target, subject)
+    note_cache(request, answer.result, answer.upstream)
+    body = answer.manifest.body
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        body = filter_referrers(body, artifact_type)
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if answer.result == STALE:
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=body, headers=headers)
 
 
 async def unsupported(request: web.Request) -> web.Response:

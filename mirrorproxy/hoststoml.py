@@ -4,7 +4,8 @@ The renderer is pure (config in, text out) and parses its own output back with
 tomllib before anyone writes it, because containerd silently ignores a hosts.toml it
 cannot parse and pulls straight from the registry instead. The writer replaces only
 the files of namespaces the config names and never removes anything, so directories
-that other tools or people manage in the same certs.d survive every run.
+that other tools or people manage in the same certs.d survive every run. The atomic
+writer here is the one every generated client file goes through.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 from mirrorproxy.config import WILDCARD, Config, Namespace, ServerConfig, parse_upstream_url
 
@@ -103,14 +103,14 @@ def render_hosts_toml(
     if server is None:
         lines.append("# No `server`: after the mirror, containerd asks the image's own registry.")
     else:
-        lines.append(f"server = {_toml_str(server)}")
+        lines.append(f"server = {toml_str(server)}")
     lines += [
         "",
-        f"[host.{_toml_str(mirror_url)}]",
-        f"  capabilities = [{', '.join(_toml_str(c) for c in CAPABILITIES)}]",
+        f"[host.{toml_str(mirror_url)}]",
+        f"  capabilities = [{', '.join(toml_str(c) for c in CAPABILITIES)}]",
     ]
     if ca is not None:
-        lines.append(f"  ca = {_toml_str(ca)}")
+        lines.append(f"  ca = {toml_str(ca)}")
     text = "\n".join(lines) + "\n"
     _check_round_trip(text, mirror_url=mirror_url, server=server, ca=ca)
     return text
@@ -146,87 +146,36 @@ def write_hosts_files(out_dir: Path, files: Mapping[str, str]) -> list[WriteResu
     for name, text in files.items():
         directory = out_dir / name
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        path = directory / HOSTS_FILE
-        try:
-            old: str | None = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            old = None
-        except UnicodeDecodeError:
-            old = ""
-        if old == text:
-            results.append(WriteResult(path, changed=False))
-            continue
-        backup = None
-        if old is not None and GENERATED_MARK not in old:
-            backup = path.with_name(HOSTS_FILE + ".bak")
-            _write_atomic(backup, path.read_bytes())
-        _write_atomic(path, text.encode())
-        results.append(WriteResult(path, changed=True, backup=backup))
+        results.append(write_generated(directory / HOSTS_FILE, text, mark=GENERATED_MARK))
     return results
 
 
-def hosts_command(
-    config: Config,
-    *,
-    out_dir: Path | None,
-    mirror_url: str | None,
-    fmt: str,
-    dry_run: bool,
-    stdout: TextIO,
-    ca: str | None = None,
-) -> int:
-    """Run ``mirrorproxy hosts``: write (or print) the files that point containerd here.
+def write_generated(path: Path, text: str, *, mark: str) -> WriteResult:
+    """Write one generated file atomically, unless it already says exactly ``text``.
 
-    ``ca`` is the CA file containerd should trust for an https mirror.
+    A file that does not contain ``mark`` was written by someone else: it is kept as
+    ``<name>.bak`` before being replaced.
+
+    Raises:
+        OSError: the file could not be written.
     """
-    from mirrorproxy.cli import EXIT_OK, EXIT_USAGE, CliError  # cli imports us lazily too
-
     try:
-        url = normalize_mirror_url(mirror_url) if mirror_url else default_mirror_url(config.server)
-    except ValueError as err:
-        raise CliError(f"--mirror-url: {err}", EXIT_USAGE) from None
-    if ca is not None and not url.startswith("https://"):
-        raise CliError(f"--ca only applies to an https:// mirror URL, not {url}", EXIT_USAGE)
-    if fmt == "k3s":
-        from mirrorproxy.k3s import render_registries_yaml
-
-        if out_dir is not None:
-            raise CliError(
-                "--out is for --format containerd; for k3s redirect the output to "
-                "/etc/rancher/k3s/registries.yaml",
-                EXIT_USAGE,
-            )
-        stdout.write(render_registries_yaml(config, url, ca=ca))
-        return EXIT_OK
-    if fmt != "containerd":
-        raise CliError(f"unknown --format {fmt!r} (use containerd or k3s)", EXIT_USAGE)
-    files = render_all(config, url, ca=ca)
-    if dry_run:
-        for name, text in files.items():
-            shown = out_dir / name / HOSTS_FILE if out_dir else Path(name, HOSTS_FILE)
-            stdout.write(f"# ----- {shown}\n{text}\n")
-        return EXIT_OK
-    if out_dir is None:
-        raise CliError(
-            "hosts: --out DIR is required (or --dry-run to print the files)", EXIT_USAGE
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CliError(f"--out {out_dir}: not a directory", EXIT_USAGE)
-    try:
-        results = write_hosts_files(out_dir, files)
-    except OSError as err:
-        raise CliError(f"cannot write {err.filename or out_dir}: {err.strerror or err}") from None
-    for r in results:
-        if not r.changed:
-            stdout.write(f"unchanged {r.path}\n")
-        elif r.backup is not None:
-            stdout.write(f"wrote {r.path} (the previous file is kept as {r.backup})\n")
-        else:
-            stdout.write(f"wrote {r.path}\n")
-    return EXIT_OK
+        old: str | None = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    except UnicodeDecodeError:
+        old = ""
+    if old == text:
+        return WriteResult(path, changed=False)
+    backup = None
+    if old is not None and mark not in old:
+        backup = path.with_name(path.name + ".bak")
+        write_atomic(backup, path.read_bytes())
+    write_atomic(path, text.encode())
+    return WriteResult(path, changed=True, backup=backup)
 
 
-def _toml_str(value: str) -> str:
+def toml_str(value: str) -> str:
     """Quote a TOML basic string; control characters need escapes, the rest is UTF-8."""
     out = ['"']
     for ch in value:
@@ -261,7 +210,7 @@ def _check_round_trip(text: str, *, mirror_url: str, server: str | None, ca: str
         raise ValueError(f"rendered hosts.toml parses to {parsed!r}, not {expected!r}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` via a synced temp file in the same directory, then sync the dir."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

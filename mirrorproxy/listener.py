@@ -35,7 +35,13 @@ from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
 from mirrorproxy.config import ServerConfig
-from mirrorproxy.errors import BadRequest, RegistryError, error_response
+from mirrorproxy.errors import (
+    CLIENT_CLOSED,
+    BadRequest,
+    RegistryError,
+    client_gone,
+    error_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +104,14 @@ class _Handler(web.RequestHandler):
         aiohttp's own version logs every malformed request at error level with a
         traceback, which lets anyone flood the log; a bad request is the client's
         problem and is logged at debug, by exception type only (its text quotes the
-        offending line, which may hold a credential).
+        offending line, which may hold a credential). A client that went away is
+        no error at all: its request is access-logged with status 499.
         """
+        if exc is not None and client_gone(request, exc):
+            logger.debug("client %s went away: %r", request.remote, exc)
+            gone = web.Response(status=CLIENT_CLOSED)
+            gone.force_close()
+            return gone
         if status >= 500:
             logger.error("internal error handling a request from %s", request.remote, exc_info=exc)
             err: RegistryError = RegistryError("internal error")

@@ -116,6 +116,24 @@ class Metrics:
             "Cache writes that failed (disk full, read-only, I/O error).",
             registry=r,
         )
+        # Client authentication ([server.auth]) and namespace isolation.
+        self.client_auth_failures = Counter(
+            "mirrorproxy_client_auth_failures",
+            "Failed client logins (wrong password, unknown user, bad token), by scheme.",
+            ["scheme"],
+            registry=r,
+        )
+        self.client_auth_throttled = Counter(
+            "mirrorproxy_client_auth_throttled",
+            "Logins refused unchecked (429): their address failed too many lately.",
+            registry=r,
+        )
+        self.isolation_checks = Counter(
+            "mirrorproxy_isolation_checks",
+            "Upstream HEADs confirming content cached through a non-public namespace, by result.",
+            ["namespace", "result"],
+            registry=r,
+        )
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once: labels() locks and rebuilds its

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from mirrorproxy import keys
-from mirrorproxy.errors import Handler
+from mirrorproxy.errors import CLIENT_CLOSED, Handler, client_gone
 
 UNMEASURED = frozenset({"/metrics", "/healthz", "/readyz"})
 MEASURED_METHODS = frozenset({"GET", "HEAD"})
@@ -23,7 +23,10 @@ def _kind(path: str) -> str:
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Time every API request (to the end of its body), count those in flight and done."""
+    """Time every API request (to the end of its body), count those in flight and done.
+
+    A request whose client went away before the answer is counted with code 499.
+    """
     if request.path in UNMEASURED:
         return await handler(request)
     metrics = request.app[keys.METRICS]
@@ -39,6 +42,10 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         return resp
     except web.HTTPException as exc:
         code = str(exc.status)
+        raise
+    except Exception as exc:
+        if client_gone(request, exc):  # not the mirror's failure: never code="error"
+            code = str(CLIENT_CLOSED)
         raise
     finally:
         metrics.inflight_requests.dec()

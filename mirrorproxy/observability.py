@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from aiohttp import web
 from mirrorproxy import handlers, keys
 from mirrorproxy.accesslog import AccessLogger
 from mirrorproxy.config import Config
+from mirrorproxy.guard import Network, allowlist_middleware
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.pullthrough import HIT, MISS, STALE
 from mirrorproxy.requestctx import echo_request_id, request_context_middleware
@@ -44,7 +45,8 @@ def setup_observability(app: web.Application, config: Config, metrics: Metrics) 
     watch_filesystem(metrics, config.cache.dir)
     if config.metrics.listen is not None:
         # First in, last out: a taken port fails before any resource is opened.
-        app.cleanup_ctx.insert(0, metrics_listener(config.metrics.listen, metrics))
+        allow = config.metrics.allow or config.server.allow
+        app.cleanup_ctx.insert(0, metrics_listener(config.metrics.listen, metrics, allow))
 
 
 def init_namespace_series(metrics: Metrics, config: Config) -> None:
@@ -83,9 +85,9 @@ def watch_filesystem(metrics: Metrics, path: Path) -> None:
     metrics.cache_filesystem_size_bytes.set_function(size)
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    """An app serving only ``GET /metrics`` (HEAD too)."""
-    app = web.Application(middlewares=[request_context_middleware])
+def metrics_app(metrics: Metrics, allow: Sequence[Network] = ()) -> web.Application:
+    """An app serving only ``GET /metrics`` (HEAD too), to ``allow`` (all if empty)."""
+    app = web.Application(middlewares=[request_context_middleware, allowlist_middleware(allow)])
     app[keys.METRICS] = metrics
     app.router.add_get("/metrics", handlers.metrics)
     app.on_response_prepare.append(echo_request_id)
@@ -97,7 +99,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def metrics_listener(
-    listen: tuple[str, int], metrics: Metrics
+    listen: tuple[str, int], metrics: Metrics, allow: Sequence[Network] = ()
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context serving ``metrics_app`` on ``listen`` while the app runs.
 
@@ -109,7 +111,7 @@ def metrics_listener(
 
     async def serve_metrics(app: web.Application) -> AsyncIterator[None]:
         runner = web.AppRunner(
-            metrics_app(metrics),
+            metrics_app(metrics, allow),
             access_log_class=AccessLogger,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
         )

@@ -7,13 +7,21 @@ the disk or the network; a value that passes cannot escape the cache directory
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mirrorproxy.errors import DigestInvalid, NameInvalid, PaginationInvalid, RangeNotSatisfiable
+from mirrorproxy.errors import (
+    DigestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    PaginationInvalid,
+    RangeNotSatisfiable,
+)
 
 MAX_NAME_LENGTH = 255  # the spec's note on client limits; also bounds path length
 
@@ -33,7 +41,9 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, DOCKER_V1_SIGNED)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 # What containerd sends when it resolves a tag; preload and import use it too, so
 # the tag records they write answer containerd's own requests.
 CONTAINERD_ACCEPT = ", ".join((DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, "*/*"))
@@ -114,12 +124,14 @@ def parse_reference(text: str) -> str | Digest:
 
     Raises:
         DigestInvalid: a reference with a colon that is no valid digest.
-        NameInvalid: neither a tag nor a digest (the spec's code for a bad tag).
+        ManifestUnknown: neither a tag nor a digest. A reference that cannot exist
+            names no manifest: the distribution-spec (and its conformance suite)
+            want 404 here; NAME_INVALID is for repository names.
     """
     if ":" in text:
         return parse_digest(text)
     if not _TAG_RE.fullmatch(text):
-        raise NameInvalid(f"invalid tag {text[:200]!r}")
+        raise ManifestUnknown(f"invalid tag {text[:200]!r}: no such manifest")
     return text
 
 
@@ -183,6 +195,16 @@ def _position(digits: str) -> int:
     return int(significant or "0") if len(significant) <= 18 else _BEYOND
 
 
+def join_fields(values: Iterable[str]) -> str | None:
+    """One header value from repeated header lines (RFC 9110 5.3: a comma list).
+
+    containers/image and Docker send each Accept type on a line of its own; reading
+    only the first line would forward one type upstream and key tag records by it.
+    """
+    joined = ", ".join(v.strip() for v in values if v.strip())
+    return joined or None
+
+
 def accept_types(header: str | None) -> tuple[str, ...]:
     """Media types a client accepts, sorted and without parameters (a stable cache key)."""
     if not header:
@@ -195,6 +217,58 @@ def accept_types(header: str | None) -> tuple[str, ...]:
 def acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
     """Whether a stored manifest of ``media_type`` may answer a client's Accept."""
     return not accepted or media_type in accepted or "*/*" in accepted
+
+
+def same_variant(stored_key: tuple[str, ...], media_type: str, accepted: tuple[str, ...]) -> bool:
+    """Whether a tag answer given for one Accept set may stand in for another's.
+
+    Only when the client names the stored media type itself (``*/*`` alone says
+    nothing about index or single manifest), and only when both Accept sets agree
+    on indexes: a single-platform answer given to a client that took no index says
+    nothing about whether the tag is an index.
+    """
+    if media_type not in accepted:
+        return False
+    if media_type in INDEX_TYPES:
+        return True
+    takes_index = any(t in INDEX_TYPES for t in accepted)
+    return takes_index == any(t in INDEX_TYPES for t in stored_key)
+
+
+def manifest_digest(body: bytes, media_type: str, algorithm: str = "sha256") -> Digest:
+    """A manifest's content digest as registries compute it.
+
+    Equal to the hash of the body, except for signed schema1 manifests, whose digest
+    covers the JWS payload without its signatures.
+    """
+    if media_type == DOCKER_V1_SIGNED:
+        payload = schema1_payload(body)
+        if payload is not None:
+            return Digest.of(payload, algorithm)
+    return Digest.of(body, algorithm)
+
+
+def schema1_payload(body: bytes) -> bytes | None:
+    """The signed bytes of a schema1 JWS manifest (``formatLength`` + ``formatTail``).
+
+    None when the body is not a well-formed signed manifest.
+    """
+    try:
+        doc = json.loads(body)
+        protected = doc["signatures"][0]["protected"]
+        header = json.loads(_b64url(protected))
+        length, tail = header["formatLength"], _b64url(header["formatTail"])
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        return None
+    if not isinstance(length, int) or not 0 < length <= len(body):
+        return None
+    return body[:length] + tail
+
+
+def _b64url(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("not a string")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def manifest_media_type(body: bytes, header: str | None) -> str:
@@ -216,3 +290,31 @@ def manifest_media_type(body: bytes, header: str | None) -> str:
         if doc.get("schemaVersion") == 1:
             return DOCKER_V1_SIGNED
     return OCI_MANIFEST
+
+
+MAX_ARTIFACT_TYPE = 255
+
+
+def filter_referrers(body: bytes, artifact_type: str) -> bytes:
+    """A referrers index with only the descriptors of one ``artifactType``.
+
+    The mirror caches the whole list once per subject and filters it itself, so one
+    upstream answer serves every filter, and ``OCI-Filters-Applied`` is always true.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+        return body
+    wanted = artifact_type[:MAX_ARTIFACT_TYPE]
+    doc["manifests"] = [
+        m for m in doc["manifests"] if isinstance(m, dict) and m.get("artifactType") == wanted
+    ]
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def empty_referrers() -> bytes:
+    """The answer of a registry that knows no referrers for a subject."""
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    return json.dumps(doc, separators=(",", ":")).encode()

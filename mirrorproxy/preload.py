@@ -12,6 +12,7 @@ import asyncio
 import json
 import platform as host
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,8 +24,9 @@ from mirrorproxy.engine import Engine
 from mirrorproxy.errors import BadGateway, GatewayTimeout, RegistryError, Unavailable
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import CONTAINERD_ACCEPT, Digest, parse_digest
-from mirrorproxy.pullthrough import Target
+from mirrorproxy.pullthrough import MISS, ManifestAnswer, Target
 from mirrorproxy.reference import ImageRef
+from mirrorproxy.units import format_size
 
 ATTEMPTS = 3
 TRANSIENT = (
@@ -35,6 +37,9 @@ TRANSIENT = (
     aiohttp.ClientError,
     TimeoutError,
 )
+# Build attestations sit in an index as platform "unknown/unknown" children.
+REFERENCE_TYPE = "vnd.docker.reference.type"
+ATTESTATION = "attestation-manifest"
 _ARCH = {
     "x86_64": "amd64",
     "aarch64": "arm64",
@@ -59,15 +64,32 @@ class ImageState:
     state: str = "queued"  # queued, resolving, fetching, done, failed
     total: int = 0  # bytes the image needs
     cached: int = 0  # bytes that were already in the cache
-    fetched: int = 0  # bytes fetched by this run
+    fetched: int = 0  # bytes this image brought from upstream
+    shared: int = 0  # bytes another image of this run was fetching at the same time
     error: str = ""
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Totals:
+    """The run's own numbers: every blob and manifest counted once, whoever needed it."""
+
+    blobs_fetched: int = 0  # from upstream
+    bytes_fetched: int = 0
+    blobs_cached: int = 0  # already in the cache before this run needed them
+    bytes_cached: int = 0
+    manifests_fetched: int = 0  # from upstream
+    # (os/arch, why) -> platform manifests of indexes that were not fetched
+    left_out: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _blobs: dict[Digest, str] = field(default_factory=dict)  # counted as: fetching/fetched/cached
+    _manifests: set[Digest] = field(default_factory=set)
+    _indexes: set[Digest] = field(default_factory=set)
 
 
 class Reporter(Protocol):
     def update(self, image: ImageState) -> None: ...
 
-    def tick(self, images: Sequence[ImageState]) -> None: ...
+    def tick(self, images: Sequence[ImageState], totals: Totals) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +97,29 @@ class Options:
     platforms: tuple[str, ...] = ()  # empty: the host's platform
     all_platforms: bool = False
     jobs: int = 4
+    tick: float = 0.5  # seconds between progress updates
 
 
 async def preload(
-    engine: Engine, images: Sequence[ImageState], options: Options, reporter: Reporter
-) -> None:
-    """Fetch every image into the cache; each ImageState ends done or failed."""
+    engine: Engine,
+    images: Sequence[ImageState],
+    options: Options,
+    reporter: Reporter,
+    totals: Totals | None = None,
+) -> Totals:
+    """Fetch every image into the cache; each ImageState ends done or failed.
+
+    Returns:
+        What the run fetched, found cached and left out, each item counted once.
+    """
+    totals = totals if totals is not None else Totals()
     gate = asyncio.Semaphore(max(1, options.jobs))
 
     async def one(image: ImageState) -> None:
         async with gate:
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    await _load(engine, image, options, reporter)
+                    await _load(engine, image, options, reporter, totals)
                     image.state = "done"
                     break
                 except TRANSIENT as err:
@@ -104,31 +136,39 @@ async def preload(
 
     async def ticker() -> None:
         while True:
-            reporter.tick(images)
-            await asyncio.sleep(0.5)
+            reporter.tick(images, totals)
+            await asyncio.sleep(options.tick)
 
     ticking = asyncio.create_task(ticker())
     try:
         await asyncio.gather(*(one(image) for image in images))
     finally:
         ticking.cancel()
-        reporter.tick(images)
+        reporter.tick(images, totals)
+    return totals
 
 
-async def _load(engine: Engine, image: ImageState, options: Options, reporter: Reporter) -> None:
+async def _load(
+    engine: Engine, image: ImageState, options: Options, reporter: Reporter, totals: Totals
+) -> None:
     pt = engine.pullthrough
     ref = image.ref
-    image.state, image.total, image.cached, image.fetched = "resolving", 0, 0, 0
+    image.state, image.total, image.cached, image.fetched, image.shared = "resolving", 0, 0, 0, 0
     reporter.update(image)
     ns, ns_name = resolve(engine.config, ref.registry)
     target = Target(ns=ns, ns_name=ns_name, repo=ref.repository)
-    top = (await pt.manifest(target, ref.reference, CONTAINERD_ACCEPT)).manifest
+    answer = await pt.manifest(target, ref.reference, CONTAINERD_ACCEPT)
+    _count_manifest(totals, answer)
+    top = answer.manifest
     if ref.digest is not None and top.digest != ref.digest:
         raise PreloadError(f"resolved to {top.digest}, not the pinned {ref.digest}")
     doc = _json(top.body)
     manifests = [doc]
     if isinstance(doc.get("manifests"), list):
-        children = _choose(doc["manifests"], options)
+        children, left_out = _choose(doc["manifests"], options)
+        if top.digest not in totals._indexes:
+            totals._indexes.add(top.digest)
+            totals.left_out.update(left_out)
         if not children:
             raise PreloadError(f"no manifest for {', '.join(_wanted(options))} in its index")
         manifests = []
@@ -136,6 +176,7 @@ async def _load(engine: Engine, image: ImageState, options: Options, reporter: R
             answer = await pt.manifest(
                 target, parse_digest(str(child["digest"])), CONTAINERD_ACCEPT
             )
+            _count_manifest(totals, answer)
             manifests.append(_json(answer.manifest.body))
     blobs: dict[Digest, int] = {}
     for m in manifests:
@@ -146,15 +187,31 @@ async def _load(engine: Engine, image: ImageState, options: Options, reporter: R
     image.state = "fetching"
     reporter.update(image)
     for digest, size in blobs.items():
-        await _fetch_blob(engine, target, digest, size, image)
+        await _fetch_blob(engine, target, digest, size, image, totals)
+
+
+def _count_manifest(totals: Totals, answer: ManifestAnswer) -> None:
+    digest = answer.manifest.digest
+    if answer.result == MISS and digest not in totals._manifests:
+        totals._manifests.add(digest)
+        totals.manifests_fetched += 1
 
 
 async def _fetch_blob(
-    engine: Engine, target: Target, digest: Digest, size: int, image: ImageState
+    engine: Engine, target: Target, digest: Digest, size: int, image: ImageState, totals: Totals
 ) -> None:
+    """Fetch one blob, counting it once in ``totals`` (shared fills are not counted twice)."""
     answer = await engine.pullthrough.blob(target, digest)
+    seen = totals._blobs.get(digest)
     if answer.info is not None:
-        image.cached += size
+        if seen is None:
+            totals._blobs[digest] = "cached"
+            totals.blobs_cached += 1
+            totals.bytes_cached += answer.info.size
+        if seen in (None, "cached"):
+            image.cached += size
+        else:
+            image.shared += size  # fetched by another image of this run
         return
     fill = answer.fill
     if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
@@ -164,19 +221,42 @@ async def _fetch_blob(
         if resp is not None:
             resp.release()
         raise PreloadError(f"blob {digest} cannot be cached (max_size too small, or disk full)")
-    before = image.fetched
-    while not fill.task.done():
-        image.fetched = before + fill.written
-        await asyncio.wait({fill.task}, timeout=0.25)
-    if fill.result is None:
-        raise FillFailed(f"blob {digest}: {fill.error or 'download failed'}")
-    image.fetched = before + fill.result.size
+    mine = seen is None  # the first image to need it counts it; the others share it
+    if mine:
+        totals._blobs[digest] = "fetching"
+    before = image.fetched if mine else image.shared
+    try:
+        while not fill.task.done():
+            _progress(image, mine, before + fill.received)
+            await asyncio.wait({fill.task}, timeout=0.25)
+        if fill.result is None:
+            raise FillFailed(f"blob {digest}: {fill.error or 'download failed'}")
+    except BaseException:
+        if mine:
+            del totals._blobs[digest]
+        _progress(image, mine, before)
+        raise
+    _progress(image, mine, before + fill.result.size)
+    if mine:
+        totals._blobs[digest] = "fetched"
+        totals.blobs_fetched += 1
+        totals.bytes_fetched += fill.result.size
 
 
-def _choose(children: list[Any], options: Options) -> list[dict[str, Any]]:
-    """The index entries for the wanted platforms (all of them with --all-platforms)."""
+def _progress(image: ImageState, mine: bool, value: int) -> None:
+    if mine:
+        image.fetched = value
+    else:
+        image.shared = value
+
+
+def _choose(
+    children: list[Any], options: Options
+) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
+    """The index entries for the wanted platforms, and (platform, why) of the others."""
     wanted = _wanted(options)
     out = []
+    left_out: Counter[tuple[str, str]] = Counter()
     for child in children:
         if not isinstance(child, dict) or "digest" not in child:
             continue
@@ -185,7 +265,12 @@ def _choose(children: list[Any], options: Options) -> list[dict[str, Any]]:
         full = f"{name}/{p['variant']}" if p.get("variant") else name
         if options.all_platforms or name in wanted or full in wanted:
             out.append(child)
-    return out
+        elif (child.get("annotations") or {}).get(REFERENCE_TYPE) == ATTESTATION:
+            left_out[(full, "attestation manifests, not images")] += 1
+        else:
+            why = f"not among the platforms asked for ({', '.join(wanted)})"
+            left_out[(full, f"{why}; --all-platforms fetches every one")] += 1
+    return out, left_out
 
 
 def _wanted(options: Options) -> tuple[str, ...]:
@@ -206,3 +291,22 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, RegistryError):
         return err.message
     return str(err) or type(err).__name__
+
+
+def describe(images: Sequence[ImageState], totals: Totals) -> list[str]:
+    """The run's report: images complete, bytes from upstream and cached, what was left out."""
+    done = sum(1 for i in images if i.state == "done")
+    failed = f"; {len(images) - done} failed" if done < len(images) else ""
+    lines = [
+        f"preloaded {done} of {len(images)} images{failed}",
+        f"from upstream: {totals.blobs_fetched} blobs ({format_size(totals.bytes_fetched)}), "
+        f"{totals.manifests_fetched} manifests",
+        f"already cached: {totals.blobs_cached} blobs ({format_size(totals.bytes_cached)})",
+    ]
+    by_why: dict[str, Counter[str]] = {}
+    for (platform, why), n in totals.left_out.items():
+        by_why.setdefault(why, Counter())[platform] += n
+    for why, platforms in sorted(by_why.items()):
+        which = ", ".join(f"{p} x{n}" for p, n in sorted(platforms.items()))
+        lines.append(f"left out {sum(platforms.values())} platform manifests ({which}): {why}")
+    return lines

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,18 +34,22 @@ from mirrorproxy.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    NotFound,
     RangeNotSatisfiable,
     ResumeRefused,
     Unavailable,
 )
+from mirrorproxy.isolation import Isolation
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import (
     MANIFEST_TYPES,
+    OCI_INDEX,
     Digest,
     accept_types,
-    acceptable,
+    manifest_digest,
     manifest_media_type,
     parse_digest,
+    same_variant,
 )
 from mirrorproxy.upstream.client import (
     TooLarge,
@@ -121,6 +126,7 @@ class PullThrough:
         # (new requests start afresh) but still cleans up for a moment.
         self._running: set[BlobFill] = set()
         self._pending: dict[tuple[object, ...], asyncio.Future[object]] = {}
+        self._isolation = Isolation(config, client=client, budget=budget, metrics=metrics)
         self.corrupt = CorruptBlobs()  # recent digest mismatches (replaceable in tests)
         self.fill_tuning = FillTuning()  # how downloads share bytes (replaceable in tests)
 
@@ -157,6 +163,7 @@ class PullThrough:
     ) -> ManifestAnswer:
         cached = await self._manifests.get(digest)
         if cached is not None:
+            await self._isolation.check(t, MANIFEST, digest)  # cached via a private namespace?
             self.budget.touch(MANIFEST, digest)
             return ManifestAnswer(cached, HIT)
         if self._config.cache.offline:
@@ -203,11 +210,11 @@ class PullThrough:
                 lambda: self._refresh_tag(t, tag, accept, key, cached),
             )
         except UpstreamError as err:
-            if err.not_found:
-                raise err.registry_error(ManifestUnknown) from None
-            stale = await self._stale(entries, key, accept)
+            # Only an outage may be bridged with the last answer: a registry that
+            # answered (404, 400 for this Accept, ...) has said what is true now.
+            stale = await self._stale(entries, key, accept) if err.outage else None
             if stale is None:
-                raise err.registry_error() from None
+                raise err.registry_error(ManifestUnknown) from None
             logger.warning("serving stale %s/%s:%s: %s", t.ns_name, t.repo, tag, err)
             return ManifestAnswer(stale, STALE)
 
@@ -253,11 +260,16 @@ class PullThrough:
     async def _stale(
         self, entries: Mapping[str, TagEntry], key: str, accept: str | None
     ) -> StoredManifest | None:
-        """The last answer for this Accept set, else any stored one the client accepts."""
+        """The last answer for this Accept set, else one given to a client that asked
+        for the same variant (see ``oci.same_variant``), newest first."""
         accepted = accept_types(accept)
         ordered = [entries[key]] if key in entries else []
         ordered += sorted(
-            (e for k, e in entries.items() if k != key and acceptable(e.media_type, accepted)),
+            (
+                e
+                for k, e in entries.items()
+                if k != key and same_variant(tuple(k.split(",")), e.media_type, accepted)
+            ),
             key=lambda e: -e.fetched,
         )
         for entry in ordered:
@@ -284,14 +296,15 @@ class PullThrough:
             raise ManifestInvalid(str(err)) from None
         body = resp.body
         header_digest = resp.headers.get("Docker-Content-Digest")
+        media_type = manifest_media_type(body, resp.headers.get("Content-Type"))
         if expect is not None:
-            digest = Digest.of(body, expect.algorithm)
+            digest = manifest_digest(body, media_type, expect.algorithm)
             if digest != expect:
                 self._metrics.digest_mismatches.labels(t.ns.name).inc()
                 self._client.mark_failed(t.ns, resp.upstream)
                 raise _WrongDigest(f"{resp.upstream.url} sent a {what} with digest {digest}")
         else:
-            digest = Digest.of(body)
+            digest = manifest_digest(body, media_type)
             if (
                 header_digest
                 and header_digest.startswith("sha256:")
@@ -303,9 +316,8 @@ class PullThrough:
                 )
             if header_digest and header_digest.startswith("sha512:"):
                 sha512 = parse_digest(header_digest)
-                if Digest.of(body, "sha512") == sha512:
+                if manifest_digest(body, media_type, "sha512") == sha512:
                     digest = sha512
-        media_type = manifest_media_type(body, resp.headers.get("Content-Type"))
         manifest = StoredManifest(digest, media_type, body)
         try:
             stored = await self._manifests.put(manifest)
@@ -339,6 +351,7 @@ class PullThrough:
             )
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             self.budget.touch(BLOB, digest)
             return BlobAnswer(info.size, info=info)
@@ -354,6 +367,7 @@ class PullThrough:
         while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
             # Bytes are shared across repositories (they are verified by digest), but
             # not failures: another namespace's upstreams may lack what ours have.
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             try:
                 await asyncio.shield(fill.ready)
                 break
@@ -445,11 +459,13 @@ class PullThrough:
         """
         info = await self._blobs.lookup(digest)
         if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             self._count(t, "blob", HIT)
             return BlobHead(info.size, HIT)
         fill = self._fills.get(digest)
         ready = fill is not None and fill.ready.done() and not fill.ready.exception()
         if fill is not None and ready and fill.size is not None:
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
             return BlobHead(fill.size, MISS, fill.upstream)
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
@@ -488,6 +504,86 @@ class PullThrough:
         if fill.result is not None:
             return fill.result.size
         raise BadGateway(f"no upstream states the size of {what}")
+
+    # -- referrers ---------------------------------------------------------------
+
+    async def referrers(self, t: Target, subject: Digest) -> ManifestAnswer:
+        """The referrers index of ``subject``, cached like a tag (TTL, stale on outage).
+
+        Raises:
+            NotFound: no upstream offers the referrers API (clients then fall back to
+                the ``sha256-<hex>`` tag scheme, which goes through as tags).
+            RegistryError: upstreams failed and nothing is cached.
+        """
+        entry = await self._manifests.get_referrers(t.ns_name, t.repo, subject)
+        cached = await self._manifests.get(entry.digest) if entry is not None else None
+        fresh = entry is not None and self._clock() - entry.fetched < t.ns.tag_ttl
+        if cached is not None and fresh:
+            self._count(t, "referrers", HIT)
+            return ManifestAnswer(cached, HIT)
+        if self._config.cache.offline:
+            if cached is None:
+                raise NotFound(f"referrers of {t.repo}@{subject} are not cached and {OFFLINE}")
+            self._count(t, "referrers", STALE)
+            return ManifestAnswer(cached, STALE)
+        try:
+            answer = await self._coalesce(
+                ("r", t.ns_name, t.repo, subject), lambda: self._fetch_referrers(t, subject)
+            )
+        except UpstreamError as err:
+            if cached is None or not err.outage:
+                if err.not_found:
+                    raise NotFound(
+                        f"no upstream of {t.ns_name} offers the referrers API",
+                        {"upstreams": [str(a) for a in err.attempts]},
+                    ) from None
+                raise err.registry_error() from None
+            logger.warning(
+                "serving stale referrers of %s/%s@%s: %s", t.ns_name, t.repo, subject, err
+            )
+            answer = ManifestAnswer(cached, STALE)
+        self._count(t, "referrers", answer.result)
+        return answer
+
+    async def _fetch_referrers(self, t: Target, subject: Digest) -> ManifestAnswer:
+        """GET every page of the list upstream (bounded), merge, store as one index."""
+        path = f"{t.repo}/referrers/{subject}"
+        limit = self._config.cache.max_manifest_size
+        descriptors: list[object] = []
+        query: dict[str, str] = {}
+        upstream = ""
+        for _ in range(MAX_REFERRER_PAGES):
+            try:
+                resp = await self._client.fetch(
+                    t.ns,
+                    t.ns_name,
+                    path,
+                    what=f"referrers of {t.repo}@{subject}",
+                    limit=limit,
+                    headers={"Accept": OCI_INDEX},
+                    query=query,
+                )
+            except TooLarge as err:
+                raise BadGateway(str(err)) from None
+            upstream = resp.upstream.url
+            descriptors += _index_manifests(resp.body, upstream)
+            query = _next_page(resp.headers.get("Link"))
+            if not query:
+                break
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        if len(body) > limit:
+            raise BadGateway(f"referrers of {t.repo}@{subject} exceed {limit} bytes")
+        manifest = StoredManifest(Digest.of(body), OCI_INDEX, body)
+        try:
+            stored = await self._manifests.put(manifest)
+            self.budget.committed(MANIFEST, manifest.digest, stored, t.ns_name)
+            entry = TagEntry(manifest.digest, OCI_INDEX, len(body), self._clock())
+            await self._manifests.put_referrers(t.ns_name, t.repo, subject, entry)
+        except OSError as err:
+            self._metrics.cache_write_errors.inc()
+            logger.error("cannot cache referrers of %s@%s: %s", t.repo, subject, err)
+        return ManifestAnswer(manifest, MISS, upstream)
 
     # -- pass-through ------------------------------------------------------------
 
@@ -562,6 +658,35 @@ def _next_link(header: str | None, t: Target) -> str | None:
     page = {k: upstream_query[k] for k in ("n", "last") if k in upstream_query}
     url = URL.build(path=f"/v2/{t.repo}/tags/list", query={**page, "ns": t.ns_name})
     return f'<{url}>; rel="next"'
+
+
+MAX_REFERRER_PAGES = 10
+
+
+def _index_manifests(body: bytes, upstream: str) -> list[object]:
+    """The descriptors of an upstream's referrers page.
+
+    Raises:
+        BadGateway: the page is not an image index.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+        raise BadGateway(f"{upstream} sent a referrers answer that is not an image index")
+    return list(doc["manifests"])
+
+
+def _next_page(header: str | None) -> dict[str, str]:
+    """The query of a ``Link: <...>; rel="next"`` (only the upstream's own paging keys)."""
+    if not header or "<" not in header or ">" not in header:
+        return {}
+    try:
+        upstream_query = URL(header[header.index("<") + 1 : header.index(">")]).query
+    except ValueError:
+        return {}
+    return {k: v for k, v in upstream_query.items() if k in ("n", "last") and len(v) <= 512}
 
 
 def _refused_head(err: UpstreamError) -> bool:

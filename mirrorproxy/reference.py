@@ -7,9 +7,7 @@ bundle commands.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from mirrorproxy.errors import RegistryError
 from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_reference
@@ -78,20 +76,3 @@ def parse_image_reference(text: str) -> ImageRef:
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(registry, repo, tag, digest)
-
-
-def read_image_list(path: Path) -> Iterator[tuple[int, ImageRef]]:
-    """(line number, reference) for each line; ``#`` comments and blank lines skipped.
-
-    Raises:
-        ValueError: a line is not a reference (the message names the line).
-    """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            try:
-                yield number, parse_image_reference(text)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: {err}") from None

@@ -15,6 +15,7 @@ def setup_routes(app: web.Application, *, metrics_route: bool = True) -> None:
     r.add_get(r"/v2/{name:.+}/manifests/{reference}", handlers.manifest)
     r.add_get(r"/v2/{name:.+}/blobs/{digest}", handlers.blob)
     r.add_get(r"/v2/{name:.+}/tags/list", handlers.tags_list)
+    r.add_get(r"/v2/{name:.+}/referrers/{digest}", handlers.referrers)
     # Push, delete and unknown API paths: an OCI error instead of a bare 404.
     r.add_route("*", "/v2/{tail:.*}", handlers.unsupported)
     if metrics_route:

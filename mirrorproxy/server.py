@@ -37,10 +37,13 @@ def serve(config: Config) -> None:
     check_cache_dir(config)
     app = create_app(config)
     logger.info(
-        "mirrorproxy starting on %s, cache %s, namespaces %s",
+        "mirrorproxy starting on %s, cache %s, namespaces %s%s",
         config.server.listen,
         config.cache.dir,
         ", ".join(config.namespaces),
+        "; OFFLINE: serving only what is cached, never contacting upstreams"
+        if config.cache.offline
+        else "",
     )
     try:
         # web.run_app's job, with [server]'s TLS, connection cap and parser limits.

@@ -2,10 +2,17 @@
 
 A bundle is a plain OCI image layout (``oci-layout``, ``index.json``,
 ``blobs/<alg>/<hex>``) in an uncompressed tar, so ``skopeo`` (``oci-archive:``) and
-``ctr import`` read it too. Each top-level manifest's full reference
-(``docker.io/library/alpine:3``) is in its ``index.json`` annotations. This package
-module owns only the layout format (member names, descriptors, what a manifest
-references); ``export`` and ``importer`` own the two commands. Pure: no IO here.
+``ctr import`` read it too. Each tagged manifest's full reference
+(``docker.io/library/alpine:3``) is in the annotations of its descriptor.
+
+No index document grows with the tag count: up to ``PAGE_ENTRIES`` tags are listed
+in ``index.json`` itself (what other tools look references up in); more are split,
+in reference order, into nested image indexes ("pages", marked with the ``PAGE``
+annotation) that ``index.json`` lists instead. Every index document export writes
+stays under ``MAX_INDEX_SIZE``, the limit import enforces, so export can never write
+a bundle import refuses. This package module owns only the layout format (member
+names, descriptors, limits, what a manifest references); ``export`` and
+``importer`` own the two commands. Pure: no IO here.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import CONTAINERD_ACCEPT, Digest, accept_types, parse_digest
+from mirrorproxy.oci import CONTAINERD_ACCEPT, OCI_INDEX, Digest, accept_types, parse_digest
 
 LAYOUT_FILE, INDEX_FILE = "oci-layout", "index.json"
 LAYOUT = {"imageLayoutVersion": "1.0.0"}
@@ -24,6 +31,13 @@ CONTAINERD_NAME = "io.containerd.image.name"
 # The tag-record key containerd's own requests look up; import writes tags under it.
 CONTAINERD_KEY = ",".join(accept_types(CONTAINERD_ACCEPT))
 COPY_CHUNK = 1024 * 1024  # bytes per read when streaming a blob in or out
+# A nested index of tags (value: "tags"); index.json lists these past PAGE_ENTRIES tags.
+PAGE = "io.mirrorproxy.bundle.page"
+PAGE_VALUE = "tags"
+PAGE_ENTRIES = 8192  # tags per index document; 8,192 of the longest references fit
+PAGE_BYTES = 8 * 1024 * 1024  # ...and bytes per index document, whichever comes first
+MAX_INDEX_SIZE = 16 * 1024 * 1024  # what import reads of one index document
+MAX_PAGE_DEPTH = 4  # pages of pages: 8,192**3 tags before the fourth level
 
 Warn = Callable[[str], None]
 
@@ -79,3 +93,11 @@ def references(doc: dict[str, Any], where: str) -> tuple[list[Descriptor], list[
 
 def _list(value: object) -> list[object]:
     return value if isinstance(value, list) else []
+
+
+def is_page(obj: object) -> bool:
+    """Whether an index entry is a nested index of tags written by export."""
+    if not isinstance(obj, dict) or obj.get("mediaType") != OCI_INDEX:
+        return False
+    annotations = obj.get("annotations")
+    return isinstance(annotations, dict) and annotations.get(PAGE) == PAGE_VALUE

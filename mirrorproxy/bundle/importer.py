@@ -1,13 +1,15 @@
 """``mirrorproxy import``: verify a bundle tar completely, then add it to the cache.
 
 Two phases, so a bad bundle leaves nothing behind. First every manifest reachable
-from ``index.json`` is read and checked (they are small), and every blob they
-reference is streamed from the tar into ``<cache>/tmp`` while being hashed; blobs
-already cached are hashed too but not copied. Only when all of it matched its
-digest are the blobs renamed into place, then the manifests written through the
-manifest store, then the tags (children before parents, tags last), so a running
-mirror never sees a tag before its content. Idempotent: what is present is counted,
-not rewritten. Never holds a layer in memory.
+from ``index.json`` (through the pages of a large bundle) is read and checked
+(they are small), and every blob they reference is streamed from the tar into
+``<cache>/tmp`` while being hashed; blobs already cached are hashed too but not
+copied. Only when all of it matched its digest are the blobs renamed into place,
+then the manifests written, then the tags (children before parents, tags last), so
+a running mirror never sees a tag before its content. Memory does not grow with
+the tag count: the tags are read page by page, twice (to verify, then to record),
+and manifests and tags are written in batches behind one filesystem flush each.
+Idempotent: what is present is counted, not rewritten. Never holds a layer in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import os
 import tarfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,10 +31,13 @@ from mirrorproxy.bundle import (
     COPY_CHUNK,
     INDEX_FILE,
     LAYOUT_FILE,
+    MAX_INDEX_SIZE,
+    MAX_PAGE_DEPTH,
     REF_NAME,
     BundleError,
     Descriptor,
     Warn,
+    is_page,
     member_name,
     parse_descriptor,
     references,
@@ -43,8 +50,8 @@ from mirrorproxy.config import Config
 from mirrorproxy.oci import MANIFEST_TYPES, Digest, manifest_media_type
 from mirrorproxy.reference import ImageRef, parse_image_reference
 
-MAX_INDEX_SIZE = 16 * 1024 * 1024  # index.json of many thousand images still fits
 MAX_LAYOUT_SIZE = 64 * 1024
+BATCH = 4096  # manifests or tags written behind one filesystem flush
 
 
 @dataclass(slots=True)
@@ -60,26 +67,35 @@ class ImportResult:
 @dataclass(frozen=True, slots=True)
 class _Manifest:
     media_type: str
-    body: bytes
+    info: tarfile.TarInfo
     namespace: str
 
 
 @dataclass(slots=True)
 class _Walk:
-    tops: list[tuple[ImageRef | None, Descriptor]] = field(default_factory=list)
     # Insertion order is children before parents: the order they are written in.
     manifests: dict[Digest, _Manifest] = field(default_factory=dict)
     blobs: dict[Digest, tuple[tarfile.TarInfo, str]] = field(default_factory=dict)
 
 
-def import_bundle(config: Config, bundle: Path, *, warn: Warn) -> ImportResult:
+@dataclass(frozen=True, slots=True)
+class _Bundle:
+    """The open tar, its regular files by name, and the manifest size limit."""
+
+    tar: tarfile.TarFile
+    members: dict[str, tarfile.TarInfo]
+    limit: int
+
+
+def import_bundle(config: Config, bundle: Path, *, warn: Warn, batch: int = BATCH) -> ImportResult:
     """Verify ``bundle`` completely, then add what the cache lacks.
 
     Args:
         config: gives the cache directory, the manifest size limit and the
-            namespaces (a reference no namespace serves gets a warning).
+            namespaces (references no namespace serves get a warning).
         bundle: the tar (uncompressed, seekable).
-        warn: called with one line per reference the mirror would not serve.
+        warn: called with one line per registry the mirror would not serve.
+        batch: manifests or tags written behind one filesystem flush.
 
     Returns:
         What was added and what was already present.
@@ -97,18 +113,27 @@ def import_bundle(config: Config, bundle: Path, *, warn: Warn) -> ImportResult:
     except OSError as err:
         raise BundleError(f"{bundle}: {err.strerror or err}") from None
     with tar:
+        b = _Bundle(tar, _members(tar, bundle), config.cache.max_manifest_size)
+        index = _read_layout(b)
         walk = _Walk()
         result = ImportResult()
-        _read_layout(tar, _members(tar, bundle), walk, result, config)
-        for ref, _ in walk.tops:
+        unserved: Counter[str] = Counter()
+        first: dict[str, ImageRef] = {}
+        for ref, desc in _tops(b, index):
+            namespace = ref.registry if ref is not None else ""
+            _walk_manifest(b, walk, result, desc, namespace, INDEX_FILE)
             if ref is not None and config.namespace(ref.registry) is None:
-                warn(f"{ref}: no namespace in {config.source} serves {ref.registry}")
+                unserved[ref.registry] += 1
+                first.setdefault(ref.registry, ref)
+        for registry, n in unserved.items():
+            more = f" and {n - 1} more references" if n > 1 else ""
+            warn(f"{first[registry]}{more}: no namespace in {config.source} serves {registry}")
         for sub in ("blobs", "manifests", "tags", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         staged: dict[Digest, Path] = {}
         try:
             _stage(tar, root, walk, staged, result)
-            asyncio.run(_commit(root, walk, staged, result))
+            asyncio.run(_commit(b, root, index, walk, staged, result, batch))
         finally:
             for path in staged.values():
                 path.unlink(missing_ok=True)
@@ -147,37 +172,42 @@ def _json(data: bytes, name: str) -> dict[str, Any]:
     return doc
 
 
-def _read_layout(
-    tar: tarfile.TarFile,
-    members: dict[str, tarfile.TarInfo],
-    walk: _Walk,
-    result: ImportResult,
-    config: Config,
-) -> None:
-    """Check ``oci-layout``, read ``index.json`` and verify every manifest it reaches."""
+def _read_layout(b: _Bundle) -> dict[str, Any]:
+    """Check ``oci-layout``; return ``index.json``."""
     for name in (LAYOUT_FILE, INDEX_FILE):
-        if name not in members:
+        if name not in b.members:
             raise BundleError(f"no {name} in the bundle (not an OCI image layout)")
-    layout = _json(
-        _read_small(tar, members[LAYOUT_FILE], LAYOUT_FILE, MAX_LAYOUT_SIZE), LAYOUT_FILE
-    )
+    raw = _read_small(b.tar, b.members[LAYOUT_FILE], LAYOUT_FILE, MAX_LAYOUT_SIZE)
+    layout = _json(raw, LAYOUT_FILE)
     if not isinstance(layout.get("imageLayoutVersion"), str):
         raise BundleError(f"{LAYOUT_FILE}: no imageLayoutVersion (not an OCI image layout)")
-    index = _json(_read_small(tar, members[INDEX_FILE], INDEX_FILE, MAX_INDEX_SIZE), INDEX_FILE)
-    tops = index.get("manifests")
-    if not isinstance(tops, list):
-        raise BundleError(f"{INDEX_FILE}: no manifests list")
-    limit = config.cache.max_manifest_size
-    for obj in tops:
-        desc = parse_descriptor(obj, INDEX_FILE)
-        ref = _reference(obj)
-        namespace = ref.registry if ref is not None else ""
-        _walk_manifest(tar, members, walk, result, desc, namespace, INDEX_FILE, limit)
-        walk.tops.append((ref, desc))
+    raw = _read_small(b.tar, b.members[INDEX_FILE], INDEX_FILE, MAX_INDEX_SIZE)
+    return _json(raw, INDEX_FILE)
 
 
-def _reference(obj: dict[str, Any]) -> ImageRef | None:
-    """The full reference an ``index.json`` entry names, if it names one.
+def _tops(
+    b: _Bundle, doc: dict[str, Any], where: str = INDEX_FILE, depth: int = 0
+) -> Iterator[tuple[ImageRef | None, Descriptor]]:
+    """Every tagged manifest: the entries of ``index.json`` and, one at a time, its pages."""
+    entries = doc.get("manifests")
+    if not isinstance(entries, list):
+        raise BundleError(f"{where}: no manifests list")
+    for obj in entries:
+        desc = parse_descriptor(obj, where)
+        if not is_page(obj):
+            yield _reference(obj, where), desc
+            continue
+        if depth >= MAX_PAGE_DEPTH:
+            raise BundleError(f"{where}: pages nested more than {MAX_PAGE_DEPTH} deep")
+        name = member_name(desc.digest)
+        body = _read_small(b.tar, _member(b.members, name, desc, where), name, MAX_INDEX_SIZE)
+        if Digest.of(body, desc.digest.algorithm) != desc.digest:
+            raise BundleError(f"{name}: content does not match its digest")
+        yield from _tops(b, _json(body, name), name, depth + 1)
+
+
+def _reference(obj: dict[str, Any], where: str) -> ImageRef | None:
+    """The full reference an index entry names, if it names one.
 
     A bare ``ref.name`` (``3``, ``latest``) is a tag without a repository, as other
     tools write it: the content is imported, but no tag can be recorded.
@@ -191,39 +221,32 @@ def _reference(obj: dict[str, Any]) -> ImageRef | None:
     try:
         return parse_image_reference(name)
     except ValueError as err:
-        raise BundleError(f"{INDEX_FILE}: {err}") from None
+        raise BundleError(f"{where}: {err}") from None
 
 
 def _walk_manifest(
-    tar: tarfile.TarFile,
-    members: dict[str, tarfile.TarInfo],
-    walk: _Walk,
-    result: ImportResult,
-    desc: Descriptor,
-    namespace: str,
-    where: str,
-    limit: int,
+    b: _Bundle, walk: _Walk, result: ImportResult, desc: Descriptor, namespace: str, where: str
 ) -> None:
     """Verify one manifest and, depth first, what it references."""
     if desc.digest in walk.manifests:
         return
     name = member_name(desc.digest)
-    info = _member(members, name, desc, where)
-    body = _read_small(tar, info, name, limit)
+    info = _member(b.members, name, desc, where)
+    body = _read_small(b.tar, info, name, b.limit)
     if Digest.of(body, desc.digest.algorithm) != desc.digest:
         raise BundleError(f"{name}: content does not match its digest")
     doc = _json(body, name)
     children, blobs = references(doc, name)
     for child in children:
-        if member_name(child.digest) not in members:
+        if member_name(child.digest) not in b.members:
             result.not_in_bundle += 1  # left out at export: it was not cached there
             continue
-        _walk_manifest(tar, members, walk, result, child, namespace, f"manifest {name}", limit)
+        _walk_manifest(b, walk, result, child, namespace, f"manifest {name}")
     for blob in blobs:
-        blob_info = _member(members, member_name(blob.digest), blob, f"manifest {name}")
+        blob_info = _member(b.members, member_name(blob.digest), blob, f"manifest {name}")
         walk.blobs.setdefault(blob.digest, (blob_info, namespace))
     declared = desc.media_type if desc.media_type in MANIFEST_TYPES else None
-    walk.manifests[desc.digest] = _Manifest(manifest_media_type(body, declared), body, namespace)
+    walk.manifests[desc.digest] = _Manifest(manifest_media_type(body, declared), info, namespace)
 
 
 def _member(
@@ -287,7 +310,13 @@ def _copy(
 
 
 async def _commit(
-    root: Path, walk: _Walk, staged: dict[Digest, Path], result: ImportResult
+    b: _Bundle,
+    root: Path,
+    index_doc: dict[str, Any],
+    walk: _Walk,
+    staged: dict[Digest, Path],
+    result: ImportResult,
+    batch: int,
 ) -> None:
     """Move verified content into place: blobs, manifests, then tags."""
     index = await asyncio.to_thread(CacheIndex, root / "index.db")
@@ -301,28 +330,57 @@ async def _commit(
             index.add(BLOB, str(digest), info.size, namespace)
             result.blobs += 1
             result.blob_bytes += info.size
+        missing: list[tuple[StoredManifest, str]] = []
         for digest, m in walk.manifests.items():
             if await store.get(digest) is not None:
                 result.present += 1
                 continue
-            await store.put(StoredManifest(digest, m.media_type, m.body))
-            index.add(MANIFEST, str(digest), len(m.body), m.namespace)
-            result.manifests += 1
+            body = _read_small(b.tar, m.info, member_name(digest), b.limit)
+            if Digest.of(body, digest.algorithm) != digest:  # the tar changed meanwhile
+                raise BundleError(f"{member_name(digest)}: content does not match its digest")
+            missing.append((StoredManifest(digest, m.media_type, body), m.namespace))
+            if len(missing) >= batch:
+                await _put_manifests(store, index, missing, result)
+        await _put_manifests(store, index, missing, result)
         now = time.time()
-        for ref, desc in walk.tops:
+        tags: list[tuple[tuple[str, str, str], str, TagEntry]] = []
+        for ref, desc in _tops(b, index_doc):
             if ref is None or ref.tag is None:
                 continue
-            entries = await store.get_tag(ref.registry, ref.repository, ref.tag)
-            current = entries.get(CONTAINERD_KEY)
-            if current is not None and current.digest == desc.digest:
-                result.present += 1
-                continue
             m = walk.manifests[desc.digest]
-            entry = TagEntry(desc.digest, m.media_type, len(m.body), now)
-            await store.put_tag(ref.registry, ref.repository, ref.tag, CONTAINERD_KEY, entry)
-            result.tags += 1
+            entry = TagEntry(desc.digest, m.media_type, m.info.size, now)
+            tags.append(((ref.registry, ref.repository, ref.tag), CONTAINERD_KEY, entry))
+            if len(tags) >= batch:
+                await _put_tags(store, tags, result)
+        await _put_tags(store, tags, result)
     finally:
         index.close()
+
+
+async def _put_manifests(
+    store: FileManifestStore,
+    index: CacheIndex,
+    missing: list[tuple[StoredManifest, str]],
+    result: ImportResult,
+) -> None:
+    """Write a batch of manifests, then index them; empties ``missing``."""
+    sizes = await asyncio.to_thread(store.put_many, [m for m, _ in missing])
+    for (m, namespace), size in zip(missing, sizes, strict=True):
+        index.add(MANIFEST, str(m.digest), size, namespace)
+    result.manifests += len(missing)
+    missing.clear()
+
+
+async def _put_tags(
+    store: FileManifestStore,
+    tags: list[tuple[tuple[str, str, str], str, TagEntry]],
+    result: ImportResult,
+) -> None:
+    """Write a batch of tag records; empties ``tags``."""
+    written = await asyncio.to_thread(store.put_tags, tags)
+    result.tags += written
+    result.present += len(tags) - written
+    tags.clear()
 
 
 def _publish(tmp: Path, final: Path) -> None:

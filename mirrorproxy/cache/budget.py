@@ -1,10 +1,22 @@
-"""CacheBudget: keeps the cache inside ``max_size`` and ``min_free``.
+"""CacheBudget: keeps the cache inside ``max_size``, ``min_free`` and the disk.
 
-A fill reserves its size before writing a byte; room is made by evicting the least
-recently used entries (blobs before manifests, never one being served or filled).
-When no room can be made (a blob bigger than the budget, a full disk) the caller
-streams the blob through without caching it. Last use is tracked in memory and
-written to the index in batches, off the hot path.
+A fill reserves its size before writing a byte, and gets a ``Reservation`` that is
+its own: only that fill releases it (at commit or failure), so a failing fill
+cleaning up late cannot release the room of the retry that replaced it. Before
+admitting a fill the budget asks the filesystem (statvfs) whether the blob fits,
+whatever ``min_free`` says; room is made by evicting the least recently used
+entries (blobs before manifests, never one being served or filled), but only when
+eviction can make enough of it: a blob that can never fit (bigger than the budget
+or the disk, or held back by entries in use) evicts nothing and is streamed through
+uncached.
+
+The in-memory total is the sum of committed entries: every change the server makes
+is applied to it in the same step as to the index, and what other processes change
+(``cache prune``/``verify``, ``import``) is picked up by the flush as a difference
+(``CacheIndex.external_change``), never by overwriting the total with a read that
+a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
+plus what running fills have reserved. Last use is tracked in memory and written
+to the index in batches, off the hot path.
 """
 
 from __future__ import annotations
@@ -33,6 +45,32 @@ BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
 
 
+class Reservation:
+    """Room promised to one fill; ``refused`` says why there is none (then nothing is held).
+
+    Released once, by ``release()`` or when the blob is committed; releasing again
+    is a no-op, and never touches another fill's reservation.
+    """
+
+    __slots__ = ("_on_release", "digest", "refused", "size")
+
+    def __init__(
+        self,
+        digest: str,
+        size: int,
+        *,
+        refused: str | None = None,
+        on_release: Callable[[Reservation], None] | None = None,
+    ) -> None:
+        self.digest, self.size, self.refused = digest, size, refused
+        self._on_release = on_release
+
+    def release(self) -> None:
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release(self)
+
+
 class CacheBudget:
     def __init__(
         self,
@@ -50,7 +88,7 @@ class CacheBudget:
         self._clock = clock
         self.index: CacheIndex | None = None
         self.total = 0  # bytes of committed entries
-        self._reserved: dict[str, int] = {}  # digest -> bytes promised to running fills
+        self._reservations: set[Reservation] = set()  # room promised to running fills
         self._pins: Counter[str] = Counter()  # digests being served or filled
         self._used: dict[tuple[str, str], float] = {}
         self._blocked_until = 0.0  # set by a failed write (disk full, read-only)
@@ -89,11 +127,15 @@ class CacheBudget:
         used, self._used = self._used, {}
         index = self.index
         for (kind, digest), (size, namespace) in list(self._unindexed.items()):
+            # Counted in the total when committed: recording it changes nothing.
             await asyncio.to_thread(index.add, kind, digest, size, namespace)
             del self._unindexed[(kind, digest)]
         if used:
             await asyncio.to_thread(index.touch_many, used)
-        self.total = await asyncio.to_thread(index.total_size)
+        change = await asyncio.to_thread(index.external_change)
+        if change:
+            logger.info("cache changed by another process: %+d bytes", change)
+            self.total += change
         self._metrics.cache_size_bytes.set(self.total)
 
     # -- use -------------------------------------------------------------------
@@ -110,6 +152,16 @@ class CacheBudget:
         if self._pins[key] <= 0:
             del self._pins[key]
 
+    @property
+    def pinned(self) -> frozenset[str]:
+        """Digests being served or filled (never evicted)."""
+        return frozenset(self._pins)
+
+    @property
+    def reservations(self) -> frozenset[Reservation]:
+        """Reservations held by running fills."""
+        return frozenset(self._reservations)
+
     # -- admission ---------------------------------------------------------------
 
     def write_failed(self, err: OSError) -> None:
@@ -122,85 +174,143 @@ class CacheBudget:
             )
         self._blocked_until = self._clock() + self.write_retry
 
-    def reserve(self, digest: Digest, size: int | None) -> str | None:
-        """Promise room for a blob about to be written.
+    def reserve(self, digest: Digest, size: int | None) -> Reservation:
+        """Promise room for a blob about to be written, if it can be had.
+
+        Nothing is evicted unless eviction can make all the room the blob needs.
 
         Returns:
-            None when the blob may be cached; else why not ("budget" or
-            "write-error"), and the caller streams it through uncached.
+            The fill's reservation; its ``refused`` is None when the blob may be
+            cached, else why not ("budget" or "write-error"), and the caller
+            streams the blob through uncached.
         """
+        key = str(digest)
         if self._clock() < self._blocked_until:
-            return WRITE_ERROR
+            return Reservation(key, 0, refused=WRITE_ERROR)
         need = size or 0
         limit = self._config.max_size
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
-            return BUDGET
+            return Reservation(key, 0, refused=BUDGET)
         if not self._make_room(need):
             if self._clock() < self._blocked_until:
-                return WRITE_ERROR  # eviction itself hit a broken disk
+                return Reservation(key, 0, refused=WRITE_ERROR)  # eviction hit a broken disk
             logger.warning("no room in the cache for blob %s (%d bytes): not cached", digest, need)
-            return BUDGET
-        self._reserved[str(digest)] = need
-        return None
+            return Reservation(key, 0, refused=BUDGET)
+        reservation = Reservation(key, need, on_release=self._reservations.discard)
+        self._reservations.add(reservation)
+        return reservation
 
-    def release(self, digest: Digest) -> None:
-        self._reserved.pop(str(digest), None)
+    def committed(
+        self,
+        kind: str,
+        digest: Digest,
+        size: int,
+        namespace: str,
+        *,
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Account for an entry that reached its content path (and end its reservation).
 
-    def committed(self, kind: str, digest: Digest, size: int, namespace: str) -> None:
-        """Account for an entry that reached its content path."""
-        self._reserved.pop(str(digest), None)
+        The reservation ends and the entry counts in the same step: the budget
+        never sees the bytes twice, nor not at all.
+        """
+        if reservation is not None:
+            reservation.release()
         if self.index is None:
             return
         try:
-            known = self.index.get(kind, str(digest))
-            self.index.add(kind, str(digest), size, namespace)
+            change = self.index.add(kind, str(digest), size, namespace)
         except sqlite3.Error as err:
             # The file is in place and verified: count it now so the budget holds,
             # and record it when the index can be written again (flush).
             logger.error("cannot record %s %s in the cache index: %s", kind, digest, err)
             self._unindexed[(kind, str(digest))] = (size, namespace)
-            known = None
-        self.total += size - (known.size if known else 0)
+            change = size
+        self.total += change
         self._metrics.cache_size_bytes.set(self.total)
-        if self._over_budget(0):  # its size was not known up front
-            self._make_room(0)
+        self._make_room(0)  # its size was not known up front (or a manifest)
 
-    def _over_budget(self, need: int) -> bool:
+    def _reserved(self) -> int:
+        return sum(r.size for r in self._reservations)
+
+    def _shortfall(self, need: int) -> int:
+        """Bytes that must be freed before ``need`` more fit (0 or less: it fits).
+
+        Both the budget and the filesystem are asked; the disk is asked whatever
+        ``min_free`` says (a full disk cuts a fill mid-way otherwise). Room reserved
+        by running fills counts as taken on both, though part of it may be
+        written already: on a tight disk that errs toward streaming through.
+        """
+        reserved = self._reserved()
+        short = 0
         limit = self._config.max_size
-        if limit and self.total + sum(self._reserved.values()) + need > limit:
-            return True
-        if self._config.min_free or self._config.min_free_bytes:
-            try:
-                st = os.statvfs(self._config.dir)
-            except OSError:
-                return False
-            free = st.f_bavail * st.f_frsize - need
-            wanted = max(
-                self._config.min_free * st.f_blocks * st.f_frsize, self._config.min_free_bytes
-            )
-            return free < wanted
-        return False
+        if limit:
+            short = self.total + reserved + need - limit
+        try:
+            st = os.statvfs(self._config.dir)
+        except OSError:
+            return short
+        free = st.f_bavail * st.f_frsize
+        wanted = max(
+            int(self._config.min_free * st.f_blocks * st.f_frsize), self._config.min_free_bytes
+        )
+        return max(short, wanted + need + reserved - free)
+
+    def _reclaimable(self) -> int:
+        """Bytes eviction could free now: indexed entries that are not in use."""
+        if self.index is None:
+            return 0
+        held = set(self._pins) | {r.digest for r in self._reservations}
+        in_use = 0
+        for digest in held:
+            for kind in (BLOB, MANIFEST):
+                entry = self.index.get(kind, digest)
+                in_use += entry.size if entry is not None else 0
+        unindexed = sum(size for size, _ in self._unindexed.values())
+        return self.total - unindexed - in_use
 
     def _make_room(self, need: int) -> bool:
-        if self.index is None or not self._over_budget(need):
+        """Evict least recently used entries until ``need`` more bytes fit.
+
+        Nothing is evicted unless evicting what is not in use can make all the
+        room: a blob that cannot fit must not empty the cache on its way out.
+        """
+        if self.index is None:
             return True
+        target = self._shortfall(need)
+        if target <= 0:
+            return True
+        reclaimable = self._reclaimable()
+        if target > reclaimable:
+            logger.info(
+                "%d more bytes needed in the cache, %d could be evicted: evicting nothing",
+                target,
+                reclaimable,
+            )
+            return False
         if self._used:  # eviction must see the latest uses, not the last flush
             used, self._used = self._used, {}
             self.index.touch_many(used)
-        while self._over_budget(need):
+        freed = 0
+        while self._shortfall(need) > 0:
+            if freed >= target:
+                return False  # deleting files frees less than it should (held open?)
             victims = [e for e in self.index.oldest() if self._evictable(e)]
             if not victims:
                 return False
             for entry in victims:
                 if not self._evict(entry):
                     return False
-                if not self._over_budget(need):
+                freed += entry.size
+                if self._shortfall(need) <= 0 or freed >= target:
                     break
         return True
 
     def _evictable(self, entry: Entry) -> bool:
-        return entry.digest not in self._pins and entry.digest not in self._reserved
+        if entry.digest in self._pins:
+            return False
+        return all(r.digest != entry.digest for r in self._reservations)
 
     def _evict(self, entry: Entry) -> bool:
         """Delete one entry; False when the disk refused (read-only, say)."""
@@ -219,8 +329,9 @@ class CacheBudget:
                     path.unlink()
                 if entry.kind == MANIFEST:
                     self._manifests.forget(digest)
-            if self.index is not None:
-                self.index.remove(entry.kind, entry.digest)
+            # What the index held (0: another process removed it, and the flush
+            # accounts for that as its change).
+            removed = self.index.remove(entry.kind, entry.digest) if self.index else 0
         except OSError as err:
             self.write_failed(err)
             return False
@@ -228,7 +339,7 @@ class CacheBudget:
             logger.error("cannot update the cache index while evicting: %s", err)
             return False
         self._used.pop((entry.kind, entry.digest), None)
-        self.total -= entry.size
+        self.total -= removed
         self._metrics.cache_size_bytes.set(self.total)
         self._metrics.cache_evictions.labels(entry.kind).inc()
         logger.info("evicted %s %s (%d bytes)", entry.kind, entry.digest, entry.size)

@@ -2,18 +2,25 @@
 
 SQLite in WAL mode (standard library), so ``mirrorproxy cache`` can read and prune
 while the server runs. The files are the truth: ``reconcile`` makes the index agree
-with them at start (after a crash, say), which is cheap because only verified files
-ever sit at a content path.
+with them when the server starts (after a crash, say), which is cheap because only
+verified files ever sit at a content path. Only the server reconciles: run next to
+it, a reconcile would race its renames and evictions.
+
+Several processes write the index (the server; ``cache prune``/``verify`` and
+``import`` from the command line). Each connection knows the total size it has
+seen plus its own changes, so ``external_change`` tells the server exactly what
+the others did, however its own writes interleave with that read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,32 +53,114 @@ class Entry:
 
 
 class CacheIndex:
-    """Thread-safe wrapper around one SQLite connection."""
+    """Thread-safe wrapper around one SQLite connection.
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        read_only: open without the right to write (and without creating the file):
+            what ``cache ls``/``du`` use, so they cannot change a live server's index.
+
+    Raises:
+        sqlite3.OperationalError: ``read_only`` and there is no index file.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable to the last checkpoint
-        self._db.executescript(_SCHEMA)
+        if read_only:
+            uri = f"file:{path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10.0)
+        else:
+            self._db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable to the last checkpoint
+            self._db.executescript(_SCHEMA)
+        # The total size as this connection last read it, plus its own changes since.
+        self._seen_total = 0 if read_only else self.total_size()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add(self, kind: str, digest: str, size: int, namespace: str) -> None:
+    @contextlib.contextmanager
+    def _write(self, change: list[int]) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding SQLite's write lock from its first read.
+
+        The block puts by how much it changes the total size in ``change``; this
+        connection's account takes it only once the transaction is committed.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+            self._seen_total += sum(change)
+
+    def _size_of(self, kind: str, digest: str) -> int:
+        row = self._db.execute(
+            "SELECT size FROM entries WHERE kind = ? AND digest = ?", (kind, digest)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def add(self, kind: str, digest: str, size: int, namespace: str) -> int:
+        """Record an entry (again); return by how much the total size changed."""
         now = time.time()
-        with self._lock, self._db:
-            self._db.execute(
+        change: list[int] = []
+        with self._write(change) as db:
+            change.append(size - self._size_of(kind, digest))
+            db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, digest) "
                 "DO UPDATE SET size = excluded.size, last_used = excluded.last_used",
                 (kind, digest, size, namespace, now, now),
             )
+        return change[0]
 
-    def remove(self, kind: str, digest: str) -> None:
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM entries WHERE kind = ? AND digest = ?", (kind, digest))
+    def remove(self, kind: str, digest: str) -> int:
+        """Forget an entry; return its size (0: it was not recorded)."""
+        change: list[int] = []
+        with self._write(change) as db:
+            change.append(-self._size_of(kind, digest))
+            db.execute("DELETE FROM entries WHERE kind = ? AND digest = ?", (kind, digest))
+        return -change[0]
+
+    def drop(self, entry: Entry, *, then: Callable[[], None]) -> bool:
+        """Remove ``entry`` and run ``then`` (delete its file), if nobody changed it.
+
+        Both happen under the index's write lock, so a server recording the same
+        digest meanwhile either sees the entry gone or keeps its own (newer) one.
+
+        Returns:
+            False (nothing done) when the entry is gone or was recorded anew.
+        """
+        change: list[int] = []
+        with self._write(change) as db:
+            row = db.execute(
+                "SELECT size, added FROM entries WHERE kind = ? AND digest = ?",
+                (entry.kind, entry.digest),
+            ).fetchone()
+            if row is None or (row[0], row[1]) != (entry.size, entry.added):
+                return False
+            then()
+            db.execute(
+                "DELETE FROM entries WHERE kind = ? AND digest = ?", (entry.kind, entry.digest)
+            )
+            change.append(-entry.size)
+        return True
+
+    def external_change(self) -> int:
+        """By how much other connections changed the total size since the last call.
+
+        Reading the total and comparing it with this connection's own account
+        happen under one lock, so a write of ours running meanwhile is never
+        mistaken for someone else's.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
+            change = int(row[0]) - self._seen_total
+            self._seen_total = int(row[0])
+        return change
 
     def touch_many(self, used: dict[tuple[str, str], float]) -> None:
         with self._lock, self._db:
@@ -137,6 +226,8 @@ class CacheIndex:
             self._db.executemany(
                 "UPDATE entries SET size = ? WHERE kind = ? AND digest = ?", resized
             )
+            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
+            self._seen_total = int(row[0])
         return len(added) + len(resized), len(dropped)
 
 

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
 from mirrorproxy.cache.index import MANIFEST
 from mirrorproxy.cache.walk import content_path
-from mirrorproxy.oci import Digest, parse_digest
+from mirrorproxy.oci import Digest, manifest_digest, parse_digest
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class FileManifestStore:
         self._tag_locks: dict[TagKey, tuple[asyncio.Lock, list[int]]] = {}
 
     def prepare(self) -> None:
-        for sub in ("manifests", "tags", "tmp"):
+        for sub in ("manifests", "tags", "referrers", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def path_of(self, digest: Digest) -> Path:
@@ -63,7 +65,7 @@ class FileManifestStore:
         except OSError:
             return None
         media_type, sep, body = raw.partition(b"\n")
-        if not sep or Digest.of(body, digest.algorithm) != digest:
+        if not sep or manifest_digest(body, media_type.decode(), digest.algorithm) != digest:
             logger.warning("dropping corrupt cached manifest %s", digest)
             with contextlib.suppress(OSError):
                 self.path_of(digest).unlink()
@@ -142,24 +144,75 @@ class FileManifestStore:
         entries = dict(await self.get_tag(ns, repo, tag))
         entries[accept] = entry
         self._remember_tag(key, entries, -1)  # in memory first: the answer holds anyway
+        path = self._tag_path(ns, repo, tag)
+        await asyncio.to_thread(_atomic_write, self.tmp, path, _record_bytes(key, entries))
+        self._remember_tag(key, entries, _mtime(path))
+
+    def put_many(self, manifests: Iterable[StoredManifest]) -> list[int]:
+        """Store many manifests behind one durability barrier (blocking; for bulk import).
+
+        Returns the bytes each file takes, in order.
+        """
+        files = [
+            (self.path_of(m.digest), m.media_type.encode() + b"\n" + m.body) for m in manifests
+        ]
+        _atomic_write_many(self.tmp, files)
+        return [len(data) for _, data in files]
+
+    def put_tags(self, items: Iterable[tuple[TagKey, str, TagEntry]]) -> int:
+        """Record many tags behind one durability barrier (blocking; for bulk import).
+
+        Each item is (key, accept, entry); a record that already says the same digest
+        for that Accept set is left alone. Returns how many records were written.
+        """
+        changed: dict[TagKey, dict[str, TagEntry]] = {}
+        for key, accept, entry in items:
+            entries = changed.get(key)
+            if entries is None:
+                entries = self._read_tag(*key)
+            current = entries.get(accept)
+            if current is not None and current.digest == entry.digest:
+                continue
+            changed[key] = {**entries, accept: entry}
+        _atomic_write_many(
+            self.tmp,
+            [(self._tag_path(*key), _record_bytes(key, e)) for key, e in changed.items()],
+        )
+        return len(changed)
+
+    def _referrers_path(self, ns: str, repo: str, subject: Digest) -> Path:
+        key = hashlib.sha256(f"{ns}\0{repo}\0{subject}".encode()).hexdigest()
+        return self.root / "referrers" / key[:2] / f"{key}.json"
+
+    async def get_referrers(self, ns: str, repo: str, subject: Digest) -> TagEntry | None:
+        """The last referrers index learnt for ``subject`` (stored as a manifest)."""
+        path = self._referrers_path(ns, repo, subject)
+        try:
+            record: Any = json.loads(await asyncio.to_thread(path.read_bytes))
+            return TagEntry(
+                digest=parse_digest(record["digest"]),
+                media_type=str(record["media_type"]),
+                size=int(record["size"]),
+                fetched=float(record["fetched"]),
+            )
+        except FileNotFoundError:
+            return None
+        except Exception:  # a torn or foreign file is a cache miss, not an outage
+            logger.warning("ignoring unreadable referrers record %s", path)
+            return None
+
+    async def put_referrers(self, ns: str, repo: str, subject: Digest, entry: TagEntry) -> None:
         record = {
             "namespace": ns,
             "repository": repo,
-            "tag": tag,
-            "entries": {
-                k: {
-                    "digest": str(e.digest),
-                    "media_type": e.media_type,
-                    "size": e.size,
-                    "fetched": e.fetched,
-                }
-                for k, e in entries.items()
-            },
+            "subject": str(subject),
+            "digest": str(entry.digest),
+            "media_type": entry.media_type,
+            "size": entry.size,
+            "fetched": entry.fetched,
         }
-        data = json.dumps(record, indent=1).encode()
-        path = self._tag_path(ns, repo, tag)
-        await asyncio.to_thread(_atomic_write, self.tmp, path, data)
-        self._remember_tag(key, entries, _mtime(path))
+        path = self._referrers_path(ns, repo, subject)
+        await asyncio.to_thread(_atomic_write, self.tmp, path, json.dumps(record).encode())
 
     def _read_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
         path = self._tag_path(ns, repo, tag)
@@ -190,6 +243,25 @@ def _mtime(path: Path) -> int:
     return st.st_mtime_ns ^ (st.st_ino << 64)
 
 
+def _record_bytes(key: TagKey, entries: dict[str, TagEntry]) -> bytes:
+    ns, repo, tag = key
+    record = {
+        "namespace": ns,
+        "repository": repo,
+        "tag": tag,
+        "entries": {
+            k: {
+                "digest": str(e.digest),
+                "media_type": e.media_type,
+                "size": e.size,
+                "fetched": e.fetched,
+            }
+            for k, e in entries.items()
+        },
+    }
+    return json.dumps(record, indent=1).encode()
+
+
 def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
     tmp = tmp_dir / temp_name(final.name)
     try:
@@ -203,3 +275,55 @@ def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _atomic_write_many(tmp_dir: Path, files: Sequence[tuple[Path, bytes]]) -> None:
+    """Write many files temp + rename with one flush of the filesystem, not one per file.
+
+    Every temp file is written first, then the filesystem is flushed once (syncfs),
+    then all are renamed and each directory touched is fsynced: after a crash each
+    final path holds either its old or its whole new content, like ``_atomic_write``.
+    """
+    if not files:
+        return
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for final, data in files:
+            tmp = tmp_dir / temp_name(final.name)
+            temps.append((tmp, final))
+            with open(tmp, "wb") as f:
+                f.write(data)
+        _sync_filesystem(tmp_dir)
+        parents = set()
+        for tmp, final in temps:
+            if final.parent not in parents:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                parents.add(final.parent)
+            os.replace(tmp, final)
+        for parent in parents:
+            fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (Linux syncfs; a global sync elsewhere)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)

@@ -9,6 +9,7 @@ half-written by a running server: such an entry is skipped, not an error.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,12 @@ def content_path(root: Path, kind: str, digest: str) -> Path:
 
 
 def tag_records(root: Path) -> Iterator[TagRecord]:
-    """Every readable tag record under ``root/tags``, in a stable (path) order."""
-    for path in sorted((root / "tags").rglob("*.json")):
+    """Every readable tag record under ``root/tags``, in a stable (path) order.
+
+    Listed one shard directory at a time, so a cache of 100,000 tags is walked
+    without holding every path in memory.
+    """
+    for path in _record_paths(root / "tags"):
         try:
             record: Any = json.loads(path.read_bytes())
             rec = TagRecord(
@@ -48,6 +53,21 @@ def tag_records(root: Path) -> Iterator[TagRecord]:
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue
         yield rec
+
+
+def _record_paths(tags: Path) -> Iterator[Path]:
+    """``tags/<xx>/<hash>.json`` in path order, one shard listed at a time."""
+    try:
+        shards = sorted(e.name for e in os.scandir(tags) if e.is_dir())
+    except OSError:
+        return
+    for shard in shards:
+        try:
+            names = sorted(e.name for e in os.scandir(tags / shard) if e.name.endswith(".json"))
+        except OSError:
+            continue
+        for name in names:
+            yield tags / shard / name
 
 
 def manifest_doc(root: Path, digest: str) -> dict[str, Any] | None:

@@ -2,8 +2,11 @@
 
 from mirrorproxy.config.load import load_config, parse_config, with_overrides
 from mirrorproxy.config.model import (
+    ANYONE,
     WILDCARD,
+    Access,
     CacheConfig,
+    ClientAuth,
     Config,
     ConfigError,
     MetricsConfig,
@@ -16,8 +19,11 @@ from mirrorproxy.config.model import (
 from mirrorproxy.config.values import parse_listen, parse_upstream_url
 
 __all__ = [
+    "ANYONE",
     "WILDCARD",
+    "Access",
     "CacheConfig",
+    "ClientAuth",
     "Config",
     "ConfigError",
     "MetricsConfig",

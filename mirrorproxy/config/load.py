@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from mirrorproxy.config.auth import load_access, load_client_auth
 from mirrorproxy.config.model import (
     WILDCARD,
     CacheConfig,
+    ClientAuth,
     Config,
     ConfigError,
     MetricsConfig,
@@ -84,6 +86,8 @@ def parse_config(
     root = Table(data, "", source, base_dir=base_dir, environ=env)
     defaults = _load_defaults(root.table("defaults"))
     cache = _load_cache(root.table("cache"), base_dir)
+    server_t = root.table("server")
+    auth = load_client_auth(server_t)
     namespaces_t = root.table("namespaces", required=True)
     namespaces: dict[str, Namespace] = {}
     for name in namespaces_t.data:
@@ -92,11 +96,11 @@ def parse_config(
             raise ConfigError(
                 source, key, "not a registry host name (lower case, e.g. 'docker.io')"
             )
-        namespaces[name] = _load_namespace(namespaces_t.table(name), name, cache, defaults)
+        namespaces[name] = _load_namespace(namespaces_t.table(name), name, cache, defaults, auth)
     namespaces_t.done()
     if not namespaces:
         raise ConfigError(source, "namespaces", "no namespace configured")
-    server = _load_server(root.table("server"), namespaces)
+    server = replace(_load_server(server_t, namespaces), auth=auth)
     metrics = _load_metrics(root.table("metrics"))
     root.done()
     return Config(server, cache, defaults, namespaces, source, metrics)
@@ -205,8 +209,12 @@ def _load_server(t: Table, namespaces: Mapping[str, Namespace]) -> ServerConfig:
 def _load_metrics(t: Table) -> MetricsConfig:
     listen = t.convert("listen", parse_listen, None) if t.data.get("listen") else None
     t.seen.add("listen")
+    allow = tuple(
+        _convert_item(t, "allow", i, parse_network, item)
+        for i, item in enumerate(t.take("allow", list, []))
+    )
     t.done()
-    return MetricsConfig(listen=listen)
+    return MetricsConfig(listen=listen, allow=allow)
 
 
 def _convert_item(t: Table, key: str, index: int, parse: Callable[[str], T], item: object) -> T:
@@ -221,7 +229,11 @@ def _convert_item(t: Table, key: str, index: int, parse: Callable[[str], T], ite
 
 
 def _load_namespace(
-    t: Table, name: str, cache: CacheConfig, defaults: UpstreamDefaults
+    t: Table,
+    name: str,
+    cache: CacheConfig,
+    defaults: UpstreamDefaults,
+    auth: ClientAuth | None,
 ) -> Namespace:
     tag_ttl = t.convert("tag_ttl", parse_duration, cache.tag_ttl)
     raw = t.take("upstreams", list, [])
@@ -241,8 +253,9 @@ def _load_namespace(
         )
     if name != WILDCARD and allow:
         raise t.error("allow", "only a wildcard namespace takes an allowlist")
+    access = load_access(t, auth)
     t.done()
-    return Namespace(name=name, upstreams=upstreams, tag_ttl=tag_ttl, allow=allow)
+    return Namespace(name=name, upstreams=upstreams, tag_ttl=tag_ttl, allow=allow, access=access)
 
 
 def _load_upstream(parent: Table, item: object, key: str, defaults: UpstreamDefaults) -> Upstream:

@@ -74,6 +74,46 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Access:
+    """Who may pull through a namespace once ``[server.auth]`` is set (``access = ...``)."""
+
+    anyone: bool = True  # "anyone" (the default): no credentials asked
+    # With anyone False: None means any authenticated client ("authenticated"), else
+    # these users (groups from [server.auth.groups] already expanded into them).
+    users: frozenset[str] | None = None
+
+    def permits(self, user: str) -> bool:
+        """Whether an authenticated ``user`` may pull."""
+        return self.anyone or self.users is None or user in self.users
+
+
+ANYONE = Access()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    """``[server.auth]``: how clients prove who they are (Basic, Bearer, or both)."""
+
+    htpasswd: Path | None = None  # bcrypt entries (htpasswd -B): Basic auth
+    token_realm: str | None = None  # the token service clients are sent to (Bearer)
+    token_service: str | None = None  # the audience tokens must name
+    token_issuer: str | None = None  # the issuer tokens must name
+    token_public_keys: Path | None = None  # PEM certificates/public keys, or a JWKS file
+    # Group name -> users, for namespace access lists ("group:NAME").
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    max_failed_logins: int = 10  # per client address within failed_login_window
+    failed_login_window: float = 60.0  # seconds; failures older than this are forgiven
+
+    @property
+    def basic(self) -> bool:
+        return self.htpasswd is not None
+
+    @property
+    def bearer(self) -> bool:
+        return self.token_public_keys is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Namespace:
     """A registry the mirror serves (``docker.io``), or ``*`` for any other."""
 
@@ -83,6 +123,7 @@ class Namespace:
     # For "*" only, and required there: the registries (host patterns like
     # "*.corp.example") it may serve. An explicit opt-in, never an open proxy.
     allow: tuple[str, ...] = ()
+    access: Access = ANYONE  # who may pull through it (only with [server.auth])
 
     def allows(self, registry: str) -> bool:
         """Whether this namespace may serve ``registry`` (always, unless a wildcard)."""
@@ -104,6 +145,7 @@ class ServerConfig:
     client_timeout: float = 60.0  # idle keep-alive and header-read limit (slowloris)
     max_header_size: int = 16 * 1024  # bytes of one request header line
     max_url_length: int = 8 * 1024  # bytes of the request line
+    auth: ClientAuth | None = None  # [server.auth]; None: no client authentication
 
     @property
     def listen(self) -> str:
@@ -135,6 +177,8 @@ class UpstreamDefaults:
 class MetricsConfig:
     # host:port for a separate /metrics listener; None: /metrics on the main listener.
     listen: tuple[str, int] | None = None
+    # Client networks allowed to read /metrics; empty: those of [server] allow.
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ with 200 says nothing about its bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import time
@@ -28,6 +29,7 @@ from mirrorproxy.errors import (
     BadGateway,
     GatewayTimeout,
     RegistryError,
+    Relayed,
     Unavailable,
 )
 from mirrorproxy.metrics import Metrics
@@ -46,9 +48,21 @@ class Attempt:
     endpoint: str
     outcome: str  # "404", "503", "timeout", "connection refused", ...
     status: int | None = None  # HTTP status when the endpoint answered
+    errors: tuple[Mapping[str, object], ...] = ()  # the OCI error body of a 4xx answer
 
     def __str__(self) -> str:
         return f"{self.endpoint}: {self.outcome}"
+
+    @property
+    def outage(self) -> bool:
+        """The endpoint could not answer (transport error, timeout, 5xx, 429)."""
+        return self.status is None or self.status >= 500 or self.status == 429
+
+    @property
+    def refused(self) -> bool:
+        """A definite answer about this request (400, 406, ...): not an outage, not
+        a 404, and not about the mirror's own credentials (401/403)."""
+        return self.status is not None and not self.outage and self.status not in (401, 403, 404)
 
 
 class UpstreamError(Exception):
@@ -62,19 +76,45 @@ class UpstreamError(Exception):
 
     @property
     def not_found(self) -> bool:
-        """True when every endpoint that was asked said 404: the thing does not exist."""
-        return bool(self.attempts) and all(a.status == 404 for a in self.attempts)
+        """A reachable endpoint said 404 and the others could not answer at all.
+
+        A registry that answers "not found" is the answer that helps the user; an
+        unreachable mirror beside it changes nothing about that.
+        """
+        return any(a.status == 404 for a in self.attempts) and all(
+            a.status == 404 or a.outage for a in self.attempts
+        )
+
+    @property
+    def outage(self) -> bool:
+        """Some endpoint could not answer and none refused this request: a stale copy
+        may stand in. A 404 beside an outage does not rule that out (a partial
+        mirror first in line says 404 while the registry itself is down)."""
+        return any(a.outage for a in self.attempts) and not any(a.refused for a in self.attempts)
 
     def registry_error(self, missing: type[RegistryError] | None = None) -> RegistryError:
         """The error to give the client.
 
         Args:
-            missing: the error for "every upstream said 404" (BlobUnknown, say);
-                without it, or for any other failure, a 502/503/504 naming the upstreams.
+            missing: the error for "not found upstream" (BlobUnknown, say); without
+                it, or for any other failure, a 4xx an upstream gave for this request
+                (relayed), else a 502/503/504 naming the upstreams.
         """
-        if missing is not None and self.not_found:
-            return missing(f"{self.what} not found upstream")
         detail = {"upstreams": [str(a) for a in self.attempts]}
+        if missing is not None and self.not_found:
+            unreachable = [str(a) for a in self.attempts if a.outage]
+            return missing(
+                f"{self.what} not found upstream",
+                {"unreachable": unreachable} if unreachable else None,
+            )
+        refused = next((a for a in self.attempts if a.refused), None)
+        if refused is not None and refused.status is not None:
+            return Relayed(
+                refused.status,
+                list(refused.errors),
+                f"{refused.endpoint} refused {self.what}: {refused.outcome}",
+                detail,
+            )
         message = f"no upstream could serve {self.what}"
         if any(a.status is not None for a in self.attempts):
             return BadGateway(message, detail)
@@ -354,13 +394,16 @@ class UpstreamClient:
                 return Attempt(up.url, "bad Content-Range on resume", resp.status)
             self._mark_ok(ns, up)
             return UpstreamResponse(up, resp, offset)
+        errors: tuple[Mapping[str, object], ...] = ()
+        if 400 <= resp.status < 500 and resp.status not in (401, 404, 429) and method != "HEAD":
+            errors = await _error_body(resp)
         resp.release()
         if resp.status == 429:
             self.mark_failed(ns, up, retry_after=_retry_after(resp.headers.get("Retry-After")))
         elif resp.status >= 500:
             self.mark_failed(ns, up)
         logger.info("upstream %s answered %d for %s %s", up.url, resp.status, method, path)
-        return Attempt(up.url, str(resp.status), resp.status)
+        return Attempt(up.url, str(resp.status), resp.status, errors)
 
     async def _send(
         self,
@@ -437,6 +480,26 @@ async def _read_limited(resp: UpstreamResponse, limit: int, what: str) -> bytes:
         if len(body) > limit:
             raise TooLarge(f"{what} is larger than the {limit}-byte limit")
     return bytes(body)
+
+
+ERROR_BODY_LIMIT = 16 * 1024
+
+
+async def _error_body(resp: aiohttp.ClientResponse) -> tuple[Mapping[str, object], ...]:
+    """The ``errors`` of an upstream's OCI error body, if it sent a small one."""
+    try:
+        raw = await resp.content.read(ERROR_BODY_LIMIT + 1)
+        doc = json.loads(raw) if len(raw) <= ERROR_BODY_LIMIT else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return ()
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errors, list):
+        return ()
+    out = []
+    for e in errors[:10]:
+        if isinstance(e, dict) and isinstance(e.get("code"), str):
+            out.append({"code": e["code"][:100], "message": str(e.get("message", ""))[:500]})
+    return tuple(out)
 
 
 def _range_offset(resp: aiohttp.ClientResponse) -> int | None:

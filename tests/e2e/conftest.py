@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clientlab import LabMirror, Upstreams
+from tests.support.exchanges import ClientMatrix
 from tests.support.procs import (
     Containerd,
     MirrorFactory,
@@ -98,3 +100,47 @@ def mirror_process(e2e_requirements: None, tmp_path: Path) -> Iterator[MirrorFac
     yield make
     for proc in started:
         proc.stop()
+
+
+# --- client-compatibility suite (tests/e2e/test_clients_*.py) ---
+
+MATRIX_KEY = pytest.StashKey[ClientMatrix]()
+
+
+@pytest.fixture(scope="session")
+def lab_upstreams(
+    e2e_requirements: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Upstreams]:
+    """docker.io and quay.io stand-ins holding every image kind, pushed once per session."""
+    upstreams = Upstreams(tmp_path_factory.mktemp("lab-upstreams"))
+    yield upstreams
+    upstreams.stop()
+
+
+@pytest.fixture(scope="module")
+def lab_mirror(
+    lab_upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LabMirror]:
+    """A mirror per client module: each client starts from a cold cache (~1 s to start)."""
+    mirror = LabMirror(tmp_path_factory.mktemp("lab-mirror"), lab_upstreams.namespaces())
+    yield mirror
+    mirror.stop()
+    assert "Traceback" not in mirror.process.log_text(), "the mirror logged a traceback"
+
+
+@pytest.fixture(scope="session")
+def client_matrix(request: pytest.FixtureRequest) -> ClientMatrix:
+    """Client x image kind results, printed after the run (see pytest_terminal_summary)."""
+    matrix = ClientMatrix()
+    request.config.stash[MATRIX_KEY] = matrix
+    return matrix
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what each client sent the mirror and what it got, cell by cell."""
+    matrix = terminalreporter.config.stash.get(MATRIX_KEY, None)
+    if matrix is None or not matrix.rows:
+        return
+    terminalreporter.section("client matrix (what each client sent the mirror, and got)")
+    for line in matrix.render():
+        terminalreporter.write_line(line)

@@ -132,6 +132,11 @@ class FakeRegistry:
         default_factory=dict, init=False, repr=False
     )
     _blobs: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)
+    referrers_api: bool = True  # False: 404 on the referrers path, like distribution 2.8
+    # (repo, subject digest) -> descriptors of the manifests that refer to it
+    referrers: dict[tuple[str, str], list[dict[str, object]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
     app: web.Application = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -141,10 +146,13 @@ class FakeRegistry:
         r.add_get(r"/v2/{name:.+}/manifests/{ref}", self._manifest)
         r.add_get(r"/v2/{name:.+}/blobs/{digest}", self._blob)
         r.add_get(r"/v2/{name:.+}/tags/list", self._tags_list)
+        r.add_get(r"/v2/{name:.+}/referrers/{digest}", self._referrers)
 
     # -- content -----------------------------------------------------------------
 
-    def add_manifest(self, repo: str, ref: str, media_type: str, body: bytes) -> str:
+    def add_manifest(
+        self, repo: str, ref: str, media_type: str, body: bytes, *, digest: str | None = None
+    ) -> str:
         """Store a manifest under its digest and, when ``ref`` is a tag, under the tag.
 
         A tag keeps one manifest per media type: adding a second type makes the
@@ -153,7 +161,7 @@ class FakeRegistry:
         Returns:
             The manifest's digest.
         """
-        digest = sha256(body)
+        digest = digest or sha256(body)  # given: a signed schema1 (payload digest)
         self._manifests[(repo, digest)] = _Manifest(media_type, body)
         if ref != digest:
             self._tags.setdefault((repo, ref), {})[media_type] = digest
@@ -280,7 +288,8 @@ class FakeRegistry:
             return None
         # An index wins for a client that accepts it; the others get the platform manifest.
         ordered = sorted(variants.items(), key=lambda kv: kv[0] not in _INDEX_TYPES)
-        accept = request.headers.get("Accept")
+        # All Accept lines, as distribution reads them (containers/image sends six).
+        accept = ", ".join(request.headers.getall("Accept", []))
         if not accept:
             return ordered[0][1]
         accepted = [p.split(";", 1)[0].strip() for p in accept.split(",")]
@@ -337,6 +346,17 @@ class FakeRegistry:
                 request.transport.close()
             return
         await resp.write_eof()
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        if not self.referrers_api:
+            return _error(404, "UNSUPPORTED", "no such route")
+        repo, subject = request.match_info["name"], request.match_info["digest"]
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": self.referrers.get((repo, subject), []),
+        }
+        return web.json_response(doc, content_type=OCI_INDEX)
 
     async def _tags_list(self, request: web.Request) -> web.Response:
         repo = request.match_info["name"]

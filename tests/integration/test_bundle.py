@@ -121,16 +121,18 @@ async def test_export_writes_an_oci_layout_with_full_references(
     out = tmp_path / "site.tar"
     assert await _cli("export", "--config", str(site.config), "--out", str(out)) == 0
     stdout, stderr = capsys.readouterr()
-    assert "exported 2 images" in stdout
-    assert "1 left out (not in the cache)" in stdout
-    assert stderr.count("\n") == 1  # the arm64 child was never pulled
-    assert f"{PAUSE_REF}: linux/arm64 manifest {site.arm.digest}" in stderr
+    assert stdout.startswith(f"exported 2 tags (2 images) to {out}: 5 blobs")
+    # The arm64 child was never pulled: said once, with its platform and why.
+    assert "left out 1 platform manifests of multi-platform images (linux/arm64 x1): not in" in (
+        stdout
+    )
+    assert stderr == ""
     assert _files(tmp_path, "*.partial") == []
 
     with tarfile.open(out) as tar:
         names = tar.getnames()
     blobs = [n for n in names if n.startswith("blobs/sha256/")]
-    assert names == ["oci-layout", "index.json", "blobs", "blobs/sha256", *sorted(blobs)]
+    assert names == ["oci-layout", "blobs", "blobs/sha256", *sorted(blobs), "index.json"]
     members = _members(out)
     assert json.loads(members["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
     for name in blobs:
@@ -174,7 +176,10 @@ async def test_export_of_a_list_is_exact_and_a_missing_reference_writes_nothing(
     assert await _cli(*args) == 1
     stdout, stderr = capsys.readouterr()
     assert stdout == ""
-    assert stderr == "mirrorproxy: export: not in the cache: docker.io/library/nothere:2\n"
+    assert stderr == (
+        "mirrorproxy: export: not completely in the cache: "
+        "docker.io/library/nothere:2: the tag is not in the cache\n"
+    )
     assert _files(tmp_path, "*.tar") == _files(tmp_path, ".*.partial") == []
 
 
@@ -301,9 +306,10 @@ async def test_export_leaves_out_or_refuses_what_the_cache_lacks_or_has_corrupt(
     _move(layer, tmp_path / "evicted")  # as the cache budget would
     assert await _cli("export", "--config", str(site.config), "--out", str(out)) == 0
     stdout, stderr = capsys.readouterr()
-    assert "exported 1 images" in stdout
-    assert "2 left out (not in the cache)" in stdout
-    assert f"mirrorproxy: warning: {APP_REF}: not completely in the cache, left out\n" in stderr
+    assert "exported 1 tags (1 images)" in stdout
+    assert "left out 1 references not completely in the cache" in stdout
+    evicted = site.app.layer_digests[1]
+    assert stderr == f"mirrorproxy: warning: {APP_REF}: blob {evicted} is not cached, left out\n"
     index = json.loads(_members(out)["index.json"])
     assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == [
         PAUSE_REF
@@ -313,7 +319,10 @@ async def test_export_leaves_out_or_refuses_what_the_cache_lacks_or_has_corrupt(
     images.write_text("app:1\n")
     args = ["export", "--config", str(site.config), "--out", str(out), "--images", str(images)]
     assert await _cli(*args) == 1
-    assert capsys.readouterr().err == f"mirrorproxy: export: not in the cache: {APP_REF}\n"
+    assert capsys.readouterr().err == (
+        f"mirrorproxy: export: not completely in the cache: {APP_REF}: "
+        f"blob {evicted} is not cached\n"
+    )
 
     # Bit rot in a cached blob: the export hashes on the way and refuses to ship it.
     _move(tmp_path / "evicted", layer)

@@ -258,7 +258,7 @@ def tmpfs_cache(mounts: Mounts, tmp_path: Path) -> Path:
     return mnt
 
 
-async def test_real_disk_full_streams_through_and_recovers(
+async def test_real_full_disk_is_seen_before_the_fill_and_streams_through(
     tmpfs_cache: Path,  # first: unmounted after the mirror is closed
     fake: RunningFake,
     start_mirror: MirrorFactory,
@@ -266,23 +266,24 @@ async def test_real_disk_full_streams_through_and_recovers(
 ) -> None:
     mirror = await start_mirror([fake.url], name="on-tmpfs")
     assert mirror.cache_dir == tmpfs_cache / "cache"
-    mirror.budget.write_retry = WRITE_RETRY
     data = payload(MIB, "real enospc")
     digest = fake.registry.add_blob(data)
     ballast = tmpfs_cache / "ballast"  # something else filled the disk
     ballast.write_bytes(b"\0" * (1536 * KIB))
 
-    # The one client got every byte from memory, verified, before the write failed.
+    # The free space is checked before a byte is written (min_free is 0): the blob
+    # goes to its client uncached, and the disk is never written to the brim.
     assert await pull(mirror, digest) == data
-    assert await mirror.metric(WRITE_ERRORS) == 1
-    assert any("No space left on device" in m for m in error_logs(caplog))
-    await wait_for(lambda: not mirror.tmp_files())
+    assert await mirror.metric(WRITE_ERRORS) == 0
+    assert await mirror.metric(PASSTHROUGH, reason="budget") == 1
+    assert error_logs(caplog) == []
+    assert mirror.tmp_files() == []
     assert mirror.blob_files() == []
     assert await pull(mirror, digest) == data  # streamed through meanwhile
     assert await mirror.metric_sum(PASSTHROUGH) == 2  # the fill that hit the disk, the retry
 
-    ballast.unlink()
-    await pull_until_cached(mirror, digest, data)
+    ballast.unlink()  # room again: the next pull caches it
+    assert await pull_until_cached(mirror, digest, data) == 1
     assert mirror.blob_path(digest).read_bytes() == data
     assert mirror.tmp_files() == []
 

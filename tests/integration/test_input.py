@@ -29,9 +29,13 @@ async def test_invalid_name(fake: RunningFake, mirror: Mirror, name: str) -> Non
 
 
 async def test_invalid_tag(fake: RunningFake, mirror: Mirror) -> None:
-    resp = await mirror.client.get(f"/v2/{REPO}/manifests/.hidden?ns={NS}")
-    assert resp.status == 400
-    assert await _error_code(resp) == "NAME_INVALID"
+    """A reference that cannot exist names no manifest: 404, as the OCI spec's
+    conformance suite wants (NAME_INVALID is for repository names)."""
+    for method in ("GET", "HEAD"):
+        resp = await mirror.client.request(method, f"/v2/{REPO}/manifests/.hidden?ns={NS}")
+        assert resp.status == 404
+        if method == "GET":
+            assert await _error_code(resp) == "MANIFEST_UNKNOWN"
     assert fake.registry.requests == []
 
 

@@ -432,8 +432,8 @@ def held(pt: PullThrough, cache_dir: Path) -> list[str]:
     """What downloads still hold: write-ahead memory, reservations, pins, temp files, fds."""
     assert isinstance(pt._blobs, FileBlobStore)
     found = [f"in flight: {pt._blobs.in_flight}"] if pt._blobs.in_flight else []
-    found += [f"reserved: {d}" for d in pt.budget._reserved]
-    found += [f"pinned: {d}" for d in pt.budget._pins]
+    found += [f"reserved: {r.digest}" for r in pt.budget.reservations]
+    found += [f"pinned: {d}" for d in pt.budget.pinned]
     found += [f"temp file: {p.name}" for p in (cache_dir / "tmp").iterdir()]
     found += [f"open: {p}" for p in open_tmp_fds(cache_dir)]
     return found

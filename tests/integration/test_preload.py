@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,11 +26,23 @@ from mirrorproxy.config import Config
 from mirrorproxy.engine import Engine
 from mirrorproxy.errors import Handler
 from mirrorproxy.metrics import Metrics
+from mirrorproxy.oci import OCI_INDEX, OCI_MANIFEST
 from mirrorproxy.preload import ImageState, Options, preload
 from mirrorproxy.progress import LineReporter
 from mirrorproxy.reference import parse_image_reference
-from tests.fakes.registry import FakeRegistry
+from mirrorproxy.units import format_size
+from tests.fakes.registry import FakeRegistry, payload, sha256
 from tests.integration.conftest import FakeFactory, mirror_config
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """preload configures logging onto this test's captured stderr: undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _write_config(cfg_dir: Path, url: str, *, offline: bool = False) -> Path:
@@ -67,7 +83,9 @@ async def test_preload_fetches_host_platform_then_skips_what_is_cached(
     fake.registry.clear_log()
     assert await asyncio.to_thread(main, args) == 0
     assert _blob_gets(fake.registry) == []  # everything was cached
-    assert "0B fetched" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "from upstream: 0 blobs (0B), 0 manifests" in out
+    assert "already cached: 5 blobs" in out
 
 
 async def test_all_platforms_and_named_failures(
@@ -102,16 +120,35 @@ async def test_all_platforms_and_named_failures(
     }
 
 
-async def test_bad_image_list_is_one_line_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+async def test_every_bad_line_is_reported_and_keep_going_fetches_the_good_ones(
+    start_fake: FakeFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    fake = await start_fake()
+    app = fake.registry.add_image("library/app", "1", layer_sizes=(3000,))
     images = tmp_path / "images.txt"
-    images.write_text("alpine:3\nNot A Reference!\n")
-    config = _write_config(tmp_path, "http://127.0.0.1:9")
-    assert await asyncio.to_thread(main, ["preload", "-c", str(config), str(images)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "images.txt:2" in err
+    images.write_text("app:1\nNot A Reference!\n# fine\nbad::tag\n\nalso bad@sha256:12\n")
+    config = _write_config(tmp_path, fake.url)
+    args = ["preload", "-c", str(config), str(images)]
+
+    assert await asyncio.to_thread(main, args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 2)[1] for line in err[:3]] == [
+        f"{images}:2",
+        f"{images}:4",
+        f"{images}:6",
+    ]
+    assert err[3] == (
+        "mirrorproxy: 3 bad lines, nothing done "
+        "(fix them, or --keep-going to go on with the good ones)"
+    )
+    assert len(err) == 4
+    assert fake.registry.calls() == []  # nothing fetched
+
+    assert await asyncio.to_thread(main, [*args, "--keep-going"]) == 1
+    out, err2 = capsys.readouterr()
+    assert err2.count("\n") == 3  # the same three lines, nothing else
+    assert "preloaded 1 of 1 images" in out
+    assert set(_blob_gets(fake.registry)) == {app.config_digest, *app.layer_digests}
 
 
 async def test_transient_errors_are_retried(start_fake: FakeFactory, tmp_path: Path) -> None:
@@ -162,3 +199,83 @@ async def test_jobs_bounds_how_many_images_load_at_once(
     args = ["preload", "-c", str(config), str(images), "--jobs", str(jobs)]
     assert await asyncio.to_thread(main, args) == 0
     assert peak == jobs
+
+
+def _manifest(reg: FakeRegistry, repo: str, tag: str, blobs: list[bytes]) -> tuple[str, bytes]:
+    """Push an OCI image whose first blob is its config and the rest its layers."""
+    for blob in blobs:
+        reg.add_blob(blob)
+
+    def desc(media_type: str, data: bytes) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": sha256(data), "size": len(data)}
+
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": desc("application/vnd.oci.image.config.v1+json", blobs[0]),
+            "layers": [desc("application/vnd.oci.image.layer.v1.tar", b) for b in blobs[1:]],
+        }
+    ).encode()
+    return reg.add_manifest(repo, tag, OCI_MANIFEST, body), body
+
+
+async def test_reported_numbers_equal_what_the_upstream_served(
+    start_fake: FakeFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shared base layers fetched while several images wait on them count once."""
+    reg = FakeRegistry()
+    reg.faults.chunk_size, reg.faults.chunk_delay = 8192, 0.005  # images overlap in flight
+    fake = await start_fake(reg)
+    bases = [payload(60_000, f"base{i}") for i in range(3)]
+    refs = []
+    for i in range(12):
+        own = [payload(300 + i, f"config{i}"), bases[i % 3], payload(9_000 + i, f"own{i}")]
+        _manifest(reg, f"library/app{i}", "1", own)
+        refs.append(f"app{i}:1")
+    for i in range(2):  # indexes: amd64 (wanted), arm64 and an attestation (left out)
+        children = []
+        for arch in ("amd64", "arm64", "unknown"):
+            blobs = [payload(200, f"ic{i}{arch}"), bases[0], payload(5_000, f"il{i}{arch}")]
+            digest, body = _manifest(reg, "library/multi", f"{i}-{arch}", blobs)
+            entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": digest}
+            entry["size"] = len(body)
+            entry["platform"] = {"os": "unknown" if arch == "unknown" else "linux"}
+            entry["platform"]["architecture"] = arch
+            if arch == "unknown":
+                entry["annotations"] = {"vnd.docker.reference.type": "attestation-manifest"}
+            children.append(entry)
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}
+        reg.add_manifest("library/multi", f"v{i}", OCI_INDEX, json.dumps(index).encode())
+        refs.append(f"multi:v{i}")
+    images = tmp_path / "images.txt"
+    images.write_text("\n".join(refs) + "\n")
+    config = _write_config(tmp_path, fake.url)
+    args = ["preload", "-c", str(config), str(images), "--platform", "linux/amd64"]
+
+    assert await asyncio.to_thread(main, [*args, "--jobs", "8"]) == 0
+    out = capsys.readouterr().out
+    gets = _blob_gets(reg)
+    assert len(gets) == len(set(gets)) == 3 + 12 * 2 + 2 * 2  # every blob once
+    manifest_gets = len(reg.calls("GET", "manifests"))
+    assert manifest_gets == 12 + 2 * 2
+    assert (
+        f"from upstream: {len(gets)} blobs ({format_size(reg.blob_bytes_sent)}), "
+        f"{manifest_gets} manifests\n"
+    ) in out
+    assert "already cached: 0 blobs (0B)\n" in out
+    assert "preloaded 14 of 14 images\n" in out
+    assert (
+        "left out 2 platform manifests (linux/arm64 x2): not among the platforms asked for "
+        "(linux/amd64); --all-platforms fetches every one\n"
+    ) in out
+    assert "left out 2 platform manifests (unknown/unknown x2): attestation manifests" in out
+    assert "fetched for another image" in out  # the shared bases, seen from the waiters
+
+    sent = reg.blob_bytes_sent
+    reg.clear_log()
+    assert await asyncio.to_thread(main, args) == 0
+    out = capsys.readouterr().out
+    assert _blob_gets(reg) == []
+    assert "from upstream: 0 blobs (0B), 0 manifests\n" in out
+    assert f"already cached: {len(gets)} blobs ({format_size(sent)})\n" in out

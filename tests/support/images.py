@@ -21,12 +21,20 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import zstandard
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+#: The empty JSON descriptor of OCI 1.1, the config of artifacts that have none.
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
+#: Annotation naming a file in an artifact layer (ORAS restores files by it).
+TITLE_ANNOTATION = "org.opencontainers.image.title"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -65,14 +73,20 @@ class Layer:
         return len(self.blob)
 
 
-def make_layer(size: int, rng: random.Random, *, name: str = "data") -> Layer:
+Compression = Literal["gzip", "zstd"]
+
+
+def make_layer(
+    size: int, rng: random.Random, *, name: str = "data", compression: Compression = "gzip"
+) -> Layer:
     """Build a layer holding ``size`` random bytes (split over two files if > 1 byte).
 
     Args:
-        size: payload bytes inside the tar (the gzip is a little larger: random
-            data does not compress).
+        size: payload bytes inside the tar (the compressed blob is a little larger:
+            random data does not compress).
         rng: seeded source, so a seed always yields the same digests.
         name: base name for the files in the tar.
+        compression: ``gzip`` (every client reads it) or ``zstd`` (OCI only).
 
     Returns:
         The layer with its digest and diff_id.
@@ -92,7 +106,10 @@ def make_layer(size: int, rng: random.Random, *, name: str = "data") -> Layer:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(rng.randbytes(n)))
     tar_bytes = raw.getvalue()
-    blob = gzip.compress(tar_bytes, compresslevel=1, mtime=0)
+    if compression == "zstd":
+        blob = zstandard.ZstdCompressor(level=1).compress(tar_bytes)
+    else:
+        blob = gzip.compress(tar_bytes, compresslevel=1, mtime=0)
     return Layer(blob=blob, digest=sha256_digest(blob), diff_id=sha256_digest(tar_bytes))
 
 
@@ -148,6 +165,7 @@ def build_image(
     platform: str = "linux/amd64",
     docker: bool = False,
     rng: random.Random | None = None,
+    compression: Compression = "gzip",
 ) -> Image:
     """Build a single-platform image with one layer per entry of ``layer_sizes``.
 
@@ -157,13 +175,20 @@ def build_image(
         platform: ``os/arch`` written into the config.
         docker: produce a Docker schema2 manifest instead of an OCI one.
         rng: share one source across several images (an index) for distinct layers.
+        compression: of every layer; ``zstd`` needs an OCI manifest (Docker schema2
+            has no media type for it).
 
     Returns:
         The image; its top digest is the manifest's.
     """
+    if docker and compression != "gzip":
+        raise ValueError("Docker schema2 layers are gzip only")
     rng = rng if rng is not None else random.Random(seed)  # noqa: S311 - test data
     os_name, arch = _split_platform(platform)
-    layers = [make_layer(n, rng, name=f"layer{i}") for i, n in enumerate(layer_sizes)]
+    layers = [
+        make_layer(n, rng, name=f"layer{i}", compression=compression)
+        for i, n in enumerate(layer_sizes)
+    ]
     config = _canonical_json(
         {
             "architecture": arch,
@@ -175,6 +200,8 @@ def build_image(
     config_digest = sha256_digest(config)
     media_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
     layer_type = DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP
+    if compression == "zstd":
+        layer_type = OCI_LAYER_ZSTD
     manifest = _canonical_json(
         {
             "schemaVersion": 2,
@@ -250,6 +277,103 @@ def build_index(
         media_type=media_type,
         platforms=by_platform,
     )
+
+
+def build_artifact(
+    subject: Image,
+    artifact_type: str,
+    files: Mapping[str, bytes],
+    *,
+    file_media_type: str = "application/octet-stream",
+    annotations: Mapping[str, str] | None = None,
+) -> Image:
+    """Build an OCI 1.1 artifact (what ORAS pushes) that refers to ``subject``.
+
+    The manifest carries ``artifactType``, the empty JSON config and one layer per
+    file, titled with the file name, and names ``subject``'s top manifest as its
+    ``subject``: a signature or SBOM attached to an image.
+
+    Args:
+        subject: the image the artifact is about.
+        artifact_type: e.g. ``application/vnd.example.sbom.v1+json``.
+        files: file name -> contents, one layer each, in order.
+        file_media_type: media type of every file layer.
+        annotations: manifest annotations (referrers lists repeat them).
+
+    Returns:
+        The artifact; ``platforms`` is empty.
+    """
+    layers = [
+        {
+            "mediaType": file_media_type,
+            "digest": sha256_digest(data),
+            "size": len(data),
+            "annotations": {TITLE_ANNOTATION: name},
+        }
+        for name, data in files.items()
+    ]
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {
+            "mediaType": OCI_EMPTY,
+            "digest": sha256_digest(EMPTY_JSON),
+            "size": len(EMPTY_JSON),
+        },
+        "layers": layers,
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": subject.digest,
+            "size": subject.size,
+        },
+    }
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    manifest = _canonical_json(doc)
+    digest = sha256_digest(manifest)
+    blobs = {sha256_digest(EMPTY_JSON): EMPTY_JSON} | {
+        sha256_digest(data): data for data in files.values()
+    }
+    return Image(
+        blobs=blobs,
+        manifests={digest: (OCI_MANIFEST, manifest)},
+        digest=digest,
+        media_type=OCI_MANIFEST,
+    )
+
+
+def artifact_type_of(artifact: Image) -> str:
+    """The ``artifactType`` of an artifact built by ``build_artifact``."""
+    value: str = json.loads(artifact.body)["artifactType"]
+    return value
+
+
+def referrers_index(artifacts: Sequence[Image]) -> bytes:
+    """The OCI index listing ``artifacts`` as referrers (one descriptor each).
+
+    Registries answer ``GET /v2/<name>/referrers/<digest>`` with it; registries
+    without that API hold the same index under the tag ``referrers_tag(subject)``.
+    """
+    descriptors: list[dict[str, Any]] = []
+    for artifact in artifacts:
+        doc = json.loads(artifact.body)
+        descriptor: dict[str, Any] = {
+            "mediaType": artifact.media_type,
+            "digest": artifact.digest,
+            "size": artifact.size,
+            "artifactType": doc["artifactType"],
+        }
+        if "annotations" in doc:
+            descriptor["annotations"] = doc["annotations"]
+        descriptors.append(descriptor)
+    return _canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors})
+
+
+def referrers_tag(subject_digest: str) -> str:
+    """The fallback tag of OCI 1.1 for referrers of a digest (``sha256-<hex>``)."""
+    algorithm, _, hex_part = subject_digest.partition(":")
+    return f"{algorithm}-{hex_part}"
 
 
 class RegistryHTTPError(RuntimeError):

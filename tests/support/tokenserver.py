@@ -213,6 +213,15 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_POST(self) -> None:
+                # No OAuth2 form grant here: 405 sends containerd (which tries a POST
+                # first when it has credentials) to the GET flow, as its docs describe.
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(405)
+                self.send_header("Allow", "GET")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # requests() is the record; keep pytest output clean
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -221,3 +222,94 @@ def test_reconcile_of_a_missing_cache_tree_empties_the_index(
     idx.add(BLOB, digest_of(b"x"), 1, "docker.io")
     assert idx.reconcile(tmp_path / "nothing-here") == (0, 1)
     assert idx.total_size() == 0
+
+
+# -- several writers: each connection's account, conditional drops, read-only opens --
+
+
+def test_add_and_remove_say_how_much_the_total_changed(
+    open_index: Callable[[], CacheIndex],
+) -> None:
+    idx = open_index()
+    d = "sha256:" + "d" * 64
+    assert idx.add(BLOB, d, 100, "docker.io") == 100
+    assert idx.add(BLOB, d, 120, "docker.io") == 20  # recorded again, bigger
+    assert idx.remove(BLOB, d) == 120
+    assert idx.remove(BLOB, d) == 0
+    assert idx.external_change() == 0  # all of it was this connection's own
+
+
+def test_external_change_is_what_other_connections_did(
+    open_index: Callable[[], CacheIndex],
+) -> None:
+    server, cli = open_index(), open_index()
+    a, b, c = ("sha256:" + x * 64 for x in "abc")
+    server.add(BLOB, a, 100, "docker.io")
+    assert cli.add(BLOB, b, 30, "docker.io") == 30
+    server.add(BLOB, c, 5, "docker.io")  # interleaved with the other's writes
+    assert cli.remove(BLOB, a) == 100  # removed under the server's feet
+    assert server.remove(BLOB, a) == 0
+    assert server.external_change() == 30 - 100
+    assert server.external_change() == 0  # reported once
+
+
+def test_drop_removes_only_the_entry_that_was_looked_at(
+    open_index: Callable[[], CacheIndex], clock: FakeTime
+) -> None:
+    server, cli = open_index(), open_index()
+    d = "sha256:" + "e" * 64
+    server.add(BLOB, d, 10, "docker.io")
+    seen = cli.get(BLOB, d)
+    assert seen is not None
+    server.remove(BLOB, d)  # evicted ...
+    clock.now += 1
+    server.add(BLOB, d, 10, "docker.io")  # ... and fetched again meanwhile
+    ran: list[str] = []
+    assert not cli.drop(seen, then=lambda: ran.append("unlink"))
+    assert ran == []
+    assert server.get(BLOB, d) is not None
+
+    fresh = cli.get(BLOB, d)
+    assert fresh is not None
+    assert cli.drop(fresh, then=lambda: ran.append("unlink"))
+    assert ran == ["unlink"]
+    assert server.get(BLOB, d) is None
+    assert server.external_change() == -10
+
+
+def test_drop_keeps_the_entry_when_deleting_the_file_fails(
+    open_index: Callable[[], CacheIndex],
+) -> None:
+    idx = open_index()
+    d = "sha256:" + "f" * 64
+    idx.add(BLOB, d, 10, "docker.io")
+    entry = idx.get(BLOB, d)
+    assert entry is not None
+
+    def refuse() -> None:
+        raise PermissionError("read-only")
+
+    with pytest.raises(PermissionError):
+        idx.drop(entry, then=refuse)
+    assert idx.get(BLOB, d) == entry
+    assert idx.external_change() == 0
+
+
+def test_read_only_index_reads_and_refuses_to_write(
+    tmp_path: Path, open_index: Callable[[], CacheIndex]
+) -> None:
+    with pytest.raises(sqlite3.OperationalError):
+        CacheIndex(tmp_path / "index.db", read_only=True)  # not created by a reader
+    assert not (tmp_path / "index.db").exists()
+    writer = open_index()
+    d = "sha256:" + "1" * 64
+    writer.add(BLOB, d, 10, "docker.io")
+    reader = CacheIndex(tmp_path / "index.db", read_only=True)
+    try:
+        assert reader.total_size() == 10
+        with pytest.raises(sqlite3.OperationalError):
+            reader.add(BLOB, "sha256:" + "2" * 64, 1, "docker.io")
+        writer.add(BLOB, "sha256:" + "3" * 64, 5, "docker.io")
+        assert reader.total_size() == 15  # sees the writer's commits
+    finally:
+        reader.close()

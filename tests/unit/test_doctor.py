@@ -16,17 +16,15 @@ import pytest
 
 from mirrorproxy.cli import main
 from mirrorproxy.config import parse_config
-from mirrorproxy.doctor import (
+from mirrorproxy.containerdcheck import (
     V3_DEFAULT_CONFIG_PATH,
-    Finding,
     check_containerd_config,
     check_hosts_dir,
     check_hosts_toml,
-    check_mirror,
-    installed_containerd_version,
     load_containerd_config,
-    run_doctor,
 )
+from mirrorproxy.doctor import check_mirror, installed_containerd_version, run_doctor
+from mirrorproxy.findings import Finding
 from mirrorproxy.hoststoml import render_all, write_hosts_files
 
 ROOT = Path(__file__).parent.parent.parent
@@ -338,11 +336,26 @@ def test_hosts_dir_elsewhere(tmp_path: Path, mirror: str) -> None:
     assert "no */hosts.toml" in findings[1].problem
 
 
+def hermetic(tmp_path: Path) -> list[str]:
+    """Doctor options that keep it away from this machine's units, processes and podman."""
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    return [
+        "--systemd-dir",
+        str(empty),
+        "--proc-dir",
+        str(empty),
+        "--registries-conf",
+        str(empty / "registries.conf"),
+    ]
+
+
 def test_cli_ok_and_exit_codes(
     tmp_path: Path, mirror: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     toml, _ = node(tmp_path, mirror)
-    args = ["doctor", "--containerd-config", str(toml), "--mirror-url", mirror + "/"]
+    args = ["doctor", *hermetic(tmp_path), "--containerd-config", str(toml)]
+    args += ["--mirror-url", mirror + "/"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1
@@ -356,7 +369,8 @@ def test_cli_ok_and_exit_codes(
 
 def test_cli_broken_legacy_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = EXAMPLES / "legacy-mirrors-broken.toml"
-    assert main(["doctor", "--containerd-config", str(config), "--hosts-dir", str(tmp_path)]) == 1
+    args = ["doctor", *hermetic(tmp_path), "--containerd-config", str(config)]
+    assert main([*args, "--hosts-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "containerd refuses to load the CRI plugin" in out
     assert "Traceback" not in out

@@ -9,7 +9,7 @@ import pytest
 
 from mirrorproxy.config import WILDCARD, Config, parse_config
 from mirrorproxy.errors import NameInvalid, NameUnknown
-from mirrorproxy.namespaces import resolve
+from mirrorproxy.namespaces import resolve, route
 
 
 def make_config(*names: str, default_namespace: str | None = None) -> Config:
@@ -185,3 +185,24 @@ def test_wildcard_only_serves_its_allowlist() -> None:
     for refused in ("127.0.0.1:22", "169.254.169.254", "corp.example.evil.io", "f"):
         with pytest.raises(NameUnknown):
             resolve(config, refused)
+
+
+def test_route_by_path_prefix_only_without_ns() -> None:
+    config = parse_config(
+        {
+            "server": {"default_namespace": "docker.io"},
+            "namespaces": {
+                "docker.io": {"upstreams": ["https://registry-1.docker.io"]},
+                "quay.io": {"upstreams": ["https://quay.io"]},
+                "myregistry:5000": {"upstreams": ["http://10.0.0.1:5000"]},
+            },
+        },
+        source="t",
+        base_dir=Path("/"),
+    )
+    assert route(config, None, "quay.io/org/tool")[1:] == ("quay.io", "org/tool")
+    assert route(config, None, "myregistry:5000/x")[1:] == ("myregistry:5000", "x")
+    assert route(config, "docker.io", "quay.io/org/tool")[1:] == ("docker.io", "quay.io/org/tool")
+    assert route(config, None, "library/alpine")[1:] == ("docker.io", "library/alpine")
+    assert route(config, None, "ghcr.io/x")[1:] == ("docker.io", "ghcr.io/x")  # not configured
+    assert route(config, None, "quay.io")[1:] == ("docker.io", "quay.io")  # nothing after it

@@ -6,17 +6,20 @@ or the network, so hostile inputs get as much attention as valid ones.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirrorproxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable
+from mirrorproxy.errors import DigestInvalid, ManifestUnknown, NameInvalid, RangeNotSatisfiable
 from mirrorproxy.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    DOCKER_V1_SIGNED,
     MANIFEST_TYPES,
     MAX_NAME_LENGTH,
     OCI_INDEX,
@@ -24,11 +27,15 @@ from mirrorproxy.oci import (
     Digest,
     accept_types,
     acceptable,
+    join_fields,
+    manifest_digest,
     manifest_media_type,
     parse_digest,
     parse_name,
     parse_range,
     parse_reference,
+    same_variant,
+    schema1_payload,
 )
 
 HEX64 = hashlib.sha256(b"mirrorproxy").hexdigest()
@@ -331,7 +338,7 @@ def test_parse_reference_digest() -> None:
     ],
 )
 def test_parse_reference_bad_tag(tag: str) -> None:
-    with pytest.raises(NameInvalid):
+    with pytest.raises(ManifestUnknown):
         parse_reference(tag)
 
 
@@ -539,3 +546,32 @@ def test_manifest_media_type(body: bytes, header: str | None, expected: str) -> 
 @given(st.binary(max_size=512), st.one_of(st.none(), st.text(max_size=40)))
 def test_property_manifest_media_type_never_raises(body: bytes, header: str | None) -> None:
     assert isinstance(manifest_media_type(body, header), str)
+
+
+# --- several Accept lines, variants, schema1 ---------------------------------------
+
+
+def test_join_fields_makes_one_list_of_repeated_lines() -> None:
+    assert join_fields(["a/b", " c/d ", ""]) == "a/b, c/d"
+    assert join_fields([]) is None
+
+
+def test_same_variant_needs_the_type_named_and_agreement_on_indexes() -> None:
+    both = (OCI_INDEX, OCI_MANIFEST)
+    assert same_variant(both, OCI_INDEX, (DOCKER_LIST, OCI_INDEX, OCI_MANIFEST))
+    assert same_variant(both, OCI_MANIFEST, (OCI_INDEX, OCI_MANIFEST))  # tag has no index
+    assert not same_variant((OCI_MANIFEST,), OCI_MANIFEST, both)  # it may have one
+    assert not same_variant(both, OCI_INDEX, ("*/*",))
+    assert not same_variant(both, OCI_INDEX, ())
+
+
+def test_schema1_digest_covers_the_payload_only() -> None:
+    payload = b'{\n   "schemaVersion": 1,\n   "name": "x"\n}'
+    length = len(payload) - 2
+    fmt = {"formatLength": length, "formatTail": base64.urlsafe_b64encode(b"\n}").decode()}
+    protected = base64.urlsafe_b64encode(json.dumps(fmt).encode()).decode().rstrip("=")
+    body = payload[:length] + b',\n   "signatures": [{"protected": "' + protected.encode()
+    body += b'"}]\n}'
+    assert schema1_payload(body) == payload
+    assert manifest_digest(body, DOCKER_V1_SIGNED) == Digest.of(payload)
+    assert manifest_digest(b"{}", DOCKER_V1_SIGNED) == Digest.of(b"{}")  # unsigned: the body
