@@ -36,6 +36,7 @@ FIRST_SLICE = 1024 * KIB
 MAX_SLICE = 16 * 1024 * KIB
 RELAY_CHUNK = 1024 * KIB  # read size from an upstream response being relayed
 FLUSH_POLL = 0.01  # seconds between looks at a transport buffer being flushed
+STOP_WAIT = 1.0  # seconds a stopped sendfile gets to let go of its file
 
 
 class Stalled(Exception):
@@ -136,9 +137,11 @@ class Sender:
         finally:
             stopped = not task.done()
             if stopped:
-                # Cancelled first (it then lets go of the transport), then the drop.
+                # Cancelled first (it then lets go of the transport), then the drop;
+                # the caller closes the file only once the call has let go of it.
                 task.cancel()
                 transport.abort()
+                await asyncio.wait({task}, timeout=STOP_WAIT)
         if not stopped:
             try:
                 return task.result()

@@ -32,6 +32,8 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
 from tests.fakes.registry import FakeRegistry
+from tests.support.mounts import Mounts as Mounts  # re-exported for the tests
+from tests.support.mounts import umount
 
 NS = "docker.io"
 REPO = "library/alpine"
@@ -291,49 +293,6 @@ def blob_path(repo: str, digest: str, ns: str = NS) -> str:
 REQUIRE_E2E_ENV = "MIRRORPROXY_REQUIRE_E2E"
 
 
-class Mounts:
-    """Mounts made for one test, undone (innermost first) at teardown."""
-
-    def __init__(self) -> None:
-        self.made: list[Path] = []
-
-    def tmpfs(self, path: Path, size: str) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path))
-        self.made.append(path)
-
-    def read_only(self, path: Path) -> None:
-        """Lay a read-only view of ``path`` over itself: new opens get EROFS.
-
-        (``mount -o remount,ro`` of the filesystem itself is refused with EBUSY while
-        the mirror runs: its SQLite index holds files open for writing.)
-        """
-        _mount("--bind", "-o", "ro", str(path), str(path))
-        self.made.append(path)
-
-    def undo(self, path: Path) -> None:
-        self.made.remove(path)
-        _umount(path)
-
-    def undo_all(self) -> None:
-        while self.made:
-            _umount(self.made.pop())
-
-
-def _mount(*args: str) -> None:
-    proc = subprocess.run(
-        ["mount", *args], capture_output=True, text=True, timeout=10, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-
-
-def _umount(path: Path) -> None:
-    for argv in (["umount", str(path)], ["umount", "-l", str(path)]):
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        if proc.returncode == 0:
-            return
-
-
 @pytest.fixture(scope="session")
 def mount_problem(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Why this environment cannot mount (empty when it can)."""
@@ -349,7 +308,7 @@ def mount_problem(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     if proc.returncode != 0:
         return f"mount is not permitted here: {proc.stderr.strip()}"
-    _umount(probe)
+    umount(probe)
     return ""
 
 

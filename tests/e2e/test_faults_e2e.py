@@ -1,0 +1,333 @@
+"""Real clients pull a large layer through the mirror while things go wrong.
+
+containerd's ``ctr`` and skopeo pull a 256 MiB layer through ``mirrorproxy serve``.
+The upstreams are Debian's docker-registry, the first one behind ``FaultProxy``
+(in-process) that flips one byte in the middle of the layer or slows it down. The
+faults: a corrupting first upstream (the pull must succeed on the client's first or
+second attempt, the corrupt endpoint is skipped, no client ever completes the corrupt
+layer), a second client arriving mid-download with a ``Range``, and a cache on a
+small tmpfs that fills up mid-download (the pull must still succeed at once). After
+each: ``mirrorproxy cache verify`` finds nothing bad, no temp file is left, and the
+cache still holds what it held before the fault.
+
+Each test prints a ``FAULTS |`` line: fault, client, attempts, bytes the client
+downloaded for the layer and from the upstreams, what the cache holds of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import images
+from tests.support.clientlab import require_tools
+from tests.support.containers import ContainersTools
+from tests.support.faultproxy import FaultProxy, Relayed
+from tests.support.procs import (
+    Containerd,
+    MirrorProcess,
+    Registry,
+    ctr,
+    ctr_pull,
+    free_port,
+    mirror_config,
+    write_hosts_toml,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+LAYER = 256 * MiB  # payload of the large layer (the gzip is a little larger)
+SLOW = 96 * MiB  # bytes per second of a slowed upstream: a pull takes ~3 s
+MOST_ATTEMPTS = 3
+SETTLE = 30.0  # seconds: upper bound for any wait on the mirror or containerd
+POLL = 0.05
+NS = "docker.io"
+BIG, SMALL = "library/big:1", "library/small:1"
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class Lab:
+    """The upstream registry with the images, and the fault proxy in front of it."""
+
+    registry: Registry
+    proxy: FaultProxy
+    big: images.Image
+    small: images.Image
+
+    @property
+    def layer(self) -> str:
+        """The large layer's digest."""
+        return max(self.big.blobs, key=lambda d: len(self.big.blobs[d]))
+
+    @property
+    def layer_size(self) -> int:
+        return len(self.big.blobs[self.layer])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    require_tools("skopeo", package="skopeo")
+    registry = Registry(tmp_path_factory.mktemp("upstream"))
+    try:
+        big = images.build_image([LAYER], seed=71)
+        small = images.build_image([64 * KiB, 16 * KiB], seed=72)
+        images.push(registry.url, "library/big", "1", big, timeout=120)
+        images.push(registry.url, "library/small", "1", small)
+        proxy = FaultProxy(registry.url)
+        proxy.start()
+        try:
+            yield Lab(registry, proxy, big, small)
+        finally:
+            proxy.stop()
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def fresh(lab: Lab) -> Lab:
+    """The lab with its faults off (each test sets its own)."""
+    lab.proxy.faults.flip.clear()
+    lab.proxy.faults.rate = None
+    return lab
+
+
+class Run:
+    """One mirror, with a cache of its own, in front of ``upstreams`` for one fault.
+
+    It starts with the small image pulled through it: what the cache holds before the
+    fault, which must still be there after.
+    """
+
+    def __init__(
+        self,
+        lab: Lab,
+        workdir: Path,
+        upstreams: Sequence[str],
+        *,
+        cache_dir: Path | None = None,
+        cache: dict[str, str | bool | int | float] | None = None,
+    ) -> None:
+        self.lab = lab
+        self.cache_dir = cache_dir or workdir / "cache"
+        port = free_port()
+        config = mirror_config(port, self.cache_dir, {NS: upstreams}, cache=cache)
+        self.mirror = MirrorProcess(workdir, config, port, args=["--log-format", "json"])
+        self.upstream_marks = (len(lab.proxy.log), len(lab.registry.log_text()))
+        self._pull_small()
+        self.before = self.entries()
+
+    def _pull_small(self) -> None:
+        accept = ", ".join(images.MANIFEST_MEDIA_TYPES)
+        self.get(f"/v2/library/small/manifests/1?ns={NS}", {"Accept": accept})
+        for digest in self.lab.small.blobs:
+            self.get(f"/v2/library/small/blobs/{digest}?ns={NS}")
+        self.get(
+            f"/v2/library/small/manifests/{self.lab.small.digest}?ns={NS}", {"Accept": accept}
+        )
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> bytes:
+        req = urllib.request.Request(self.mirror.url + path, headers=headers or {})  # noqa: S310
+        with OPENER.open(req, timeout=SETTLE) as resp:
+            body: bytes = resp.read()
+            return body
+
+    def entries(self) -> set[str]:
+        """Committed cache files (blobs and manifests), relative to the cache dir."""
+        return {
+            str(p.relative_to(self.cache_dir))
+            for kind in ("blobs", "manifests")
+            for p in (self.cache_dir / kind).rglob("*")
+            if p.is_file()
+        }
+
+    def has_layer(self) -> bool:
+        alg, hex_ = self.lab.layer.split(":", 1)
+        return (self.cache_dir / "blobs" / alg / hex_[:2] / hex_).is_file()
+
+    def tmp_files(self) -> list[Path]:
+        return sorted((self.cache_dir / "tmp").iterdir())
+
+    def records(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.mirror.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def layer_gets(self) -> list[tuple[int, int]]:
+        """(status, body bytes) of every GET of the layer the mirror answered."""
+        return [
+            (int(str(r["status"])), int(str(r["bytes"])))
+            for r in self.records()
+            if r.get("logger") == "mirrorproxy.access"
+            and r.get("method") == "GET"
+            and self.lab.layer in str(r.get("path"))
+        ]
+
+    def proxied_layer(self) -> list[Relayed]:
+        """The GETs of the layer the fault proxy relayed during this run."""
+        return [
+            r
+            for r in self.lab.proxy.log[self.upstream_marks[0] :]
+            if r.method == "GET" and r.path.endswith(self.lab.layer)
+        ]
+
+    def upstream_bytes(self) -> int:
+        """Layer body bytes the mirror got from its upstreams during this run."""
+        via_proxy = sum(r.sent for r in self.proxied_layer())
+        registry_mark = self.upstream_marks[1]
+        direct = 0
+        for line in self.lab.registry.log_text()[registry_mark:].splitlines():
+            if self.lab.layer in line and '"mirrorproxy/' in line:
+                fields = line.split('" ', 1)[1].split()
+                direct += int(fields[1]) if fields[1].isdigit() else 0
+        return via_proxy + direct
+
+    def wait_settled(self) -> None:
+        """Until no temp file is left (a failed or finished download cleaned up)."""
+        deadline = time.monotonic() + SETTLE
+        while self.tmp_files() and time.monotonic() < deadline:
+            time.sleep(POLL)
+
+    def check_cache(self) -> str:
+        """Assert the cache is intact after the fault; describe what it holds of the layer."""
+        self.wait_settled()
+        assert self.tmp_files() == []
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mirrorproxy",
+                "cache",
+                "verify",
+                "--config",
+                str(self.mirror.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=SETTLE * 4,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert " 0 bad" in proc.stdout
+        assert self.before <= self.entries(), "the fault cost entries cached before it"
+        assert "Traceback" not in self.mirror.log_text()
+        return "layer cached, verified" if self.has_layer() else "layer not cached"
+
+    def stop(self) -> None:
+        self.mirror.stop()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    made: list[Run] = []
+    yield made
+    for run in made:
+        run.stop()
+
+
+def report(fault: str, client: str, attempts: int, run: Run, cache: str) -> None:
+    got = sum(b for _, b in run.layer_gets())
+    size = run.lab.layer_size
+    print(
+        f"\nFAULTS | {fault} | {client} | {attempts} | client got {got / MiB:.0f} MiB"
+        f" ({(got - size) / MiB:+.0f} MiB over one layer) | upstreams sent"
+        f" {run.upstream_bytes() / MiB:.0f} MiB | {cache} | layer GETs {run.layer_gets()}"
+    )
+
+
+def until_success(attempt: Callable[[], subprocess.CompletedProcess[str]]) -> list[str]:
+    """Run ``attempt`` until it succeeds (at most MOST_ATTEMPTS); return each outcome."""
+    outcomes: list[str] = []
+    for _ in range(MOST_ATTEMPTS):
+        proc = attempt()
+        outcomes.append("ok" if proc.returncode == 0 else proc.stderr.strip()[-300:])
+        if proc.returncode == 0:
+            break
+    return outcomes
+
+
+def pull_ctr(ctd: Containerd, hosts: Path) -> subprocess.CompletedProcess[str]:
+    proc = ctr_pull(ctd, f"docker.io/{BIG}", hosts)
+    if proc.returncode != 0:
+        forget_partial(ctd)
+    return proc
+
+
+def forget_partial(ctd: Containerd) -> None:
+    """Wait until containerd dropped a failed pull's partial download.
+
+    containerd keeps it until its garbage collector runs after the pull's lease
+    ends; a retry before that resumes it. kubelet retries a failed pull after 10 s
+    or more, by when it is gone: wait for that instead of a fixed time.
+    """
+    deadline = time.monotonic() + SETTLE
+    while time.monotonic() < deadline:
+        active = ctr(ctd, "content", "active").stdout.strip().splitlines()
+        if len(active) <= 1:  # the header line only
+            return
+        time.sleep(POLL * 4)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Path:
+    return tmp_path / "certs.d"
+
+
+def test_ctr_pull_with_a_corrupting_first_upstream(
+    fresh: Lab, containerd: Containerd, hosts: Path, tmp_path: Path, runs: list[Run]
+) -> None:
+    lab = fresh
+    lab.proxy.faults.flip.add(lab.layer)
+    run = Run(lab, tmp_path / "mirror", [lab.proxy.url, lab.registry.url])
+    runs.append(run)
+    write_hosts_toml(hosts, NS, "https://registry-1.docker.io", run.mirror.url)
+
+    outcomes = until_success(lambda: pull_ctr(containerd, hosts))
+    assert outcomes[-1] == "ok", outcomes
+    assert len(outcomes) <= 2, outcomes
+    # The corrupt endpoint sent the layer once; the retry went to the good one.
+    assert len(run.proxied_layer()) == 1
+    gets = run.layer_gets()
+    assert all(status in (200, 206, 409) for status, _ in gets), gets
+    # No answer completed the corrupt layer: the first attempt's bytes stop short.
+    assert gets[0][1] < lab.layer_size
+    report("corrupting first upstream", "ctr", len(outcomes), run, run.check_cache())
+
+
+def test_skopeo_copy_with_a_corrupting_first_upstream(
+    fresh: Lab, tmp_path: Path, runs: list[Run]
+) -> None:
+    lab = fresh
+    lab.proxy.faults.flip.add(lab.layer)
+    run = Run(lab, tmp_path / "mirror", [lab.proxy.url, lab.registry.url])
+    runs.append(run)
+    tools = ContainersTools(tmp_path / "skopeo")
+    dest = tmp_path / "copy"
+
+    def copy() -> subprocess.CompletedProcess[str]:
+        return tools.skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{run.mirror.url.removeprefix('http://')}/{BIG}",
+            f"dir:{dest}",
+        )
+
+    outcomes = until_success(copy)
+    assert outcomes[-1] == "ok", outcomes
+    assert len(outcomes) <= 2, outcomes
+    assert len(run.proxied_layer()) == 1
+    assert (dest / lab.layer.split(":", 1)[1]).stat().st_size == lab.layer_size
+    report("corrupting first upstream", "skopeo", len(outcomes), run, run.check_cache())
