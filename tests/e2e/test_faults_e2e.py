@@ -16,9 +16,11 @@ downloaded for the layer and from the upstreams, what the cache holds of it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +33,7 @@ from tests.support import images
 from tests.support.clientlab import require_tools
 from tests.support.containers import ContainersTools
 from tests.support.faultproxy import FaultProxy, Relayed
+from tests.support.mounts import Mounts
 from tests.support.procs import (
     Containerd,
     MirrorProcess,
@@ -331,3 +334,156 @@ def test_skopeo_copy_with_a_corrupting_first_upstream(
     assert len(run.proxied_layer()) == 1
     assert (dest / lab.layer.split(":", 1)[1]).stat().st_size == lab.layer_size
     report("corrupting first upstream", "skopeo", len(outcomes), run, run.check_cache())
+
+
+class Background:
+    """One client attempt run in a thread, so the test can act while it runs."""
+
+    def __init__(self, attempt: Callable[[], subprocess.CompletedProcess[str]]) -> None:
+        self._result: list[subprocess.CompletedProcess[str]] = []
+        self._thread = threading.Thread(target=lambda: self._result.append(attempt()))
+        self._thread.start()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        self._thread.join(SETTLE * 4)
+        assert self._result, "the client attempt did not finish"
+        return self._result[0]
+
+
+def wait_for_temp_file(run: Run, size: int) -> None:
+    """Until the mirror's temp file of a download in progress holds ``size`` bytes."""
+    deadline = time.monotonic() + SETTLE
+    while time.monotonic() < deadline:
+        if any(p.stat().st_size >= size for p in run.tmp_files() if p.exists()):
+            return
+        time.sleep(POLL / 5)
+    raise AssertionError(f"no download reached {size} bytes on disk")
+
+
+def range_get(run: Run, first: int, last: int) -> tuple[int, int, bool]:
+    """GET the layer with ``Range: bytes=first-last``: (status, bytes received, cut)."""
+    conn = http.client.HTTPConnection("127.0.0.1", run.mirror.port, timeout=SETTLE)
+    try:
+        conn.request(
+            "GET",
+            f"/v2/library/big/blobs/{run.lab.layer}?ns={NS}",
+            headers={"Range": f"bytes={first}-{last}"},
+        )
+        resp = conn.getresponse()
+        try:
+            body = resp.read()
+        except http.client.IncompleteRead as err:
+            return resp.status, len(err.partial), True
+        return resp.status, len(body), False
+    finally:
+        conn.close()
+
+
+def test_a_range_client_mid_download_never_completes_unverified(
+    fresh: Lab, containerd: Containerd, hosts: Path, tmp_path: Path, runs: list[Run]
+) -> None:
+    lab = fresh
+    lab.proxy.faults.flip.add(lab.layer)
+    lab.proxy.faults.rate = SLOW
+    run = Run(lab, tmp_path / "mirror", [lab.proxy.url, lab.registry.url])
+    runs.append(run)
+    write_hosts_toml(hosts, NS, "https://registry-1.docker.io", run.mirror.url)
+
+    first = Background(lambda: pull_ctr(containerd, hosts))
+    wait_for_temp_file(run, 32 * MiB)
+    # A second client asks for the first MiB, which is on disk already: it gets all
+    # but the last byte, and once the download fails verification, a cut.
+    status, got, cut = range_get(run, 0, MiB - 1)
+    assert (status, cut) == (206, True)
+    assert got < MiB
+    outcomes = [first.result().returncode]
+    assert outcomes[0] != 0  # the corrupt layer never completes for ctr either
+    lab.proxy.faults.rate = None
+    proc = pull_ctr(containerd, hosts)
+    outcomes.append(proc.returncode)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The layer is cached now, from the good upstream: the range completes.
+    assert range_get(run, 0, MiB - 1) == (206, MiB, False)
+    report(
+        f"range client mid-download (got {got} of {MiB} B, cut)",
+        "ctr + http range",
+        len(outcomes),
+        run,
+        run.check_cache(),
+    )
+
+
+def client_attempt(
+    kind: str, run: Run, containerd: Containerd, hosts: Path, workdir: Path
+) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """One pull of the large image by ``kind`` ("ctr" or "skopeo") through ``run``."""
+    if kind == "ctr":
+        write_hosts_toml(hosts, NS, "https://registry-1.docker.io", run.mirror.url)
+        return lambda: pull_ctr(containerd, hosts)
+    tools = ContainersTools(workdir / "skopeo")
+    dest = workdir / "copy"
+    source = f"docker://{run.mirror.url.removeprefix('http://')}/{BIG}"
+    return lambda: tools.skopeo("copy", "--src-tls-verify=false", source, f"dir:{dest}")
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until the filesystem is full."""
+    block = b"\0" * MiB
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("kind", ["ctr", "skopeo"])
+def test_a_cache_disk_filling_up_mid_pull_streams_the_rest(
+    kind: str, fresh: Lab, containerd: Containerd, hosts: Path, tmp_path: Path
+) -> None:
+    lab = fresh
+    lab.proxy.faults.rate = SLOW
+    mounts = Mounts()
+    disk = tmp_path / "disk"
+    mounts.tmpfs(disk, "300m")
+    try:
+        run = Run(lab, tmp_path / "mirror", [lab.proxy.url], cache_dir=disk / "cache")
+        try:
+            pull = Background(client_attempt(kind, run, containerd, hosts, tmp_path))
+            wait_for_temp_file(run, 64 * MiB)
+            fill_disk(disk / "ballast")  # something else fills the disk meanwhile
+            proc = pull.result()
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            (disk / "ballast").unlink()
+            cache = run.check_cache()
+            assert not run.has_layer()
+            assert "streaming it uncached" in run.mirror.log_text()
+            report("cache disk full mid-download", kind, 1, run, cache)
+        finally:
+            run.stop()
+    finally:
+        mounts.undo_all()
+
+
+@pytest.mark.parametrize("kind", ["ctr", "skopeo"])
+def test_a_layer_that_cannot_fit_is_streamed_through_evicting_nothing(
+    kind: str, fresh: Lab, containerd: Containerd, hosts: Path, tmp_path: Path
+) -> None:
+    lab = fresh
+    mounts = Mounts()
+    disk = tmp_path / "disk"
+    mounts.tmpfs(disk, "300m")
+    try:
+        run = Run(lab, tmp_path / "mirror", [lab.proxy.url], cache_dir=disk / "cache")
+        try:
+            (disk / "ballast").write_bytes(b"\0" * (100 * MiB))  # less room than the layer
+            proc = client_attempt(kind, run, containerd, hosts, tmp_path)()
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert [size for _, size in run.layer_gets()] == [lab.layer_size]
+            cache = run.check_cache()
+            assert not run.has_layer()
+            report("layer larger than the free disk", kind, 1, run, cache)
+        finally:
+            run.stop()
+    finally:
+        mounts.undo_all()
