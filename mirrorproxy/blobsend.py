@@ -36,7 +36,6 @@ FIRST_SLICE = 1024 * KIB
 MAX_SLICE = 16 * 1024 * KIB
 RELAY_CHUNK = 1024 * KIB  # read size from an upstream response being relayed
 FLUSH_POLL = 0.01  # seconds between looks at a transport buffer being flushed
-STOP_WAIT = 1.0  # seconds a stopped sendfile gets to let go of its file
 
 
 class Stalled(Exception):
@@ -128,7 +127,11 @@ class Sender:
             waited += FLUSH_POLL
         transport = self.transport()  # raises if the client went away meanwhile
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(loop.sendfile(transport, f, pos, n))
+        # A handle of the call's own, closed when the call ends: a stopped call may
+        # still touch it after this response has closed ``f``.
+        handle = os.fdopen(os.dup(f.fileno()), "rb", buffering=0)
+        task = asyncio.ensure_future(loop.sendfile(transport, handle, pos, n))
+        task.add_done_callback(lambda _: handle.close())
         stops: set[asyncio.Future[Any]] = {task}
         if fill is not None:
             stops.add(fill.failed)
@@ -137,11 +140,9 @@ class Sender:
         finally:
             stopped = not task.done()
             if stopped:
-                # Cancelled first (it then lets go of the transport), then the drop;
-                # the caller closes the file only once the call has let go of it.
+                # Cancelled first (it then lets go of the transport), then the drop.
                 task.cancel()
                 transport.abort()
-                await asyncio.wait({task}, timeout=STOP_WAIT)
         if not stopped:
             try:
                 return task.result()

@@ -343,7 +343,6 @@ class PullThrough:
         """
         ago = self.corrupt.refused_resume(digest, first_byte)
         if ago is not None:
-            self._count(t, "blob", "refused")
             raise ResumeRefused(
                 f"not resuming blob {digest} at byte {first_byte}: a download of it failed"
                 f" verification {ago:.0f}s ago, so the bytes before it may be corrupt;"

@@ -142,7 +142,9 @@ class ServerConfig:
     # Client networks allowed to use the mirror (CIDRs); empty: everyone who can connect.
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_connections: int = 1024  # concurrent client connections
-    client_timeout: float = 60.0  # idle keep-alive and header-read limit (slowloris)
+    # Idle keep-alive, header-read limit (slowloris), and how long a blob answer
+    # waits on a client that takes no bytes before closing it.
+    client_timeout: float = 60.0
     max_header_size: int = 16 * 1024  # bytes of one request header line
     max_url_length: int = 8 * 1024  # bytes of the request line
     auth: ClientAuth | None = None  # [server.auth]; None: no client authentication
