@@ -198,6 +198,21 @@ class Run:
                 direct += int(fields[1]) if fields[1].isdigit() else 0
         return via_proxy + direct
 
+    def cut_delay(self) -> float | None:
+        """Seconds from the corrupt download's failure to its last client being cut."""
+        failed: float | None = None
+        cuts: list[float] = []
+        for r in self.records():
+            msg, ts = str(r.get("msg", "")), str(r.get("ts", ""))
+            if self.lab.layer not in msg or not ts:
+                continue
+            at = time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + float(ts[19:-1])
+            if "discarded" in msg and failed is None:
+                failed = at
+            elif "aborting blob" in msg and failed is not None:
+                cuts.append(at)
+        return max(cuts) - failed if failed is not None and cuts else None
+
     def wait_settled(self) -> None:
         """Until no temp file is left (a failed or finished download cleaned up)."""
         deadline = time.monotonic() + SETTLE
@@ -244,10 +259,12 @@ def runs() -> Iterator[list[Run]]:
 def report(fault: str, client: str, attempts: int, run: Run, cache: str) -> None:
     got = sum(b for _, b in run.layer_gets())
     size = run.lab.layer_size
+    delay = run.cut_delay()
+    cut = f" | clients cut {delay * 1000:.0f} ms after the mismatch" if delay is not None else ""
     print(
         f"\nFAULTS | {fault} | {client} | {attempts} | client got {got / MiB:.0f} MiB"
         f" ({(got - size) / MiB:+.0f} MiB over one layer) | upstreams sent"
-        f" {run.upstream_bytes() / MiB:.0f} MiB | {cache} | layer GETs {run.layer_gets()}"
+        f" {run.upstream_bytes() / MiB:.0f} MiB | {cache} | layer GETs {run.layer_gets()}{cut}"
     )
 
 
@@ -276,10 +293,13 @@ def forget_partial(ctd: Containerd) -> None:
     ends; a retry before that resumes it. kubelet retries a failed pull after 10 s
     or more, by when it is gone: wait for that instead of a fixed time.
     """
-    deadline = time.monotonic() + SETTLE
-    while time.monotonic() < deadline:
+    began = time.monotonic()
+    while time.monotonic() < began + SETTLE:
         active = ctr(ctd, "content", "active").stdout.strip().splitlines()
         if len(active) <= 1:  # the header line only
+            print(
+                f"\ncontainerd dropped the partial download after {time.monotonic() - began:.2f}s"
+            )
             return
         time.sleep(POLL * 4)
 
@@ -305,6 +325,7 @@ def test_ctr_pull_with_a_corrupting_first_upstream(
     assert len(run.proxied_layer()) == 1
     gets = run.layer_gets()
     assert all(status in (200, 206, 409) for status, _ in gets), gets
+    assert 409 in [status for status, _ in gets]  # ctr resumed at once, and was refused
     # No answer completed the corrupt layer: the first attempt's bytes stop short.
     assert gets[0][1] < lab.layer_size
     report("corrupting first upstream", "ctr", len(outcomes), run, run.check_cache())
