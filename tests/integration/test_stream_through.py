@@ -10,10 +10,16 @@ upstream for that range.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
+from pathlib import Path
+
+import pytest
 
 from mirrorproxy import keys
 from mirrorproxy.blobfill import BlobFill
+from mirrorproxy.cache import blobs as blobs_module
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     REPO,
@@ -140,3 +146,24 @@ async def test_a_range_of_a_blob_streamed_through_is_asked_of_the_upstream(
     assert await resp.read() == data[100:200]
     assert mirror.blob_files() == []
     await wait_for(lambda: not mirror.tmp_files())
+
+
+async def test_a_commit_the_disk_refuses_still_completes_every_client(
+    fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync or rename failing at the very end: the file is whole, the clients finish."""
+
+    def refuse(fd: int, tmp_path: Path, final: Path) -> None:
+        raise blobs_module.CacheWriteError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(blobs_module, "_publish", refuse)
+    data = payload(6 * MIB, "refused at the end")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 256 * KIB
+    fake.registry.faults.chunk_delay = 0.005
+    mirror.tune(live_max=1)  # one client from memory, one from the file
+    assert list(await asyncio.gather(get(mirror, digest), get(mirror, digest))) == [data, data]
+    await mirror.settled()
+    assert mirror.blob_files() == []
+    assert mirror.tmp_files() == []
+    assert await mirror.metric(WRITE_ERRORS) == 1
