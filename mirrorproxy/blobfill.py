@@ -24,13 +24,8 @@ same way, and nothing is cached.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import TracebackType
-from typing import BinaryIO
 
 import aiohttp
 
@@ -41,79 +36,12 @@ from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace, Upstream
 from mirrorproxy.corruption import CorruptBlobs
 from mirrorproxy.errors import BadGateway, BlobUnknown, RegistryError
+from mirrorproxy.fillclients import ChunkWindow, FillFailed, FillTuning, Follower, LiveFollower
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import Digest
 from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
-
-MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class FillTuning:
-    """How downloads share their bytes (tests pass smaller values)."""
-
-    write_batch: int = 4 * MIB  # bytes gathered before one write: fewer thread hops
-    live_max: int = 4  # live clients per download; the others read the file (sendfile)
-    live_buffer: int = 4 * MIB  # a live client with more than this unsent goes to the file
-    # Once the disk failed: bytes kept in memory for the followers; past this the
-    # download waits for the slowest of them.
-    stream_buffer: int = 16 * MIB
-    max_resumes: int = 3
-    unclaimed_timeout: float = 30.0  # a direct response nobody picked up is closed after this
-
-
-class FillFailed(Exception):
-    """The shared download failed; followers must abort their response."""
-
-
-class LiveFollower:
-    """A client at the head of the download: the pump writes each chunk to its socket.
-
-    ``left`` resolves (to ``pos``) when the pump stops doing so: the client fell
-    behind, went away, reached the held-back last byte, or the download ended.
-    """
-
-    __slots__ = ("end", "left", "pos", "transport")
-
-    def __init__(self, transport: asyncio.Transport, pos: int, end: int) -> None:
-        self.transport, self.pos, self.end = transport, pos, end
-        self.left: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-
-class Follower:
-    """One client of a fill: its next byte, and its own handle on the temp file.
-
-    The handle is opened on joining and follows the file across the rename at
-    commit (or its removal), so a follower can always read what was written.
-    """
-
-    __slots__ = ("_fill", "file", "pos")
-
-    def __init__(self, fill: BlobFill, file: BinaryIO, pos: int) -> None:
-        self._fill, self.file, self.pos = fill, file, pos
-
-    def advance(self, pos: int) -> None:
-        """Record that everything before ``pos`` was sent."""
-        self.pos = pos
-        self._fill._moved()
-
-    def close(self) -> None:
-        """Leave the fill (idempotent)."""
-        self._fill._leave(self)
-        self.file.close()
-
-    def __enter__(self) -> Follower:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class BlobFill:
@@ -147,15 +75,13 @@ class BlobFill:
         self._writer: BlobWriter | None = None
         self._reservation: Reservation | None = None  # this fill's room in the budget
         self._sources: list[Upstream] = []  # endpoints that sent bytes of this download
-        self.received = 0  # bytes taken from upstream: on disk, in flight or in ``_window``
-        # (offset, chunk) not yet on disk; once streaming, not yet sent to every follower
-        self._window: deque[tuple[int, bytes]] = deque()
-        self._window_bytes = 0
-        self._live: list[LiveFollower] = []
+        self.received = 0  # bytes taken from upstream: on disk, in flight or in memory
+        # Chunks not yet on disk (once streaming: not yet sent to every follower),
+        # and the live clients written from them.
+        self._memory = ChunkWindow(live_max=tuning.live_max, live_buffer=tuning.live_buffer)
         self._followers: set[Follower] = set()
         self._streaming = False  # the disk failed: followers are served from memory
         self._finishing = False  # streaming and verified: waiting for followers to finish
-        self._verified = False  # digest matched: the held-back last byte may go out
         self._tick: asyncio.Future[None] = loop.create_future()  # more to read, or the end
         self._moved_fut: asyncio.Future[None] = loop.create_future()  # a follower moved on
         self.failed: asyncio.Future[None] = loop.create_future()  # resolves when it fails
@@ -184,7 +110,12 @@ class BlobFill:
     def held(self) -> int:
         """Bytes of this download held in memory (not on disk, or not yet sent once the
         disk failed)."""
-        return self._window_bytes
+        return self._memory.bytes
+
+    @property
+    def live_count(self) -> int:
+        """Clients written straight from memory right now."""
+        return len(self._memory.live)
 
     def check(self) -> None:
         """Raise FillFailed if the download failed (followers call it between sends)."""
@@ -204,7 +135,7 @@ class BlobFill:
             if self.result is None:
                 return None
             file = open(self.result.path, "rb", buffering=0)  # noqa: SIM115 - the follower owns it
-        follower = Follower(self, file, pos)
+        follower = Follower(file, pos, moved=self._moved, leave=self._leave)
         self._followers.add(follower)
         return follower
 
@@ -212,7 +143,7 @@ class BlobFill:
         """Whether a new follower can still get byte ``pos`` (file, memory or to come)."""
         if pos < self.written:
             return True
-        return pos >= (self._window[0][0] if self._window else self.received)
+        return pos >= self._memory.start(self.received)
 
     def _leave(self, follower: Follower) -> None:
         if follower not in self._followers:
@@ -231,7 +162,7 @@ class BlobFill:
     def _moved(self) -> None:
         """A follower moved on or left: in memory-only mode, forget what all have sent."""
         if self._streaming:
-            self._trim(min((f.pos for f in self._followers), default=self.received))
+            self._memory.trim(min((f.pos for f in self._followers), default=self.received))
             self._wake_pump()
 
     def _wake_pump(self) -> None:
@@ -257,34 +188,21 @@ class BlobFill:
                 if pos < written:
                     return min(written, cap)
                 if self._streaming:
-                    view = self._from_memory(pos, cap)
+                    view = self._memory.part(pos, cap)
                     if view is not None:
                         return view
-            elif self._verified and pos >= self.received:
+            elif self._memory.verified and pos >= self.received:
                 return pos  # everything was sent
             await asyncio.shield(self._tick)
 
     def _cap(self, end: int | None) -> int:
         """How far a response ending at ``end`` may go now: never to its last byte unverified."""
-        if self._verified:
+        if self._memory.verified:
             return end if end is not None else self.received
         limit = (end if end is not None else self.received) - 1
         if self.size is not None:
             limit = min(limit, self.size - 1)  # never a complete-looking unverified blob
         return max(0, limit)
-
-    def _from_memory(self, pos: int, cap: int) -> memoryview | None:
-        for offset, chunk in self._window:
-            if offset <= pos < offset + len(chunk):
-                stop = min(offset + len(chunk), cap)
-                return memoryview(chunk)[pos - offset : stop - offset] if stop > pos else None
-        return None
-
-    def _trim(self, below: int) -> None:
-        """Drop the chunks in memory that end at or before ``below``."""
-        window = self._window
-        while window and window[0][0] + len(window[0][1]) <= below:
-            self._window_bytes -= len(window.popleft()[1])
 
     # -- live clients --------------------------------------------------------------
 
@@ -294,53 +212,21 @@ class BlobFill:
         Only for a client that has everything on disk before ``pos``, wants the rest
         of the blob, and is close enough to the head to catch up from memory.
         """
-        tuning = self._tuning
         if (
             self._writer is None
             or self._streaming
             or self.finished
             or self.size is None
             or end != self.size
-            or pos >= end - 1
-            or len(self._live) >= tuning.live_max
             or not self._writer.written <= pos <= self.received
-            or self.received - pos > tuning.live_buffer
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > tuning.live_buffer // 2
+            or self.received - pos > self._tuning.live_buffer
         ):
             return None
-        live = LiveFollower(transport, pos, end)
-        self._live.append(live)
-        self._catch_up(live)
-        return live
+        return self._memory.go_live(transport, pos, end)
 
     def leave(self, live: LiveFollower) -> None:
         """Stop writing to a live client (idempotent)."""
-        with contextlib.suppress(ValueError):
-            self._live.remove(live)
-        if not live.left.done():
-            live.left.set_result(live.pos)
-
-    def _catch_up(self, live: LiveFollower) -> None:
-        """Send ``live`` what it lacks of the chunks still in memory."""
-        for offset, chunk in list(self._window):
-            if offset + len(chunk) > live.pos and not live.left.done():
-                self._send_live(live, offset, chunk)
-
-    def _send_live(self, live: LiveFollower, offset: int, chunk: bytes) -> None:
-        """Write what ``live`` lacks of ``chunk``; the last byte only once verified."""
-        transport = live.transport
-        last = live.end if self._verified else live.end - 1
-        start, stop = live.pos - offset, min(len(chunk), last - offset)
-        if start < 0 or transport.is_closing():
-            self.leave(live)
-            return
-        if stop > start:
-            whole = start == 0 and stop == len(chunk)
-            transport.write(chunk if whole else memoryview(chunk)[start:stop])
-            live.pos = offset + stop
-        if live.pos >= live.end or transport.get_write_buffer_size() > self._tuning.live_buffer:
-            self.leave(live)
+        self._memory.leave(live)
 
     def _notify(self) -> None:
         tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
@@ -354,7 +240,7 @@ class BlobFill:
                 self._degrade(writer.disk_error)
             return
         if not self._streaming:
-            self._trim(self.written)
+            self._memory.trim(self.written)
         self._notify()
 
     def _degrade(self, err: BaseException) -> None:
@@ -373,11 +259,11 @@ class BlobFill:
             len(self._followers),
         )
         self._on_done(self)  # new requests start afresh (and stream through)
-        for live in list(self._live):
+        for live in list(self._memory.live):
             self.leave(live)  # from now on they read memory like the others
         self._moved()
         self._notify()
-        if not self._followers and not self._verified:
+        if not self._followers and not self._memory.verified:
             logger.info("blob %s: no client to stream the uncached download to", self.digest)
             self.task.cancel()
 
@@ -537,19 +423,13 @@ class BlobFill:
 
     def _release_clients(self) -> None:
         """Live clients go back to ``next_part``, which tells them how it ended."""
-        for live in list(self._live):
-            self.leave(live)
-        self._window.clear()
-        self._window_bytes = 0
+        self._memory.clear()
         self._notify()
         self._wake_pump()
 
     def _on_verified(self) -> None:
         """Release the last byte: to live clients from memory, to the others from disk."""
-        self._verified = True
-        for live in list(self._live):
-            self._catch_up(live)
-            self.leave(live)  # what is not in memory any more comes from the file
+        self._memory.release_end()
         self._notify()
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
@@ -587,10 +467,7 @@ class BlobFill:
                         f"{resp.upstream.url} sent more than the {self.size} bytes"
                         f" of blob {self.digest}"
                     )
-                self._window.append((offset, chunk))
-                self._window_bytes += len(chunk)
-                for live in list(self._live):
-                    self._send_live(live, offset, chunk)
+                self._memory.add(offset, chunk)
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= self._tuning.write_batch or self._streaming:
@@ -605,9 +482,9 @@ class BlobFill:
 
     async def _room(self) -> None:
         """Memory-only: wait while the bytes held for followers exceed the buffer."""
-        while self._window_bytes > self._tuning.stream_buffer and self._followers:
-            self._trim(min(f.pos for f in self._followers))
-            if self._window_bytes <= self._tuning.stream_buffer:
+        while self._memory.bytes > self._tuning.stream_buffer and self._followers:
+            self._memory.trim(min(f.pos for f in self._followers))
+            if self._memory.bytes <= self._tuning.stream_buffer:
                 return
             await asyncio.shield(self._moved_fut)
 
@@ -640,16 +517,3 @@ def _client_error(err: BaseException, what: str) -> Exception:
     if isinstance(err, RegistryError):
         return err
     return BadGateway(f"could not fetch {what}: {err}")
-
-
-async def finish_fills(fills: list[BlobFill], *, grace: float) -> None:
-    """At shutdown: let running downloads finish for ``grace`` seconds, then cancel."""
-    tasks = [fill.task for fill in fills if not fill.task.done()]
-    if tasks:
-        logger.info("waiting up to %.0fs for %d downloads to finish", grace, len(tasks))
-        await asyncio.wait(tasks, timeout=grace)
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(BaseException):
-            await task

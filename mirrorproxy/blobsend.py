@@ -24,8 +24,9 @@ from typing import Any, BinaryIO
 
 from aiohttp import web
 
-from mirrorproxy.blobfill import BlobFill, FillFailed, Follower
+from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache.blobs import DigestMismatch
+from mirrorproxy.fillclients import FillFailed, Follower
 from mirrorproxy.oci import Digest
 from mirrorproxy.upstream.client import UpstreamResponse
 

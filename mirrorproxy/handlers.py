@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirrorproxy import keys
-from mirrorproxy.blobfill import BlobFill, FillFailed, Follower
+from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.blobhttp import (
     blob_headers,
     content_range,
@@ -28,6 +28,7 @@ from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.blobs import DigestMismatch
 from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.errors import API_VERSION_HEADER, BlobUnknown, NotFound, Unavailable, Unsupported
+from mirrorproxy.fillclients import FillFailed, Follower
 from mirrorproxy.namespaces import route
 from mirrorproxy.oci import (
     OCI_INDEX,

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from mirrorproxy.blobfill import FillFailed
 from mirrorproxy.engine import Engine
 from mirrorproxy.errors import BadGateway, GatewayTimeout, RegistryError, Unavailable
+from mirrorproxy.fillclients import FillFailed
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import CONTAINERD_ACCEPT, Digest, parse_digest
 from mirrorproxy.pullthrough import MISS, ManifestAnswer, Target

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 from yarl import URL
 
-from mirrorproxy.blobfill import BlobFill, FillTuning, finish_fills
+from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.budget import CacheBudget
@@ -39,6 +40,7 @@ from mirrorproxy.errors import (
     ResumeRefused,
     Unavailable,
 )
+from mirrorproxy.fillclients import FillTuning
 from mirrorproxy.isolation import Isolation
 from mirrorproxy.metrics import Metrics
 from mirrorproxy.oci import (
@@ -708,3 +710,16 @@ def _range_total(content_range: str | None) -> int | None:
     """The complete length in ``Content-Range: bytes a-b/total`` (None: absent or ``*``)."""
     total = (content_range or "").rpartition("/")[2].strip()
     return int(total) if total.isascii() and total.isdigit() and len(total) <= 18 else None
+
+
+async def finish_fills(fills: list[BlobFill], *, grace: float) -> None:
+    """At shutdown: let running downloads finish for ``grace`` seconds, then cancel."""
+    tasks = [fill.task for fill in fills if not fill.task.done()]
+    if tasks:
+        logger.info("waiting up to %.0fs for %d downloads to finish", grace, len(tasks))
+        await asyncio.wait(tasks, timeout=grace)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task

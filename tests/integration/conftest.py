@@ -27,10 +27,10 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy import keys
 from mirrorproxy.app import create_app
-from mirrorproxy.blobfill import FillTuning
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
+from mirrorproxy.fillclients import FillTuning
 from tests.fakes.registry import FakeRegistry
 from tests.support.mounts import Mounts as Mounts  # re-exported for the tests
 from tests.support.mounts import umount

@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 
 from mirrorproxy import keys
-from mirrorproxy.blobfill import BlobFill, LiveFollower
+from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.fillclients import LiveFollower
 from tests.fakes.registry import payload
 from tests.integration.conftest import REPO, WAIT, Mirror, RunningFake, blob_path, wait_for
 from tests.support.rawhttp import slow_get
@@ -51,7 +52,7 @@ def live_count(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         self: BlobFill, transport: asyncio.Transport, pos: int, end: int
     ) -> LiveFollower | None:
         live = real(self, transport, pos, end)
-        counts.append(len(self._live))
+        counts.append(self.live_count)
         return live
 
     monkeypatch.setattr(BlobFill, "go_live", go_live)

@@ -547,12 +547,12 @@ async def test_a_live_client_that_goes_away_does_not_disturb_the_others(
             writer.write(f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
             (fill,) = pt._fills.values()
-            await wait_for(lambda: len(fill._live) == 1)
+            await wait_for(lambda: fill.live_count == 1)
             writer.close()  # goes away mid-download, while live
             async with session.get(f"{m.url}{path}") as resp:
                 assert await resp.read() == data
             await pt.settled()
-        assert fill._live == []
+        assert fill.live_count == 0
         hex_ = digest.split(":", 1)[1]
         assert (config.cache.dir / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes() == data
         assert len(fake.registry.calls("GET", "blobs")) == 1
