@@ -22,6 +22,7 @@ from typing import TextIO
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
 from mirrorproxy.cache.walk import content_path, manifest_doc, tag_records
 from mirrorproxy.config import Config
+from mirrorproxy.oci import DOCKER_V1_SIGNED, manifest_digest
 from mirrorproxy.units import format_size
 
 HASH_CHUNK = 4 * 1024 * 1024
@@ -191,7 +192,9 @@ def _hash_matches(path: Path, kind: str, digest: str) -> bool:
     h = hashlib.new(alg)
     with open(path, "rb") as f:
         if kind == MANIFEST:
-            f.readline()  # the stored media type, not part of the content
+            media_type = f.readline().decode(errors="replace").strip()
+            if media_type == DOCKER_V1_SIGNED:  # small, and hashed without its signatures
+                return manifest_digest(f.read(), media_type, alg).hex == expected
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest() == expected

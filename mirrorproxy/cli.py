@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="os/arch[/variant] to fetch from an index (repeatable; default: this host's)",
     )
     preload.add_argument("--all-platforms", action="store_true")
+    preload.add_argument(
+        "--no-referrers",
+        dest="referrers",
+        action="store_false",
+        help="skip the images' referrers (signatures, SBOMs: fetched by default)",
+    )
     preload.add_argument("--jobs", type=int, default=4, help="images fetched at once")
     preload.add_argument("--keep-going", action="store_true", help=keep_going_help)
     preload.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
@@ -349,7 +355,9 @@ def _cmd_preload(args: argparse.Namespace) -> int:
     config = with_overrides(_load(args), cache_dir=args.cache_dir, offline=False)
     refs, bad_lines = _read_images(args.sources, args.keep_going)
     images = [ImageState(ref) for ref in refs]
-    options = Options(tuple(args.platform), args.all_platforms, args.jobs)
+    options = Options(
+        tuple(args.platform), args.all_platforms, args.jobs, referrers=args.referrers
+    )
     totals = Totals()
 
     async def run() -> None:

@@ -20,7 +20,14 @@ from typing import Any, Protocol
 import aiohttp
 
 from mirrorproxy.engine import Engine
-from mirrorproxy.errors import BadGateway, GatewayTimeout, RegistryError, Unavailable
+from mirrorproxy.errors import (
+    BadGateway,
+    GatewayTimeout,
+    ManifestUnknown,
+    NotFound,
+    RegistryError,
+    Unavailable,
+)
 from mirrorproxy.fillclients import FillFailed
 from mirrorproxy.namespaces import resolve
 from mirrorproxy.oci import CONTAINERD_ACCEPT, Digest, parse_digest
@@ -79,6 +86,7 @@ class Totals:
     blobs_cached: int = 0  # already in the cache before this run needed them
     bytes_cached: int = 0
     manifests_fetched: int = 0  # from upstream
+    referrers: int = 0  # manifests found referring to the images (signatures, SBOMs)
     # (os/arch, why) -> platform manifests of indexes that were not fetched
     left_out: Counter[tuple[str, str]] = field(default_factory=Counter)
     _blobs: dict[Digest, str] = field(default_factory=dict)  # counted as: fetching/fetched/cached
@@ -98,6 +106,7 @@ class Options:
     all_platforms: bool = False
     jobs: int = 4
     tick: float = 0.5  # seconds between progress updates
+    referrers: bool = True  # also fetch what refers to each manifest (signatures, SBOMs)
 
 
 async def preload(
@@ -164,6 +173,7 @@ async def _load(
         raise PreloadError(f"resolved to {top.digest}, not the pinned {ref.digest}")
     doc = _json(top.body)
     manifests = [doc]
+    chosen: list[Digest] = []  # the platform manifests fetched from an index
     if isinstance(doc.get("manifests"), list):
         children, left_out = _choose(doc["manifests"], options)
         if top.digest not in totals._indexes:
@@ -173,21 +183,56 @@ async def _load(
             raise PreloadError(f"no manifest for {', '.join(_wanted(options))} in its index")
         manifests = []
         for child in children:
-            answer = await pt.manifest(
-                target, parse_digest(str(child["digest"])), CONTAINERD_ACCEPT
-            )
+            chosen.append(parse_digest(str(child["digest"])))
+            answer = await pt.manifest(target, chosen[-1], CONTAINERD_ACCEPT)
             _count_manifest(totals, answer)
             manifests.append(_json(answer.manifest.body))
-    blobs: dict[Digest, int] = {}
-    for m in manifests:
-        for desc in [m.get("config"), *(m.get("layers") or [])]:
-            if isinstance(desc, dict) and "digest" in desc:
-                blobs[parse_digest(str(desc["digest"]))] = int(desc.get("size") or 0)
+    blobs = _blobs_of(manifests)
     image.total = sum(blobs.values())
     image.state = "fetching"
     reporter.update(image)
     for digest, size in blobs.items():
         await _fetch_blob(engine, target, digest, size, image, totals)
+    if options.referrers:
+        for subject in [top.digest, *chosen]:
+            await _load_referrers(engine, target, subject, image, totals)
+
+
+def _blobs_of(manifests: list[dict[str, Any]]) -> dict[Digest, int]:
+    """The config and layers of image manifests, with their sizes."""
+    blobs: dict[Digest, int] = {}
+    for m in manifests:
+        for desc in [m.get("config"), *(m.get("layers") or [])]:
+            if isinstance(desc, dict) and "digest" in desc:
+                blobs[parse_digest(str(desc["digest"]))] = int(desc.get("size") or 0)
+    return blobs
+
+
+async def _load_referrers(
+    engine: Engine, target: Target, subject: Digest, image: ImageState, totals: Totals
+) -> None:
+    """Fetch what refers to ``subject`` (signatures, SBOMs), so it travels with the
+    image: through the referrers API, else the ``<alg>-<hex>`` fallback tag."""
+    pt = engine.pullthrough
+    try:
+        listing = await pt.referrers(target, subject)
+    except NotFound:  # no upstream offers the API: the tag scheme of distribution-spec 1.1
+        try:
+            listing = await pt.manifest(
+                target, f"{subject.algorithm}-{subject.hex}", CONTAINERD_ACCEPT
+            )
+        except ManifestUnknown:
+            return
+        _count_manifest(totals, listing)
+    descriptors = _json(listing.manifest.body).get("manifests")
+    for desc in descriptors if isinstance(descriptors, list) else []:
+        if not isinstance(desc, dict) or "digest" not in desc:
+            continue
+        answer = await pt.manifest(target, parse_digest(str(desc["digest"])), CONTAINERD_ACCEPT)
+        _count_manifest(totals, answer)
+        totals.referrers += 1
+        for digest, size in _blobs_of([_json(answer.manifest.body)]).items():
+            await _fetch_blob(engine, target, digest, size, image, totals)
 
 
 def _count_manifest(totals: Totals, answer: ManifestAnswer) -> None:
@@ -303,6 +348,8 @@ def describe(images: Sequence[ImageState], totals: Totals) -> list[str]:
         f"{totals.manifests_fetched} manifests",
         f"already cached: {totals.blobs_cached} blobs ({format_size(totals.bytes_cached)})",
     ]
+    if totals.referrers:
+        lines.append(f"with {totals.referrers} referrers (signatures, SBOMs)")
     by_why: dict[str, Counter[str]] = {}
     for (platform, why), n in totals.left_out.items():
         by_why.setdefault(why, Counter())[platform] += n

@@ -32,6 +32,8 @@ CONTAINERD_NAME = "io.containerd.image.name"
 CONTAINERD_KEY = ",".join(accept_types(CONTAINERD_ACCEPT))
 COPY_CHUNK = 1024 * 1024  # bytes per read when streaming a blob in or out
 # A nested index of tags (value: "tags"); index.json lists these past PAGE_ENTRIES tags.
+# An index.json entry that is a subject's referrers index: "<registry>/<repo>@<digest>".
+REFERRERS = "io.mirrorproxy.referrers.subject"
 PAGE = "io.mirrorproxy.bundle.page"
 PAGE_VALUE = "tags"
 PAGE_ENTRIES = 8192  # tags per index document; 8,192 of the longest references fit

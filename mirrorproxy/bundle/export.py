@@ -37,14 +37,21 @@ from mirrorproxy.bundle import (
     PAGE_ENTRIES,
     PAGE_VALUE,
     REF_NAME,
+    REFERRERS,
     BundleError,
     member_name,
     references,
 )
 from mirrorproxy.cache.index import BLOB, MANIFEST
-from mirrorproxy.cache.walk import TagRecord, content_path, tag_records
+from mirrorproxy.cache.walk import (
+    ReferrersRecord,
+    TagRecord,
+    content_path,
+    referrers_records,
+    tag_records,
+)
 from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import DOCKER_LIST, OCI_INDEX, Digest, parse_digest
+from mirrorproxy.oci import DOCKER_LIST, OCI_INDEX, Digest, manifest_digest, parse_digest
 from mirrorproxy.reference import ImageRef
 from mirrorproxy.units import format_size
 
@@ -59,6 +66,7 @@ class ExportResult:
     blobs: int = 0
     blob_bytes: int = 0
     pages: int = 0  # nested index documents; 0 when every tag is in index.json
+    referrers: int = 0  # subjects whose referrers (signatures, SBOMs) went in
     # "reference: why" for each reference left out (not completely in the cache).
     left_out: list[str] = field(default_factory=list)
     # os/arch -> platform manifests of exported indexes that were not in the cache.
@@ -78,6 +86,7 @@ CREATE TABLE verdicts (digest TEXT PRIMARY KEY, ok INT, media_type TEXT, size IN
 CREATE TABLE manifests (digest TEXT PRIMARY KEY, size INT);
 CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INT);
 CREATE TABLE tops (ref TEXT PRIMARY KEY, digest TEXT, media_type TEXT, size INT);
+CREATE TABLE referrers (subject TEXT PRIMARY KEY, digest TEXT, size INT);
 """
 
 
@@ -154,12 +163,51 @@ class _Plan:
         self.db.execute("INSERT OR IGNORE INTO manifests VALUES (?, ?)", (str(digest), len(body)))
         return _Verdict(True, media_type, len(body), "")
 
+    def add_referrers(self, records: Iterable[ReferrersRecord]) -> None:
+        """Plan the referrers (signatures, SBOMs) of exported manifests whose every
+        referrer is cached, so they travel with their images."""
+        for rec in records:
+            planned = self.db.execute(
+                "SELECT 1 FROM manifests WHERE digest = ?", (rec.subject,)
+            ).fetchone()
+            if planned is None:
+                continue
+            try:
+                digest = parse_digest(rec.digest)
+            except RegistryError:
+                continue
+            got = _read_manifest(self.root, digest)
+            if got is None:
+                continue
+            try:
+                doc = json.loads(got[1])
+                children, _ = references(doc if isinstance(doc, dict) else {}, rec.digest)
+            except (ValueError, BundleError):
+                continue
+            if not children:
+                continue  # nothing refers to it: offline, the tag fallback says so too
+            subject = f"{rec.namespace}/{rec.repository}@{rec.subject}"
+            missing = [c for c in children if not self._judge(c.digest, 1).ok]
+            if missing:
+                self.result.left_out.append(
+                    f"referrers of {subject}: {len(missing)} of them are not in the cache"
+                )
+                continue
+            self.db.execute(
+                "INSERT OR IGNORE INTO manifests VALUES (?, ?)", (rec.digest, len(got[1]))
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO referrers VALUES (?, ?, ?)",
+                (subject, rec.digest, len(got[1])),
+            )
+
     def count(self) -> None:
         """Fill in the result's totals."""
         r, q = self.result, self.db.execute
         r.tags, r.images = q("SELECT count(*), count(DISTINCT digest) FROM tops").fetchone()
         r.manifests = q("SELECT count(*) FROM manifests").fetchone()[0]
         r.blobs, r.blob_bytes = q("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        r.referrers = q("SELECT count(*) FROM referrers").fetchone()[0]
 
     def content(self) -> Iterator[tuple[Digest, int, bool]]:
         """(digest, size, is a manifest) of every member to write, in digest order."""
@@ -179,7 +227,20 @@ class _Plan:
         return [alg for (alg,) in rows]
 
     def entries(self) -> Iterator[dict[str, Any]]:
-        """One ``index.json`` entry per planned reference, in reference order."""
+        """One ``index.json`` entry per planned reference, in reference order, then
+        one per referrers index (named by its subject, not by a reference)."""
+        yield from self._tag_entries()
+        for subject, digest, size in self.db.execute(
+            "SELECT subject, digest, size FROM referrers ORDER BY subject"
+        ):
+            yield {
+                "mediaType": OCI_INDEX,
+                "digest": digest,
+                "size": size,
+                "annotations": {REFERRERS: subject},
+            }
+
+    def _tag_entries(self) -> Iterator[dict[str, Any]]:
         for ref, digest, media_type, size in self.db.execute(
             "SELECT ref, digest, media_type, size FROM tops ORDER BY ref"
         ):
@@ -236,6 +297,7 @@ def export_bundle(
                 more = len(result.left_out) - 5
                 tail = f"; and {more} more" if more > 0 else ""
                 raise BundleError(f"not completely in the cache: {shown}{tail}")
+        plan.add_referrers(referrers_records(root))
         plan.count()
         _write(root, out, plan, page_entries)
     finally:
@@ -304,9 +366,10 @@ def _read_manifest(root: Path, digest: Digest) -> tuple[str, bytes] | None:
     except OSError:
         return None
     media_type, sep, body = raw.partition(b"\n")
-    if not sep or Digest.of(body, digest.algorithm) != digest:
+    kind = media_type.decode(errors="replace")
+    if not sep or manifest_digest(body, kind, digest.algorithm) != digest:
         return None
-    return media_type.decode(errors="replace"), body
+    return kind, body
 
 
 def _write(root: Path, out: Path, plan: _Plan, page_entries: int) -> None:
@@ -342,7 +405,7 @@ def _write(root: Path, out: Path, plan: _Plan, page_entries: int) -> None:
 
 def _index_entries(tar: tarfile.TarFile, plan: _Plan, page_entries: int) -> list[dict[str, Any]]:
     """The entries of ``index.json``: the tags when they fit, else pages (of pages)."""
-    if plan.result.tags <= page_entries:
+    if plan.result.tags + plan.result.referrers <= page_entries:
         flat = list(plan.entries())
         if len(_index_doc(flat)) <= PAGE_BYTES:
             return flat
@@ -468,6 +531,8 @@ def describe(result: ExportResult, out: Path, *, shown: int = 20) -> tuple[list[
     warnings = [f"{line}, left out" for line in result.left_out[:shown]]
     if len(result.left_out) > shown:
         warnings.append(f"... and {len(result.left_out) - shown} more references left out")
+    if result.referrers:
+        lines.append(f"with the referrers (signatures, SBOMs) of {result.referrers} manifests")
     if result.left_out:
         lines.append(f"left out {len(result.left_out)} references not completely in the cache")
     return lines, warnings

@@ -34,6 +34,7 @@ from mirrorproxy.bundle import (
     MAX_INDEX_SIZE,
     MAX_PAGE_DEPTH,
     REF_NAME,
+    REFERRERS,
     BundleError,
     Descriptor,
     Warn,
@@ -47,7 +48,15 @@ from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cache.walk import content_path
 from mirrorproxy.config import Config
-from mirrorproxy.oci import MANIFEST_TYPES, Digest, manifest_media_type
+from mirrorproxy.errors import RegistryError
+from mirrorproxy.oci import (
+    MANIFEST_TYPES,
+    Digest,
+    manifest_digest,
+    manifest_media_type,
+    parse_digest,
+    parse_name,
+)
 from mirrorproxy.reference import ImageRef, parse_image_reference
 
 MAX_LAYOUT_SIZE = 64 * 1024
@@ -62,6 +71,7 @@ class ImportResult:
     tags: int = 0
     present: int = 0  # blobs, manifests and tags that were already in the cache
     not_in_bundle: int = 0  # index children the export left out (not cached there)
+    referrers: int = 0  # subjects whose referrers index was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +129,7 @@ def import_bundle(config: Config, bundle: Path, *, warn: Warn, batch: int = BATC
         result = ImportResult()
         unserved: Counter[str] = Counter()
         first: dict[str, ImageRef] = {}
-        for ref, desc in _tops(b, index):
+        for ref, desc, _ in _tops(b, index):
             namespace = ref.registry if ref is not None else ""
             _walk_manifest(b, walk, result, desc, namespace, INDEX_FILE)
             if ref is not None and config.namespace(ref.registry) is None:
@@ -128,7 +138,7 @@ def import_bundle(config: Config, bundle: Path, *, warn: Warn, batch: int = BATC
         for registry, n in unserved.items():
             more = f" and {n - 1} more references" if n > 1 else ""
             warn(f"{first[registry]}{more}: no namespace in {config.source} serves {registry}")
-        for sub in ("blobs", "manifests", "tags", "tmp"):
+        for sub in ("blobs", "manifests", "tags", "referrers", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         staged: dict[Digest, Path] = {}
         try:
@@ -187,15 +197,16 @@ def _read_layout(b: _Bundle) -> dict[str, Any]:
 
 def _tops(
     b: _Bundle, doc: dict[str, Any], where: str = INDEX_FILE, depth: int = 0
-) -> Iterator[tuple[ImageRef | None, Descriptor]]:
-    """Every tagged manifest: the entries of ``index.json`` and, one at a time, its pages."""
+) -> Iterator[tuple[ImageRef | None, Descriptor, Subject | None]]:
+    """Every top manifest: the entries of ``index.json`` and, one at a time, its pages;
+    with the reference it is tagged as, or the subject it lists the referrers of."""
     entries = doc.get("manifests")
     if not isinstance(entries, list):
         raise BundleError(f"{where}: no manifests list")
     for obj in entries:
         desc = parse_descriptor(obj, where)
         if not is_page(obj):
-            yield _reference(obj, where), desc
+            yield _reference(obj, where), desc, _subject(obj, where)
             continue
         if depth >= MAX_PAGE_DEPTH:
             raise BundleError(f"{where}: pages nested more than {MAX_PAGE_DEPTH} deep")
@@ -204,6 +215,23 @@ def _tops(
         if Digest.of(body, desc.digest.algorithm) != desc.digest:
             raise BundleError(f"{name}: content does not match its digest")
         yield from _tops(b, _json(body, name), name, depth + 1)
+
+
+Subject = tuple[str, str, Digest]  # registry, repository, digest
+
+
+def _subject(obj: dict[str, Any], where: str) -> Subject | None:
+    """The ``<registry>/<repo>@<digest>`` whose referrers an entry lists, if it does."""
+    annotations = obj.get("annotations")
+    value = annotations.get(REFERRERS) if isinstance(annotations, dict) else None
+    if not isinstance(value, str):
+        return None
+    name, _, digest = value.rpartition("@")
+    registry, _, repo = name.partition("/")
+    try:
+        return registry, parse_name(repo), parse_digest(digest)
+    except RegistryError:
+        raise BundleError(f"{where}: bad referrers subject {value[:300]!r}") from None
 
 
 def _reference(obj: dict[str, Any], where: str) -> ImageRef | None:
@@ -233,7 +261,9 @@ def _walk_manifest(
     name = member_name(desc.digest)
     info = _member(b.members, name, desc, where)
     body = _read_small(b.tar, info, name, b.limit)
-    if Digest.of(body, desc.digest.algorithm) != desc.digest:
+    declared = desc.media_type if desc.media_type in MANIFEST_TYPES else None
+    media_type = manifest_media_type(body, declared)
+    if manifest_digest(body, media_type, desc.digest.algorithm) != desc.digest:
         raise BundleError(f"{name}: content does not match its digest")
     doc = _json(body, name)
     children, blobs = references(doc, name)
@@ -245,8 +275,7 @@ def _walk_manifest(
     for blob in blobs:
         blob_info = _member(b.members, member_name(blob.digest), blob, f"manifest {name}")
         walk.blobs.setdefault(blob.digest, (blob_info, namespace))
-    declared = desc.media_type if desc.media_type in MANIFEST_TYPES else None
-    walk.manifests[desc.digest] = _Manifest(manifest_media_type(body, declared), info, namespace)
+    walk.manifests[desc.digest] = _Manifest(media_type, info, namespace)
 
 
 def _member(
@@ -336,7 +365,7 @@ async def _commit(
                 result.present += 1
                 continue
             body = _read_small(b.tar, m.info, member_name(digest), b.limit)
-            if Digest.of(body, digest.algorithm) != digest:  # the tar changed meanwhile
+            if manifest_digest(body, m.media_type, digest.algorithm) != digest:  # tar changed
                 raise BundleError(f"{member_name(digest)}: content does not match its digest")
             missing.append((StoredManifest(digest, m.media_type, body), m.namespace))
             if len(missing) >= batch:
@@ -344,7 +373,13 @@ async def _commit(
         await _put_manifests(store, index, missing, result)
         now = time.time()
         tags: list[tuple[tuple[str, str, str], str, TagEntry]] = []
-        for ref, desc in _tops(b, index_doc):
+        for ref, desc, subject in _tops(b, index_doc):
+            if subject is not None:
+                registry, repo, of = subject
+                m = walk.manifests[desc.digest]
+                entry = TagEntry(desc.digest, m.media_type, m.info.size, now)
+                await store.put_referrers(registry, repo, of, entry)
+                result.referrers += 1
             if ref is None or ref.tag is None:
                 continue
             m = walk.manifests[desc.digest]

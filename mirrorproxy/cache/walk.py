@@ -28,6 +28,16 @@ class TagRecord:
     entries: Mapping[str, Mapping[str, Any]]  # Accept key -> {digest, media_type, size, fetched}
 
 
+@dataclass(frozen=True, slots=True)
+class ReferrersRecord:
+    """What the mirror learnt of a subject's referrers: the index it stored for them."""
+
+    namespace: str
+    repository: str
+    subject: str
+    digest: str  # the referrers index, stored as a manifest
+
+
 def content_path(root: Path, kind: str, digest: str) -> Path:
     """Where a blob or manifest with ``digest`` lives under the cache ``root``."""
     alg, _, hexpart = digest.partition(":")
@@ -49,6 +59,22 @@ def tag_records(root: Path) -> Iterator[TagRecord]:
                 str(record["repository"]),
                 str(record["tag"]),
                 {str(k): v for k, v in record["entries"].items() if isinstance(v, Mapping)},
+            )
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue
+        yield rec
+
+
+def referrers_records(root: Path) -> Iterator[ReferrersRecord]:
+    """Every readable referrers record under ``root/referrers``, in path order."""
+    for path in _record_paths(root / "referrers"):
+        try:
+            record: Any = json.loads(path.read_bytes())
+            rec = ReferrersRecord(
+                str(record["namespace"]),
+                str(record["repository"]),
+                str(record["subject"]),
+                str(record["digest"]),
             )
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             continue

@@ -229,7 +229,7 @@ def test_saved_archive_loads_into_containerd_and_podman(
         [sys.executable, "-m", "mirrorproxy", "export", "--config", str(tmp_path / "mp.toml"),
          "--out", str(tmp_path / "site.tar")],
     )  # fmt: skip
-    assert exported.startswith("exported 0 images")
+    assert exported.startswith("exported 0 tags")
     os.chown(cache, UID, UID)
     filled = ctr(
         containerd, "run", "--rm",
