@@ -70,6 +70,8 @@ class FaultProxy:
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(START_TIMEOUT)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(START_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def relayed(self, digest: str) -> list[Relayed]:
         """Every GET of blob ``digest`` relayed so far."""
