@@ -43,7 +43,7 @@ from benchmarks.measure import peak_rss_bytes
 from mirrorproxy.bundle import CONTAINERD_KEY
 from mirrorproxy.cache import TagEntry
 from mirrorproxy.cache.manifests import FileManifestStore
-from mirrorproxy.oci import OCI_INDEX, OCI_MANIFEST, parse_digest
+from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, parse_digest
 from tests.support.images import Layer, make_layer, put_manifest, request, sha256_digest
 from tests.support.procs import Containerd, MirrorProcess, Registry, free_port, mirror_config
 

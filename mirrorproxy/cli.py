@@ -18,7 +18,7 @@ from mirrorproxy import __version__
 from mirrorproxy.config import Config, ConfigError, load_config, with_overrides
 
 if TYPE_CHECKING:
-    from mirrorproxy.reference import ImageRef
+    from mirrorproxy.core.reference import ImageRef
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -215,8 +215,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mirrorproxy.log import configure_logging
-    from mirrorproxy.server import ServeError, serve
+    from mirrorproxy.commands.serve import ServeError, serve
+    from mirrorproxy.observability.log import configure_logging
 
     config = with_overrides(
         _load(args), listen=args.listen, cache_dir=args.cache_dir, offline=args.offline
@@ -231,7 +231,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_hosts(args: argparse.Namespace) -> int:
-    from mirrorproxy.hostscmd import HostsError, hosts_command
+    from mirrorproxy.commands.hosts import HostsError, hosts_command
 
     try:
         return hosts_command(
@@ -249,7 +249,7 @@ def _cmd_hosts(args: argparse.Namespace) -> int:
 
 
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    from mirrorproxy.healthcheck import HealthcheckError, probe, target_server
+    from mirrorproxy.commands.healthcheck import HealthcheckError, probe, target_server
 
     try:
         server = target_server(args.config, args.listen, build_parser().parse_args)
@@ -263,7 +263,7 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import os
 
-    from mirrorproxy.doctor import DoctorError, doctor_command
+    from mirrorproxy.clientconf.doctor import DoctorError, doctor_command
 
     try:
         ok = doctor_command(
@@ -285,8 +285,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from mirrorproxy import cachecmd
-    from mirrorproxy.units import parse_duration, parse_size
+    from mirrorproxy.commands import cache as cachecmd
+    from mirrorproxy.core.units import parse_duration, parse_size
 
     config = with_overrides(_load(args), cache_dir=args.cache_dir)
     action = args.cache_command
@@ -311,7 +311,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _read_images(sources: Sequence[str], keep_going: bool) -> tuple[list[ImageRef], bool]:
     """The references in ``sources``, and whether any line was bad (each one reported)."""
-    from mirrorproxy.imagelists import read_sources
+    from mirrorproxy.commands.imagelists import read_sources
 
     found = read_sources(sources, sys.stdin)
     for problem in found.problems:
@@ -329,7 +329,7 @@ def _read_images(sources: Sequence[str], keep_going: bool) -> tuple[list[ImageRe
 
 
 def _cmd_images(args: argparse.Namespace) -> int:
-    from mirrorproxy.imagelists import read_sources
+    from mirrorproxy.commands.imagelists import read_sources
 
     found = read_sources(args.sources, sys.stdin)
     for ref in found.refs:
@@ -344,11 +344,11 @@ def _cmd_preload(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from mirrorproxy.engine import Engine
-    from mirrorproxy.log import configure_logging
-    from mirrorproxy.metrics import Metrics
-    from mirrorproxy.preload import ImageState, Options, Totals, describe, preload
-    from mirrorproxy.progress import LineReporter, TerminalReporter
+    from mirrorproxy.commands.preload import ImageState, Options, Totals, describe, preload
+    from mirrorproxy.commands.progress import LineReporter, TerminalReporter
+    from mirrorproxy.observability.log import configure_logging
+    from mirrorproxy.observability.metrics import Metrics
+    from mirrorproxy.pullthrough.engine import Engine
 
     configure_logging("error" if sys.stdout.isatty() else "warning", "text")
     # Preloading means fetching: a config marked offline for serving is fine here.
@@ -407,7 +407,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from mirrorproxy.bundle import BundleError
     from mirrorproxy.bundle.importer import import_bundle
-    from mirrorproxy.units import format_size
+    from mirrorproxy.core.units import format_size
 
     config = with_overrides(_load(args), cache_dir=args.cache_dir)
     try:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import CONTAINERD_ACCEPT, OCI_INDEX, Digest, accept_types, parse_digest
+from mirrorproxy.core.errors import RegistryError
+from mirrorproxy.core.oci import CONTAINERD_ACCEPT, OCI_INDEX, Digest, accept_types, parse_digest
 
 LAYOUT_FILE, INDEX_FILE = "oci-layout", "index.json"
 LAYOUT = {"imageLayoutVersion": "1.0.0"}

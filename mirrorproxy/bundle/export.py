@@ -50,10 +50,10 @@ from mirrorproxy.cache.walk import (
     referrers_records,
     tag_records,
 )
-from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import DOCKER_LIST, OCI_INDEX, Digest, manifest_digest, parse_digest
-from mirrorproxy.reference import ImageRef
-from mirrorproxy.units import format_size
+from mirrorproxy.core.errors import RegistryError
+from mirrorproxy.core.oci import DOCKER_LIST, OCI_INDEX, Digest, manifest_digest, parse_digest
+from mirrorproxy.core.reference import ImageRef
+from mirrorproxy.core.units import format_size
 
 MAX_NESTING = 4  # index -> manifest levels followed inside one image
 

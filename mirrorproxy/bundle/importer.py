@@ -48,8 +48,8 @@ from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cache.walk import content_path
 from mirrorproxy.config import Config
-from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import (
+from mirrorproxy.core.errors import RegistryError
+from mirrorproxy.core.oci import (
     MANIFEST_TYPES,
     Digest,
     manifest_digest,
@@ -57,7 +57,7 @@ from mirrorproxy.oci import (
     parse_digest,
     parse_name,
 )
-from mirrorproxy.reference import ImageRef, parse_image_reference
+from mirrorproxy.core.reference import ImageRef, parse_image_reference
 
 MAX_LAYOUT_SIZE = 64 * 1024
 BATCH = 4096  # manifests or tags written behind one filesystem flush

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mirrorproxy.oci import Digest
+from mirrorproxy.core.oci import Digest
 
 
 def temp_name(prefix: str) -> str:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.cache.walk import content_path
-from mirrorproxy.oci import Digest
+from mirrorproxy.core.oci import Digest
 
 logger = logging.getLogger(__name__)
 

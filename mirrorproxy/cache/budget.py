@@ -35,8 +35,8 @@ from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import CacheConfig
-from mirrorproxy.metrics import Metrics
-from mirrorproxy.oci import Digest, parse_digest
+from mirrorproxy.core.oci import Digest, parse_digest
+from mirrorproxy.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

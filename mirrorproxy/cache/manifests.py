@@ -24,7 +24,7 @@ from typing import Any
 from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
 from mirrorproxy.cache.index import MANIFEST
 from mirrorproxy.cache.walk import content_path
-from mirrorproxy.oci import Digest, manifest_digest, parse_digest
+from mirrorproxy.core.oci import Digest, manifest_digest, parse_digest
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from mirrorproxy.clientauth.policy import ANONYMOUS, Client
 from mirrorproxy.clientauth.ratelimit import FailedLogins, client_key
 from mirrorproxy.clientauth.tokens import InvalidToken, TokenVerifier, load_keys
 from mirrorproxy.config.model import ClientAuth
-from mirrorproxy.metrics import Metrics
+from mirrorproxy.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

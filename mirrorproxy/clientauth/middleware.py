@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirrorproxy import keys
 from mirrorproxy.clientauth.authenticator import Authenticator, AuthTuning
 from mirrorproxy.clientauth.policy import ANONYMOUS, AuthRequired, authorize, require_login
 from mirrorproxy.config import Config, Namespace
-from mirrorproxy.errors import Handler, error_response
-from mirrorproxy.metrics import Metrics
+from mirrorproxy.http import keys
+from mirrorproxy.http.errors import Handler, error_response
+from mirrorproxy.observability.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 LOGIN_PATHS = frozenset({"/v2", "/v2/"})

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from mirrorproxy.config.model import Access, ClientAuth
-from mirrorproxy.errors import Denied, RegistryError, Unauthorized
+from mirrorproxy.core.errors import Denied, RegistryError, Unauthorized
 
 BASIC_REALM = "mirrorproxy"
 

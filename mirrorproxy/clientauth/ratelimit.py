@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from mirrorproxy.guard import peer_address
+from mirrorproxy.http.guard import peer_address
 
 IPV6_PREFIX = 64
 

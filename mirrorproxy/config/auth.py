@@ -15,7 +15,7 @@ from mirrorproxy.clientauth.htpasswd import read_htpasswd
 from mirrorproxy.clientauth.tokens import load_keys
 from mirrorproxy.config.model import ANYONE, Access, ClientAuth, ConfigError
 from mirrorproxy.config.table import Table, tname
-from mirrorproxy.units import parse_duration
+from mirrorproxy.core.units import parse_duration
 
 TOKEN_KEYS = ("token_realm", "token_service", "token_issuer", "token_public_keys")
 GROUP_PREFIX = "group:"

@@ -45,7 +45,7 @@ from mirrorproxy.config.values import (
     parse_network,
     parse_upstream_url,
 )
-from mirrorproxy.units import parse_duration, parse_size
+from mirrorproxy.core.units import parse_duration, parse_size
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
-from mirrorproxy.units import parse_size
+from mirrorproxy.core.units import parse_size
 
 # A registry host as containerd names it: DNS name or IPv4, optional port, or [v6]:port.
 NS_RE = re.compile(

@@ -25,14 +25,8 @@ from yarl import URL
 
 from mirrorproxy import __version__
 from mirrorproxy.config import Config, Namespace, Upstream
-from mirrorproxy.errors import (
-    BadGateway,
-    GatewayTimeout,
-    RegistryError,
-    Relayed,
-    Unavailable,
-)
-from mirrorproxy.metrics import Metrics
+from mirrorproxy.core.errors import BadGateway, GatewayTimeout, RegistryError, Relayed, Unavailable
+from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.upstream.auth import Authenticator, AuthError, parse_www_authenticate, scope_for
 
 logger = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from mirrorproxy import keys
-from mirrorproxy.app import create_app
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
-from mirrorproxy.fillclients import FillTuning
+from mirrorproxy.http import keys
+from mirrorproxy.http.app import create_app
+from mirrorproxy.pullthrough.followers import FillTuning
 from tests.fakes.registry import FakeRegistry
 from tests.support.mounts import Mounts as Mounts  # re-exported for the tests
 from tests.support.mounts import umount

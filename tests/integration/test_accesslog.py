@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirrorproxy.accesslog import ACCESS_LOGGER, AccessLogger
-from mirrorproxy.app import create_app
-from mirrorproxy.log import JsonFormatter, RequestIdFilter, TextFormatter
+from mirrorproxy.http.accesslog import ACCESS_LOGGER, AccessLogger
+from mirrorproxy.http.app import create_app
+from mirrorproxy.observability.log import JsonFormatter, RequestIdFilter, TextFormatter
 from tests.integration.conftest import (
     NS,
     REPO,

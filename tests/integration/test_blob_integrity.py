@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from mirrorproxy import keys
-from mirrorproxy.corruption import CorruptBlobs
+from mirrorproxy.http import keys
+from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     NS,

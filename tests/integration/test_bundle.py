@@ -21,7 +21,7 @@ import pytest
 
 from mirrorproxy.cache.index import CacheIndex
 from mirrorproxy.cli import main
-from mirrorproxy.oci import CONTAINERD_ACCEPT
+from mirrorproxy.core.oci import CONTAINERD_ACCEPT
 from tests.fakes.registry import Image
 from tests.integration.conftest import (
     FakeFactory,

@@ -24,13 +24,13 @@ from mirrorproxy.bundle.importer import import_bundle
 from mirrorproxy.cache import TagEntry
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cli import main
+from mirrorproxy.commands.preload import ImageState, Options, preload
+from mirrorproxy.commands.progress import LineReporter
 from mirrorproxy.config import Config
-from mirrorproxy.engine import Engine
-from mirrorproxy.metrics import Metrics
-from mirrorproxy.oci import OCI_INDEX, OCI_MANIFEST, parse_digest
-from mirrorproxy.preload import ImageState, Options, preload
-from mirrorproxy.progress import LineReporter
-from mirrorproxy.reference import parse_image_reference
+from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, parse_digest
+from mirrorproxy.core.reference import parse_image_reference
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.engine import Engine
 from tests.fakes.registry import Image
 from tests.integration.conftest import FakeFactory, mirror_config
 

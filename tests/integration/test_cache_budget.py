@@ -20,7 +20,7 @@ import pytest
 
 from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cli import main
-from mirrorproxy.units import parse_size
+from mirrorproxy.core.units import parse_size
 from tests.fakes.registry import OCI_MANIFEST, payload
 from tests.integration.conftest import (
     NS,

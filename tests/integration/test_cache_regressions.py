@@ -24,8 +24,8 @@ from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB, CacheIndex
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cli import main
-from mirrorproxy.metrics import Metrics
-from mirrorproxy.oci import Digest
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.observability.metrics import Metrics
 from tests.fakes.registry import OCI_MANIFEST, payload
 from tests.integration.conftest import (
     NS,

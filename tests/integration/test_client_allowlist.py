@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy.app import create_app
+from mirrorproxy.http.app import create_app
 from tests.integration.conftest import NS, REPO, RunningFake, manifest_path, mirror_config
 from tests.support.listening import with_server
 

@@ -22,7 +22,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy.app import create_app
+from mirrorproxy.http.app import create_app
 from tests.integration.authmirror import (
     OPEN,
     PRIVATE,

@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy.accesslog import AccessLogger
-from mirrorproxy.app import create_app
-from mirrorproxy.log import JsonFormatter, TextFormatter
+from mirrorproxy.http.accesslog import AccessLogger
+from mirrorproxy.http.app import create_app
+from mirrorproxy.observability.log import JsonFormatter, TextFormatter
 from tests.integration.authmirror import (
     OPEN,
     PRIVATE,

@@ -1,6 +1,6 @@
 """Clients that go away are ordinary: never an error line, never ``code="error"``.
 
-The mirror runs behind ``mirrorproxy.listener.start`` (what ``serve`` runs), so
+The mirror runs behind ``mirrorproxy.http.listener.start`` (what ``serve`` runs), so
 aiohttp's own connection handling and our request-error hook are what is tested.
 Clients connect with raw sockets, send a request and close (or reset) the
 connection before the answer's headers can arrive.

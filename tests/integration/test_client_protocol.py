@@ -9,7 +9,7 @@ import json
 
 from multidict import CIMultiDict
 
-from mirrorproxy.oci import DOCKER_V1_SIGNED, manifest_digest
+from mirrorproxy.core.oci import DOCKER_V1_SIGNED, manifest_digest
 from tests.fakes.registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.integration.conftest import (
     NS,

@@ -22,8 +22,8 @@ from urllib.parse import quote
 
 import pytest
 
-from mirrorproxy.errors import RegistryError
-from mirrorproxy.oci import parse_name, parse_reference
+from mirrorproxy.core.errors import RegistryError
+from mirrorproxy.core.oci import parse_name, parse_reference
 from tests.integration.conftest import NS, REPO, RunningFake, mirror_config
 from tests.support.listening import Listening, listening, with_server
 from tests.support.rawhttp import RawResponse, request, send_raw

@@ -1,6 +1,6 @@
 """The listener's limits on a real socket: timeouts, connection cap, parser limits, methods.
 
-Each test starts the mirror with ``mirrorproxy.listener.start`` (what the CLI runs)
+Each test starts the mirror with ``mirrorproxy.http.listener.start`` (what the CLI runs)
 and talks raw HTTP to it, so aiohttp's own parser and timers are what is tested.
 """
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator, Sequence
 import aiohttp
 import pytest
 
-from mirrorproxy import keys
-from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import blobs as blobs_module
-from mirrorproxy.fillclients import LiveFollower
+from mirrorproxy.http import keys
+from mirrorproxy.pullthrough.fill import BlobFill
+from mirrorproxy.pullthrough.followers import LiveFollower
 from tests.fakes.registry import payload
 from tests.integration.conftest import REPO, WAIT, Mirror, RunningFake, blob_path, wait_for
 from tests.support.rawhttp import slow_get

@@ -28,12 +28,13 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from mirrorproxy import keys, pullthrough
-from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
-from mirrorproxy.oci import Digest
-from mirrorproxy.pullthrough import PullThrough
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.http import keys
+from mirrorproxy.pullthrough import policy as pullthrough
+from mirrorproxy.pullthrough.fill import BlobFill
+from mirrorproxy.pullthrough.policy import PullThrough
 from tests.fakes.registry import payload, sha256
 from tests.integration.conftest import (
     NS,

@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from mirrorproxy.accesslog import AccessLogger
 from mirrorproxy.config import parse_config
-from mirrorproxy.log import JsonFormatter, TextFormatter
+from mirrorproxy.http.accesslog import AccessLogger
+from mirrorproxy.observability.log import JsonFormatter, TextFormatter
 from tests.integration.test_upstream_auth import BLOB_DIGEST, PASSWORD, USER, AuthRegistry
 from tests.support.listening import listening, with_server
 

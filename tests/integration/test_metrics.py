@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy.app import create_app
 from mirrorproxy.config import Config, MetricsConfig
-from mirrorproxy.observability import MetricsListenError
+from mirrorproxy.http.app import create_app
+from mirrorproxy.http.observability import MetricsListenError
 from tests.integration.conftest import (
     NS,
     REPO,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy import keys
-from mirrorproxy.app import create_app
+from mirrorproxy.http import keys
+from mirrorproxy.http.app import create_app
 from tests.fakes.registry import Image
 from tests.integration.authmirror import (
     OPEN,

@@ -22,15 +22,15 @@ import pytest
 from aiohttp import web
 
 from mirrorproxy.cli import main
+from mirrorproxy.commands.preload import ImageState, Options, preload
+from mirrorproxy.commands.progress import LineReporter
 from mirrorproxy.config import Config
-from mirrorproxy.engine import Engine
-from mirrorproxy.errors import Handler
-from mirrorproxy.metrics import Metrics
-from mirrorproxy.oci import OCI_INDEX, OCI_MANIFEST
-from mirrorproxy.preload import ImageState, Options, preload
-from mirrorproxy.progress import LineReporter
-from mirrorproxy.reference import parse_image_reference
-from mirrorproxy.units import format_size
+from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST
+from mirrorproxy.core.reference import parse_image_reference
+from mirrorproxy.core.units import format_size
+from mirrorproxy.http.errors import Handler
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.engine import Engine
 from tests.fakes.registry import FakeRegistry, payload, sha256
 from tests.integration.conftest import FakeFactory, mirror_config
 

@@ -29,7 +29,7 @@ from yarl import URL
 from mirrorproxy.bundle import CONTAINERD_KEY
 from mirrorproxy.cache import StoredManifest, TagEntry
 from mirrorproxy.cache.manifests import TAG_RECHECK, FileManifestStore
-from mirrorproxy.oci import CONTAINERD_ACCEPT, accept_types, parse_digest
+from mirrorproxy.core.oci import CONTAINERD_ACCEPT, accept_types, parse_digest
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Handler
 from tests.integration.conftest import (
     NS,

@@ -22,7 +22,7 @@ import pytest
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import FileBlobStore
-from mirrorproxy.oci import Digest, parse_digest
+from mirrorproxy.core.oci import Digest, parse_digest
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     REPO,

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from mirrorproxy.app import create_app
+from mirrorproxy.http.app import create_app
 from tests.integration.conftest import (
     NS,
     REPO,

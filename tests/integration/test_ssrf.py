@@ -21,8 +21,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from mirrorproxy.app import create_app
 from mirrorproxy.config import WILDCARD, Config
+from mirrorproxy.http.app import create_app
 from tests.integration.conftest import REPO, FakeFactory, RunningFake, mirror_config
 
 HEX = "ab" * 32

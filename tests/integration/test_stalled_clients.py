@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirrorproxy import keys
+from mirrorproxy.http import keys
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     REPO,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mirrorproxy import keys
-from mirrorproxy.blobfill import BlobFill
 from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.http import keys
+from mirrorproxy.pullthrough.fill import BlobFill
 from tests.fakes.registry import payload
 from tests.integration.conftest import (
     REPO,

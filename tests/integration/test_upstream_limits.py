@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from mirrorproxy.app import create_app
-from mirrorproxy.errors import Handler
+from mirrorproxy.http.app import create_app
+from mirrorproxy.http.errors import Handler
 from tests.integration.conftest import REPO, blob_path, mirror_config
 
 BLOBS = [hashlib.shake_256(b"blob%d" % i).digest(64 * 1024) for i in range(6)]

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from mirrorproxy.app import create_app
 from mirrorproxy.config import parse_config
+from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
 from tests.integration.conftest import REPO, manifest_path
 from tests.support.tls import CertKey, issue_server_cert, make_ca

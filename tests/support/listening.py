@@ -2,7 +2,7 @@
 
 ``aiohttp_client`` runs an app behind aiohttp's plain test server, which knows
 nothing of ``[server]``'s connection cap, parser limits, timeouts or TLS. Tests of
-those start the app with ``mirrorproxy.listener.start`` instead, the same code the
+those start the app with ``mirrorproxy.http.listener.start`` instead, the same code the
 CLI runs, on ``127.0.0.1`` and a free port.
 """
 
@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mirrorproxy import keys
-from mirrorproxy.app import create_app
 from mirrorproxy.config import Config
-from mirrorproxy.listener import GuardedRunner, GuardedServer, GuardedSite, start
+from mirrorproxy.http import keys
+from mirrorproxy.http.app import create_app
+from mirrorproxy.http.listener import GuardedRunner, GuardedServer, GuardedSite, start
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mirrorproxy.blobhttp import blob_headers, first_byte, not_modified, wanted_range
-from mirrorproxy.errors import PreconditionFailed, RangeNotSatisfiable
-from mirrorproxy.oci import Digest
+from mirrorproxy.core.errors import PreconditionFailed, RangeNotSatisfiable
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.http.blobrules import blob_headers, first_byte, not_modified, wanted_range
 
 D = Digest("sha256", "c" * 64)
 TAG = f'"{D}"'

@@ -20,8 +20,8 @@ from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cli import main
-from mirrorproxy.oci import Digest, parse_digest
-from mirrorproxy.units import format_size
+from mirrorproxy.core.oci import Digest, parse_digest
+from mirrorproxy.core.units import format_size
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image, payload
 from tests.support.procs import mirror_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import mirrorproxy.server
+import mirrorproxy.commands.serve
 from mirrorproxy import __version__
 from mirrorproxy.cli import EXIT_USAGE, main
 from mirrorproxy.config import Config
@@ -23,7 +23,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     def serve(config: Config) -> None:
         pytest.fail(f"the server must not start in these tests ({config.source})")
 
-    monkeypatch.setattr(mirrorproxy.server, "serve", serve)
+    monkeypatch.setattr(mirrorproxy.commands.serve, "serve", serve)
 
 
 def write(tmp_path: Path, text: str) -> Path:

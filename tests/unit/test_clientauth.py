@@ -26,7 +26,7 @@ from mirrorproxy.clientauth.policy import (
 )
 from mirrorproxy.clientauth.ratelimit import FailedLogins, client_key
 from mirrorproxy.config import ANYONE, Access, ClientAuth, ConfigError, load_config
-from mirrorproxy.errors import Denied
+from mirrorproxy.core.errors import Denied
 from tests.support import jwtkeys
 
 NS = '[namespaces."docker.io"]\nupstreams = ["http://registry.internal:5000"]\n'

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mirrorproxy.corruption import CorruptBlobs
-from mirrorproxy.oci import Digest
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.pullthrough.corruption import CorruptBlobs
 
 A = Digest("sha256", "a" * 64)
 B = Digest("sha256", "b" * 64)

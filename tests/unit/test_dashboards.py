@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirrorproxy.metrics import Metrics
+from mirrorproxy.observability.metrics import Metrics
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DASHBOARD = DOCKER / "grafana-dashboard.json"

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from mirrorproxy.cli import build_parser
+from mirrorproxy.commands.hosts import hosts_command
 from mirrorproxy.config import Config, load_config
-from mirrorproxy.hostscmd import hosts_command
 
 REPO = Path(__file__).parent.parent.parent
 DOCKER = REPO / "docker"

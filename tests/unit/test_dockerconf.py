@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import main
+from mirrorproxy.clientconf.dockerconf import docker_notice, render_daemon_json
 from mirrorproxy.config import Config, parse_config
-from mirrorproxy.dockerconf import docker_notice, render_daemon_json
 
 MIRROR = "http://127.0.0.1:5000"
 

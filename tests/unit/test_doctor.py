@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import main
-from mirrorproxy.config import parse_config
-from mirrorproxy.containerdcheck import (
+from mirrorproxy.clientconf.containerdcheck import (
     V3_DEFAULT_CONFIG_PATH,
     check_containerd_config,
     check_hosts_dir,
     check_hosts_toml,
     load_containerd_config,
 )
-from mirrorproxy.doctor import check_mirror, installed_containerd_version, run_doctor
-from mirrorproxy.findings import Finding
-from mirrorproxy.hoststoml import render_all, write_hosts_files
+from mirrorproxy.clientconf.doctor import check_mirror, installed_containerd_version, run_doctor
+from mirrorproxy.clientconf.findings import Finding
+from mirrorproxy.clientconf.hoststoml import render_all, write_hosts_files
+from mirrorproxy.config import parse_config
 
 ROOT = Path(__file__).parent.parent.parent
 VARIANTS = ROOT / "tests" / "data" / "containerd"

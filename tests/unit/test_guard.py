@@ -8,8 +8,8 @@ import resource
 import pytest
 
 from mirrorproxy.config import ServerConfig
-from mirrorproxy.guard import client_allowed, peer_address
-from mirrorproxy.listener import handler_options, raise_fd_limit, tls_context
+from mirrorproxy.http.guard import client_allowed, peer_address
+from mirrorproxy.http.listener import handler_options, raise_fd_limit, tls_context
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, build_parser, main
-from mirrorproxy.config import ConfigError
-from mirrorproxy.healthcheck import (
+from mirrorproxy.commands.healthcheck import (
     HealthcheckError,
     find_serve_processes,
     probe,
     serve_args,
     target_server,
 )
+from mirrorproxy.config import ConfigError
 from tests.support.procs import free_port
 from tests.support.tls import CertKey, issue_server_cert, make_ca, missing_tls_tools
 

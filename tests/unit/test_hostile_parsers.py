@@ -22,15 +22,15 @@ from hypothesis import strategies as st
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import WILDCARD, Config, parse_config
-from mirrorproxy.errors import (
+from mirrorproxy.core.errors import (
     DigestInvalid,
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
     RangeNotSatisfiable,
 )
-from mirrorproxy.namespaces import resolve
-from mirrorproxy.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
+from mirrorproxy.core.namespaces import resolve
+from mirrorproxy.core.oci import Digest, parse_digest, parse_name, parse_range, parse_reference
 
 FAST = settings(max_examples=300, deadline=None, database=None)
 ROOT = Path("/cache/root")

@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mirrorproxy.cli import main
-from mirrorproxy.config import Config, ServerConfig, parse_config
-from mirrorproxy.hoststoml import (
+from mirrorproxy.clientconf.hoststoml import (
     default_mirror_url,
     host_directory,
     normalize_mirror_url,
@@ -22,6 +21,7 @@ from mirrorproxy.hoststoml import (
     render_hosts_toml,
     write_hosts_files,
 )
+from mirrorproxy.config import Config, ServerConfig, parse_config
 
 GOLDEN = Path(__file__).parent.parent / "data" / "hoststoml"
 MIRROR = "http://127.0.0.1:5000"

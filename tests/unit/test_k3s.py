@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from mirrorproxy.cli import main
+from mirrorproxy.clientconf.k3s import render_registries_yaml
 from mirrorproxy.config import Config, parse_config
-from mirrorproxy.k3s import render_registries_yaml
 
 GOLDEN = Path(__file__).parent.parent / "data" / "k3s"
 MIRROR = "http://127.0.0.1:5000"

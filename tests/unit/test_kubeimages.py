@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import main
-from mirrorproxy.imagelists import read_sources
-from mirrorproxy.kubeimages import images_in_yaml
+from mirrorproxy.commands.imagelists import read_sources
+from mirrorproxy.core.kubeimages import images_in_yaml
 
 DIGEST = "sha256:" + "ab" * 32
 

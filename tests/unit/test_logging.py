@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from mirrorproxy.commands.serve import ServeError, serve
 from mirrorproxy.config import MetricsConfig, parse_config
-from mirrorproxy.log import (
+from mirrorproxy.http.requestctx import current_request_id, request_id_from, safe_ns
+from mirrorproxy.observability.log import (
     BatchingHandler,
     JsonFormatter,
     RequestIdFilter,
     TextFormatter,
     configure_logging,
 )
-from mirrorproxy.requestctx import current_request_id, request_id_from, safe_ns
-from mirrorproxy.server import ServeError, serve
 
 
 @pytest.fixture

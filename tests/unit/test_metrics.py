@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirrorproxy.metrics import Metrics
+from mirrorproxy.observability.metrics import Metrics
 
 
 def test_child_is_looked_up_once_and_counts_into_its_own_sample() -> None:

@@ -1,4 +1,4 @@
-"""Unit tests for mirrorproxy.namespaces.resolve: which namespace serves a request."""
+"""Unit tests for mirrorproxy.core.namespaces.resolve: which namespace serves a request."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from mirrorproxy.config import WILDCARD, Config, parse_config
-from mirrorproxy.errors import NameInvalid, NameUnknown
-from mirrorproxy.namespaces import resolve, route
+from mirrorproxy.core.errors import NameInvalid, NameUnknown
+from mirrorproxy.core.namespaces import resolve, route
 
 
 def make_config(*names: str, default_namespace: str | None = None) -> Config:

@@ -1,4 +1,4 @@
-"""Unit tests for mirrorproxy.oci: names, references, digests, Range and Accept.
+"""Unit tests for mirrorproxy.core.oci: names, references, digests, Range and Accept.
 
 Everything a client sends passes through these parsers before it touches the disk
 or the network, so hostile inputs get as much attention as valid ones.
@@ -15,8 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirrorproxy.errors import DigestInvalid, ManifestUnknown, NameInvalid, RangeNotSatisfiable
-from mirrorproxy.oci import (
+from mirrorproxy.core.errors import (
+    DigestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    RangeNotSatisfiable,
+)
+from mirrorproxy.core.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     DOCKER_V1_SIGNED,

@@ -9,10 +9,10 @@ import pytest
 
 from mirrorproxy.cli import main
 from mirrorproxy.config import ConfigError, parse_config, parse_listen, parse_upstream_url
-from mirrorproxy.errors import NameInvalid
-from mirrorproxy.namespaces import resolve
-from mirrorproxy.oci import OCI_INDEX, OCI_MANIFEST, manifest_media_type, parse_range
-from mirrorproxy.units import parse_duration
+from mirrorproxy.core.errors import NameInvalid
+from mirrorproxy.core.namespaces import resolve
+from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, manifest_media_type, parse_range
+from mirrorproxy.core.units import parse_duration
 
 UP = {"upstreams": ["http://127.0.0.1:1"]}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import main
-from mirrorproxy.doctor import run_doctor
-from mirrorproxy.proxycheck import (
+from mirrorproxy.clientconf.doctor import run_doctor
+from mirrorproxy.clientconf.proxycheck import (
     check_daemon,
     read_unit_env,
     running,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirrorproxy.proxyenv import ProxyEnv
+from mirrorproxy.clientconf.proxyenv import ProxyEnv
 
 PROXY = "http://proxy.corp:3128"
 

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from mirrorproxy.config import parse_config
-from mirrorproxy.doctor import run_doctor
-from mirrorproxy.registriescheck import (
+from mirrorproxy.clientconf.doctor import run_doctor
+from mirrorproxy.clientconf.registriescheck import (
     MAIN_FILE,
     Sources,
     check_registries_conf,
     load_registries_conf,
     mirror_hosts,
 )
-from mirrorproxy.registriesconf import DROP_IN_NAME, render_registries_conf
+from mirrorproxy.clientconf.registriesconf import DROP_IN_NAME, render_registries_conf
+from mirrorproxy.config import parse_config
 
 MIRROR = "http://127.0.0.1:5000"
 NAMESPACES = ["docker.io", "quay.io"]

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from mirrorproxy.cli import main
-from mirrorproxy.config import Config, parse_config
-from mirrorproxy.registriesconf import (
+from mirrorproxy.clientconf.registriesconf import (
     GENERATED_MARK,
     path_problem,
     registry_entries,
     render_registries_conf,
 )
+from mirrorproxy.config import Config, parse_config
 
 GOLDEN = Path(__file__).parent.parent / "data" / "registriesconf"
 MIRROR = "http://127.0.0.1:5000"

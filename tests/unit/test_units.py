@@ -1,10 +1,10 @@
-"""Unit tests for mirrorproxy.units: human-written durations and sizes."""
+"""Unit tests for mirrorproxy.core.units: human-written durations and sizes."""
 
 from __future__ import annotations
 
 import pytest
 
-from mirrorproxy.units import format_size, parse_duration, parse_size
+from mirrorproxy.core.units import format_size, parse_duration, parse_size
 
 KiB, MiB, GiB, TiB, PiB = 1024, 1024**2, 1024**3, 1024**4, 1024**5
 

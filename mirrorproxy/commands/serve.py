@@ -1,0 +1,61 @@
+"""Running the app: check the cache directory, bind, serve until a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mirrorproxy.config import Config
+from mirrorproxy.http import listener
+from mirrorproxy.http.accesslog import AccessLogger
+from mirrorproxy.http.app import create_app
+from mirrorproxy.http.observability import MetricsListenError
+
+logger = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """The server cannot start; the message is for the operator."""
+
+
+def check_cache_dir(config: Config) -> None:
+    path = config.cache.dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ServeError(f"cannot create cache directory {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ServeError(f"cache directory {path} is not writable by this user")
+
+
+def serve(config: Config) -> None:
+    """Serve until SIGINT/SIGTERM.
+
+    Raises:
+        ServeError: the cache directory is unusable or the address cannot be bound.
+    """
+    check_cache_dir(config)
+    app = create_app(config)
+    logger.info(
+        "mirrorproxy starting on %s, cache %s, namespaces %s%s",
+        config.server.listen,
+        config.cache.dir,
+        ", ".join(config.namespaces),
+        "; OFFLINE: serving only what is cached, never contacting upstreams"
+        if config.cache.offline
+        else "",
+    )
+    try:
+        # web.run_app's job, with [server]'s TLS, connection cap and parser limits.
+        listener.run(
+            app,
+            config.server,
+            access_log_class=AccessLogger,
+            handler_cancellation=False,
+        )
+    except MetricsListenError as err:
+        raise ServeError(str(err)) from None
+    except OSError as err:
+        raise ServeError(
+            f"cannot listen on {config.server.listen}: {err.strerror or err}"
+        ) from None

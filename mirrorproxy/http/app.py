@@ -1,0 +1,54 @@
+"""The aiohttp application, wired in one place.
+
+``create_app`` only builds objects; everything that opens a resource (client
+sessions, the cache layout, background downloads) does so in the cleanup
+context, and closes it there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from mirrorproxy.clientauth.middleware import setup_client_auth
+from mirrorproxy.config import Config
+from mirrorproxy.http import keys
+from mirrorproxy.http.errors import error_middleware
+from mirrorproxy.http.guard import guard_middleware
+from mirrorproxy.http.middleware import add_registry_headers, observe_middleware
+from mirrorproxy.http.observability import setup_observability
+from mirrorproxy.http.requestctx import request_context_middleware
+from mirrorproxy.http.routes import setup_routes
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            request_context_middleware,
+            observe_middleware,
+            guard_middleware,
+            error_middleware,
+        ]
+    )
+    metrics = metrics or Metrics()
+    engine = Engine(config, metrics)
+    app[keys.CONFIG] = config
+    app[keys.METRICS] = metrics
+    app[keys.PULLTHROUGH] = engine.pullthrough
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        async with engine:
+            yield
+
+    app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(add_registry_headers)
+    setup_observability(app, config, metrics)
+    setup_routes(app, metrics_route=config.metrics.listen is None)
+    setup_client_auth(app, config, metrics)  # innermost middleware; only with [server.auth]
+    return app

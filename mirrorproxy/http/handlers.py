@@ -1,0 +1,351 @@
+"""HTTP translation: parse the request, ask PullThrough, build the response.
+
+No policy and no I/O of its own beyond writing the response body.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mirrorproxy.cache import BlobInfo
+from mirrorproxy.cache.blobs import DigestMismatch
+from mirrorproxy.clientauth.middleware import authorize_target
+from mirrorproxy.core.errors import (
+    API_VERSION_HEADER,
+    BlobUnknown,
+    NotFound,
+    Unavailable,
+    Unsupported,
+)
+from mirrorproxy.core.namespaces import route
+from mirrorproxy.core.oci import (
+    OCI_INDEX,
+    Digest,
+    filter_referrers,
+    join_fields,
+    parse_digest,
+    parse_name,
+    parse_reference,
+    parse_tags_query,
+)
+from mirrorproxy.http import keys
+from mirrorproxy.http.blobrules import (
+    blob_headers,
+    content_range,
+    first_byte,
+    not_modified,
+    wanted_range,
+)
+from mirrorproxy.http.blobsend import Sender, Stalled
+from mirrorproxy.http.requestctx import note_body_bytes, note_cache, note_ns
+from mirrorproxy.pullthrough.fill import BlobFill
+from mirrorproxy.pullthrough.followers import FillFailed, Follower
+from mirrorproxy.pullthrough.policy import HIT, MISS, STALE, Target
+from mirrorproxy.upstream.client import UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+STALE_WARNING = '110 - "Response is Stale"'
+SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one read
+
+
+def _target(request: web.Request) -> Target:
+    ns, ns_name, repo = route(
+        request.app[keys.CONFIG], request.query.get("ns"), request.match_info["name"]
+    )
+    note_ns(request, ns_name)
+    target = Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    authorize_target(request, ns, ns_name, target.repo)  # [server.auth]: 401/403/429
+    return target
+
+
+async def v2_root(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    target = _target(request)
+    ref = parse_reference(request.match_info["reference"])
+    pt = request.app[keys.PULLTHROUGH]
+    answer = await pt.manifest(target, ref, join_fields(request.headers.getall("Accept", ())))
+    note_cache(request, answer.result, answer.upstream)
+    m = answer.manifest
+    headers = {
+        "Content-Type": m.media_type,
+        "Docker-Content-Digest": str(m.digest),
+        "ETag": f'"{m.digest}"',
+    }
+    if answer.result == STALE:
+        headers["Warning"] = STALE_WARNING
+    if request.method == "HEAD":
+        resp = web.Response(headers=headers)
+        resp.body = None
+        return _with_length(resp, len(m.body))
+    source = "cache" if answer.result in (HIT, STALE) else "upstream"
+    metrics = request.app[keys.METRICS]
+    metrics.child(metrics.cache_bytes, target.ns.name, source).inc(len(m.body))
+    return web.Response(body=m.body, headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    target = _target(request)
+    digest = parse_digest(request.match_info["digest"])
+    pt = request.app[keys.PULLTHROUGH]
+    unchanged = not_modified(request.headers, digest)
+    if request.method == "HEAD" or unchanged:
+        head = await pt.blob_head(target, digest)
+        note_cache(request, head.result, head.upstream)
+        if unchanged:
+            return web.Response(status=304, headers=blob_headers(digest))
+        resp = web.Response(headers=blob_headers(digest))
+        return _with_length(resp, head.size)
+    for _ in range(2):  # a hit evicted before it could be opened is asked again
+        answer = await pt.blob(target, digest, first_byte=first_byte(request.headers, digest))
+        if answer.info is not None:
+            served = await _serve_file(request, target, digest, answer.info)
+            if served is not None:
+                note_cache(request, HIT)
+                return served
+            continue
+        fill = answer.fill
+        if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
+            break
+        note_cache(request, MISS, fill.upstream)
+        rng = wanted_range(request.headers, digest, fill.size)
+        follower = fill.join(rng[0] if rng is not None else 0) if fill.caching else None
+        if follower is not None:
+            with follower:
+                return await _serve_fill(request, target, digest, fill, follower, rng)
+        upstream = await pt.stream_through(target, digest, fill, rng)
+        note_cache(request, MISS, upstream.upstream.url)
+        return await _serve_direct(request, target, digest, upstream, rng, fill.size)
+    raise BlobUnknown(f"blob {digest} vanished while being served")
+
+
+def _sender(request: web.Request, target: Target, source: str) -> Sender:
+    """A body sender bounded by ``client_timeout``, counting bytes by ``source``."""
+    metrics = request.app[keys.METRICS]
+    counter = metrics.child(metrics.cache_bytes, target.ns.name, source)
+    stall = request.app[keys.CONFIG].server.client_timeout
+    return Sender(request, stall=stall, count=counter.inc)
+
+
+def _answer(digest: Digest, rng: tuple[int, int] | None, size: int | None) -> web.StreamResponse:
+    """The headers of a 200 (whole blob) or 206 (``rng``), with the length when known."""
+    resp = web.StreamResponse(status=200 if rng is None else 206, headers=blob_headers(digest))
+    if rng is not None and size is not None:
+        resp.headers.update(content_range(rng, size))
+        resp.content_length = rng[1] - rng[0] + 1
+    elif size is not None:
+        resp.content_length = size
+    return resp
+
+
+async def _serve_file(
+    request: web.Request, target: Target, digest: Digest, info: BlobInfo
+) -> web.StreamResponse | None:
+    """Send a cached blob (sendfile); None if it was evicted before it could be opened."""
+    rng = wanted_range(request.headers, digest, info.size)
+    if rng is None and info.size <= SMALL_BLOB:
+        small = _read_small(info.path, info.size)
+        if small is not None:
+            metrics = request.app[keys.METRICS]
+            metrics.child(metrics.cache_bytes, target.ns.name, "cache").inc(len(small))
+            return web.Response(body=small, headers=blob_headers(digest))
+    budget = request.app[keys.PULLTHROUGH].budget
+    budget.pin(digest)  # never evicted while being sent
+    try:
+        f = _open_cached(info.path)
+        if f is None:
+            return None
+        with f:
+            resp = _answer(digest, rng, info.size)
+            start, end = (0, info.size) if rng is None else (rng[0], rng[1] + 1)
+            sender = _sender(request, target, "cache")
+            try:
+                await resp.prepare(request)
+                await sender.file(f, start, end)
+            except Exception as err:
+                _cut(request, digest, err)
+                return resp
+            finally:
+                note_body_bytes(request, sender.sent)
+    finally:
+        budget.unpin(digest)
+    await resp.write_eof()
+    return resp
+
+
+def _open_cached(path: Path) -> BinaryIO | None:
+    """Open a cached blob (a metadata lookup on the loop: cheap); None if it is gone."""
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
+
+
+def _read_small(path: Path, size: int) -> bytes | None:
+    """A small blob in one read on the loop (page cache): cheaper than a sendfile set-up."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(size + 1)
+    except OSError:
+        return None  # evicted meanwhile, say: the sendfile path reports it properly
+    return data if len(data) == size else None
+
+
+async def _serve_direct(
+    request: web.Request,
+    target: Target,
+    digest: Digest,
+    upstream: UpstreamResponse,
+    rng: tuple[int, int] | None,
+    size: int | None,
+) -> web.StreamResponse:
+    """Relay an uncached blob from upstream; a whole blob is verified on the way.
+
+    A range was asked of the upstream itself and cannot be verified here (the
+    client verifies the blob it assembles).
+    """
+    pt = request.app[keys.PULLTHROUGH]
+    size = size if size is not None else (upstream.content_length if rng is None else None)
+    resp = _answer(digest, rng, size)
+    start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
+    whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
+    sender = _sender(request, target, "upstream")
+    try:
+        await resp.prepare(request)
+        await sender.relay(
+            resp, upstream, start=start, length=length, digest=digest if whole else None
+        )
+    except Exception as err:
+        upstream.close()
+        if isinstance(err, DigestMismatch):
+            pt.stream_failed_verification(target, digest, upstream)
+        _cut(request, digest, err)
+        return resp
+    finally:
+        upstream.release()
+        note_body_bytes(request, sender.sent)
+    if whole:
+        pt.stream_verified(target, upstream)
+    await resp.write_eof()
+    return resp
+
+
+async def _serve_fill(
+    request: web.Request,
+    target: Target,
+    digest: Digest,
+    fill: BlobFill,
+    follower: Follower,
+    rng: tuple[int, int] | None,
+) -> web.StreamResponse:
+    """Stream a blob that is still downloading, following the shared fill."""
+    resp = _answer(digest, rng, fill.size)
+    end = fill.size if rng is None else rng[1] + 1
+    sender = _sender(request, target, "upstream")
+    try:
+        await resp.prepare(request)
+        await sender.follow(resp, fill, follower, end)
+    except Exception as err:
+        # Headers are gone already: the only honest signal left is a cut connection
+        # (an error body here would be read as blob bytes).
+        _cut(request, digest, err)
+        return resp
+    finally:
+        note_body_bytes(request, sender.sent)
+    await resp.write_eof()
+    return resp
+
+
+def _cut(request: web.Request, digest: Digest, err: Exception) -> None:
+    """End a response whose headers were sent: drop the connection, log why.
+
+    Dropped, not closed: what is still buffered for the client is never sent (it
+    may be bytes of a download that failed).
+
+    A client that went away or stopped reading is routine (INFO); a failed
+    download is the upstream's fault (WARNING); anything else is a bug (ERROR).
+    """
+    if isinstance(err, ConnectionError):  # reset, broken pipe, aborted; aiohttp's too
+        logger.info("blob %s: client went away (%s)", digest, str(err) or type(err).__name__)
+    elif isinstance(err, Stalled):
+        logger.info("blob %s: closing a client that stopped reading: %s", digest, err)
+    elif isinstance(
+        err, FillFailed | DigestMismatch | EOFError | aiohttp.ClientError | TimeoutError
+    ):
+        logger.warning("aborting blob %s: %s", digest, err)
+    else:
+        logger.error("aborting blob %s after an unexpected error", digest, exc_info=err)
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _with_length(resp: web.Response, size: int | None) -> web.Response:
+    """A HEAD answer that states the length of the body it does not send."""
+    if size is not None:
+        resp.headers["Content-Length"] = str(size)
+    return resp
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    target = _target(request)
+    params = parse_tags_query(request.query)
+    tags = await request.app[keys.PULLTHROUGH].tags_list(target, params)
+    resp = web.Response(body=tags.body)
+    resp.headers["Content-Type"] = tags.content_type
+    if tags.link is not None:
+        resp.headers["Link"] = tags.link
+    return resp
+
+
+async def referrers(request: web.Request) -> web.Response:
+    """The OCI 1.1 referrers API: signatures, SBOMs and other artifacts of a manifest."""
+    target = _target(request)
+    subject = parse_digest(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    answer = await request.app[keys.PULLTHROUGH].referrers(target, subject)
+    note_cache(request, answer.result, answer.upstream)
+    body = answer.manifest.body
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        body = filter_referrers(body, artifact_type)
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if answer.result == STALE:
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=body, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    if request.method in ("GET", "HEAD"):
+        raise NotFound(f"no such endpoint {request.path[:200]!r}")
+    raise Unsupported(
+        f"{request.method} is not supported by a pull-through mirror",
+        headers={"Allow": "GET,HEAD"},
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[keys.METRICS].registry)
+    resp = web.Response(body=data)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cache_dir = request.app[keys.CONFIG].cache.dir
+    if not os.access(cache_dir / "tmp", os.W_OK):
+        raise Unavailable(f"cache directory {cache_dir} is not writable")
+    return web.json_response({"status": "ready"}, headers=API_VERSION_HEADER)

@@ -1,0 +1,24 @@
+"""Every typed application key, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from mirrorproxy.clientauth.authenticator import Authenticator
+    from mirrorproxy.clientauth.policy import Client
+    from mirrorproxy.config import Config
+    from mirrorproxy.http.requestctx import RequestInfo
+    from mirrorproxy.observability.metrics import Metrics
+    from mirrorproxy.pullthrough.policy import PullThrough
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
+CLIENT_AUTH: web.AppKey[Authenticator] = web.AppKey("client_auth")  # only with [server.auth]
+
+# Per request: id, namespace, cache result, upstream used (read by the access log).
+REQUEST_INFO: web.RequestKey[RequestInfo] = web.RequestKey("request_info")
+CLIENT: web.RequestKey[Client] = web.RequestKey("client")  # who the client proved to be

@@ -1,0 +1,82 @@
+"""The pull-through engine without HTTP: stores, budget, upstream client and policy.
+
+The server wires it into the aiohttp app; ``preload`` runs it on its own. Building
+it opens nothing; ``start`` prepares the cache directory, the index and the client
+sessions, and ``close`` undoes that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from types import TracebackType
+
+from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.config import Config
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.policy import PullThrough
+from mirrorproxy.upstream.client import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.blobs = FileBlobStore(config.cache.dir)
+        self.manifests = FileManifestStore(
+            config.cache.dir, memory_bytes=config.cache.memory_manifests
+        )
+        self.client = UpstreamClient(config, metrics)
+        self.budget = CacheBudget(
+            config.cache, blobs=self.blobs, manifests=self.manifests, metrics=metrics
+        )
+        self.pullthrough = PullThrough(
+            config,
+            blobs=self.blobs,
+            manifests=self.manifests,
+            budget=self.budget,
+            client=self.client,
+            metrics=metrics,
+        )
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        swept = self.blobs.prepare()
+        self.manifests.prepare()
+        if swept:
+            logger.info("removed %d temp files left by an interrupted run", swept)
+        self.budget.open()
+        self._flusher = asyncio.create_task(self.budget.run_flusher(), name="index flusher")
+        await self.client.start()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.pullthrough.close()
+            try:
+                await self.budget.close()
+            except (OSError, sqlite3.Error) as err:
+                logger.error("cannot save the cache index on shutdown: %s", err)
+        finally:
+            await self.client.close()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
