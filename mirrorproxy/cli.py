@@ -1,36 +1,24 @@
 """Command line: argument parsing and dispatch, nothing else.
 
 Every subcommand returns an exit code; errors a user can fix (bad config, port in
-use, unwritable cache) become one line on stderr, never a traceback.
+use, unwritable cache) become one line on stderr, never a traceback. Each verb's
+work lives in ``mirrorproxy.commands``, imported only when that verb runs (so
+``healthcheck`` and ``--version`` stay quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mirrorproxy import __version__
-from mirrorproxy.config import Config, ConfigError, load_config, with_overrides
+from mirrorproxy.commands.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
+from mirrorproxy.config import ConfigError
 
-if TYPE_CHECKING:
-    from mirrorproxy.core.reference import ImageRef
-
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A failure to report as one line with an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
-        super().__init__(message)
-        self.code = code
+__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
-    serve.set_defaults(func=_cmd_serve)
 
     hosts = sub.add_parser("hosts", help="write the client configuration that uses the mirror")
     hosts.add_argument("-c", "--config", required=True, type=Path)
@@ -77,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument(
         "--ca", type=Path, help="CA file (on the node) that signed an https mirror's certificate"
     )
-    hosts.set_defaults(func=_cmd_hosts)
 
     health = sub.add_parser(
         "healthcheck",
@@ -92,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--listen", help="HOST:PORT the server listens on (overrides the config)")
     health.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-    health.set_defaults(func=_cmd_healthcheck)
 
     doctor = sub.add_parser("doctor", help="check a node's client configuration for known traps")
     doctor.add_argument(
@@ -116,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="unit directory to read containerd's and CRI-O's environment from (repeatable)",
     )
     doctor.add_argument("--proc-dir", type=Path, default=Path("/proc"), help="default: /proc")
-    doctor.set_defaults(func=_cmd_doctor)
 
     sources_help = (
         "image list (one reference a line), Kubernetes YAML file or directory, "
@@ -142,11 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     preload.add_argument("--jobs", type=int, default=4, help="images fetched at once")
     preload.add_argument("--keep-going", action="store_true", help=keep_going_help)
     preload.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
-    preload.set_defaults(func=_cmd_preload)
 
     images = sub.add_parser("images", help="print the image references found in lists or YAML")
     images.add_argument("sources", nargs="+", metavar="IMAGES", help=sources_help)
-    images.set_defaults(func=_cmd_images)
 
     cache = sub.add_parser("cache", help="inspect and maintain the cache (safe while serving)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -164,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune":
             p.add_argument("--older-than", help="last used longer ago than this, e.g. 30d")
             p.add_argument("--to", dest="to_size", help="remove LRU entries down to this size")
-        p.set_defaults(func=_cmd_cache)
 
     export = sub.add_parser("export", help="write cached images to an OCI image-layout tar")
     export.add_argument("-c", "--config", required=True, type=Path)
@@ -177,20 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--keep-going", action="store_true", help=keep_going_help)
     export.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
-    export.set_defaults(func=_cmd_export)
 
     import_ = sub.add_parser("import", help="verify an exported tar and add it to the cache")
     import_.add_argument("-c", "--config", required=True, type=Path)
     import_.add_argument("bundle", type=Path, help="a tar written by `mirrorproxy export`")
     import_.add_argument("--cache-dir", help="cache directory (overrides [cache] dir)")
-    import_.set_defaults(func=_cmd_import)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.func(args)
+        return _dispatch(args)
     except ConfigError as err:
         _flush_logs()
         print(f"mirrorproxy: config error: {err}", file=sys.stderr)
@@ -201,229 +180,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.code
     except KeyboardInterrupt:
         return 130
-    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the verb ``args.command`` names, importing its module only now."""
+    match args.command:
+        case "serve":
+            from mirrorproxy.commands import serve
+
+            return serve.run(args)
+        case "hosts":
+            from mirrorproxy.commands import hosts
+
+            return hosts.run(args)
+        case "healthcheck":
+            from mirrorproxy.commands import healthcheck
+
+            return healthcheck.run(args, build_parser().parse_args)
+        case "doctor":
+            from mirrorproxy.commands import doctor
+
+            return doctor.run(args)
+        case "preload":
+            from mirrorproxy.commands import preload
+
+            return preload.run(args)
+        case "images":
+            from mirrorproxy.commands import images
+
+            return images.run(args)
+        case "cache":
+            from mirrorproxy.commands import cache
+
+            return cache.run(args)
+        case "export":
+            from mirrorproxy.commands import bundle
+
+            return bundle.run_export(args)
+        case "import":
+            from mirrorproxy.commands import bundle
+
+            return bundle.run_import(args)
+    raise AssertionError(f"no verb {args.command!r}")  # argparse admits only the above
 
 
 def _flush_logs() -> None:
     """Log lines are written in batches: out with them before the error line."""
     for handler in logging.getLogger().handlers:
         handler.flush()
-
-
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from mirrorproxy.commands.serve import ServeError, serve
-    from mirrorproxy.observability.log import configure_logging
-
-    config = with_overrides(
-        _load(args), listen=args.listen, cache_dir=args.cache_dir, offline=args.offline
-    )
-    configure_logging(args.log_level, args.log_format)
-    try:
-        serve(config)
-    except ServeError as err:
-        logging.getLogger("mirrorproxy").debug("serve failed", exc_info=True)
-        raise CliError(str(err)) from err
-    return EXIT_OK
-
-
-def _cmd_hosts(args: argparse.Namespace) -> int:
-    from mirrorproxy.commands.hosts import HostsError, hosts_command
-
-    try:
-        return hosts_command(
-            _load(args),
-            out_dir=args.out,
-            mirror_url=args.mirror_url,
-            fmt=args.fmt,
-            dry_run=args.dry_run,
-            stdout=sys.stdout,
-            stderr=sys.stderr,
-            ca=str(args.ca.absolute()) if args.ca is not None else None,
-        )
-    except HostsError as err:
-        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
-
-
-def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    from mirrorproxy.commands.healthcheck import HealthcheckError, probe, target_server
-
-    try:
-        server = target_server(args.config, args.listen, build_parser().parse_args)
-        url = probe(server, "/readyz" if args.ready else "/healthz", args.timeout)
-    except HealthcheckError as err:
-        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
-    print(f"healthy: {url}")
-    return EXIT_OK
-
-
-def _cmd_doctor(args: argparse.Namespace) -> int:
-    import os
-
-    from mirrorproxy.clientconf.doctor import DoctorError, doctor_command
-
-    try:
-        ok = doctor_command(
-            config=_load(args) if args.config is not None else None,
-            containerd_config=args.containerd_config,
-            hosts_dir=args.hosts_dir,
-            mirror_url=args.mirror_url,
-            registries_conf=args.registries_conf,
-            environ={
-                k: os.environ[k] for k in ("HOME", "CONTAINERS_REGISTRIES_CONF") if k in os.environ
-            },
-            systemd_dirs=args.systemd_dir,
-            proc_dir=args.proc_dir,
-            stdout=sys.stdout,
-        )
-    except DoctorError as err:
-        raise CliError(str(err), EXIT_USAGE) from None
-    return EXIT_OK if ok else EXIT_FAIL
-
-
-def _cmd_cache(args: argparse.Namespace) -> int:
-    from mirrorproxy.commands import cache as cachecmd
-    from mirrorproxy.core.units import parse_duration, parse_size
-
-    config = with_overrides(_load(args), cache_dir=args.cache_dir)
-    action = args.cache_command
-    try:
-        if action == "ls":
-            return cachecmd.cmd_ls(config, args.namespace, sys.stdout)
-        if action == "du":
-            return cachecmd.cmd_du(config, sys.stdout)
-        if action == "verify":
-            return cachecmd.cmd_verify(config, sys.stdout)
-        if args.older_than is None and args.to_size is None:
-            raise CliError("cache prune: give --older-than and/or --to", EXIT_USAGE)
-        try:
-            older = parse_duration(args.older_than) if args.older_than is not None else None
-            to_size = parse_size(args.to_size) if args.to_size is not None else None
-        except ValueError as err:
-            raise CliError(f"cache prune: {err}", EXIT_USAGE) from None
-        return cachecmd.cmd_prune(config, older_than=older, to_size=to_size, out=sys.stdout)
-    except (OSError, sqlite3.Error) as err:
-        raise CliError(f"cache {action}: {err}") from None
-
-
-def _read_images(sources: Sequence[str], keep_going: bool) -> tuple[list[ImageRef], bool]:
-    """The references in ``sources``, and whether any line was bad (each one reported)."""
-    from mirrorproxy.commands.imagelists import read_sources
-
-    found = read_sources(sources, sys.stdin)
-    for problem in found.problems:
-        print(f"mirrorproxy: {problem}", file=sys.stderr)
-    n = len(found.problems)
-    if n and not keep_going:
-        raise CliError(
-            f"{n} bad {'line' if n == 1 else 'lines'}, nothing done "
-            "(fix them, or --keep-going to go on with the good ones)",
-            EXIT_USAGE,
-        )
-    if not found.refs:
-        raise CliError(f"no image references in {' '.join(sources)}", EXIT_USAGE)
-    return found.refs, bool(n)
-
-
-def _cmd_images(args: argparse.Namespace) -> int:
-    from mirrorproxy.commands.imagelists import read_sources
-
-    found = read_sources(args.sources, sys.stdin)
-    for ref in found.refs:
-        print(ref)
-    for problem in found.problems:
-        print(f"mirrorproxy: {problem}", file=sys.stderr)
-    return EXIT_FAIL if found.problems else EXIT_OK
-
-
-def _cmd_preload(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from rich.console import Console
-
-    from mirrorproxy.commands.preload import ImageState, Options, Totals, describe, preload
-    from mirrorproxy.commands.progress import LineReporter, TerminalReporter
-    from mirrorproxy.observability.log import configure_logging
-    from mirrorproxy.observability.metrics import Metrics
-    from mirrorproxy.pullthrough.engine import Engine
-
-    configure_logging("error" if sys.stdout.isatty() else "warning", "text")
-    # Preloading means fetching: a config marked offline for serving is fine here.
-    config = with_overrides(_load(args), cache_dir=args.cache_dir, offline=False)
-    refs, bad_lines = _read_images(args.sources, args.keep_going)
-    images = [ImageState(ref) for ref in refs]
-    options = Options(
-        tuple(args.platform), args.all_platforms, args.jobs, referrers=args.referrers
-    )
-    totals = Totals()
-
-    async def run() -> None:
-        async with Engine(config, Metrics()) as engine:
-            if not sys.stdout.isatty():
-                await preload(engine, images, options, LineReporter(sys.stdout), totals)
-                return
-            with TerminalReporter(Console(highlight=False)) as reporter:
-                await preload(engine, images, options, reporter, totals)
-
-    try:
-        asyncio.run(run())
-    except OSError as err:
-        raise CliError(f"preload: {err}") from None
-    for line in describe(images, totals):
-        print(line)
-    failed = [i for i in images if i.state != "done"]
-    for image in failed:
-        print(f"failed: {image.ref}: {image.error}", file=sys.stderr)
-    return EXIT_FAIL if failed or bad_lines else EXIT_OK
-
-
-def _warn(line: str) -> None:
-    print(f"mirrorproxy: warning: {line}", file=sys.stderr)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from mirrorproxy.bundle import BundleError
-    from mirrorproxy.bundle.export import describe, export_bundle
-
-    config = with_overrides(_load(args), cache_dir=args.cache_dir)
-    refs, bad_lines = None, False
-    if args.images is not None:
-        refs, bad_lines = _read_images(args.images, args.keep_going)
-    try:
-        result = export_bundle(config.cache.dir, args.out, refs, keep_going=args.keep_going)
-    except (BundleError, OSError) as err:
-        raise CliError(f"export: {err}") from None
-    lines, warnings = describe(result, args.out)
-    for line in warnings:
-        _warn(line)
-    for line in lines:
-        print(line)
-    return EXIT_FAIL if bad_lines or (refs is not None and result.left_out) else EXIT_OK
-
-
-def _cmd_import(args: argparse.Namespace) -> int:
-    from mirrorproxy.bundle import BundleError
-    from mirrorproxy.bundle.importer import import_bundle
-    from mirrorproxy.core.units import format_size
-
-    config = with_overrides(_load(args), cache_dir=args.cache_dir)
-    try:
-        result = import_bundle(config, args.bundle, warn=_warn)
-    except BundleError as err:
-        raise CliError(f"import: {err}; nothing was imported") from None
-    except (OSError, sqlite3.Error) as err:
-        raise CliError(f"import: {err}") from None
-    partial = (
-        f" ({result.not_in_bundle} platform manifests were not in the bundle)"
-        if result.not_in_bundle
-        else ""
-    )
-    print(
-        f"added {result.blobs} blobs ({format_size(result.blob_bytes)}), "
-        f"{result.manifests} manifests, {result.tags} tags; "
-        f"{result.present} already present{partial}"
-    )
-    return EXIT_OK

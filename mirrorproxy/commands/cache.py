@@ -10,9 +10,12 @@ looked at; the server picks up the new totals within seconds.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
+import sqlite3
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,9 +24,10 @@ from typing import TextIO
 
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
 from mirrorproxy.cache.walk import content_path, manifest_doc, tag_records
-from mirrorproxy.config import Config
+from mirrorproxy.commands.errors import EXIT_USAGE, CliError
+from mirrorproxy.config import Config, load_config, with_overrides
 from mirrorproxy.core.oci import DOCKER_V1_SIGNED, manifest_digest
-from mirrorproxy.core.units import format_size
+from mirrorproxy.core.units import format_size, parse_duration, parse_size
 
 HASH_CHUNK = 4 * 1024 * 1024
 INDEX_FILE = "index.db"
@@ -238,3 +242,26 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``cache`` verb: dispatch its action; disk and index errors become one line."""
+    config = with_overrides(load_config(args.config), cache_dir=args.cache_dir)
+    action = args.cache_command
+    try:
+        if action == "ls":
+            return cmd_ls(config, args.namespace, sys.stdout)
+        if action == "du":
+            return cmd_du(config, sys.stdout)
+        if action == "verify":
+            return cmd_verify(config, sys.stdout)
+        if args.older_than is None and args.to_size is None:
+            raise CliError("cache prune: give --older-than and/or --to", EXIT_USAGE)
+        try:
+            older = parse_duration(args.older_than) if args.older_than is not None else None
+            to_size = parse_size(args.to_size) if args.to_size is not None else None
+        except ValueError as err:
+            raise CliError(f"cache prune: {err}", EXIT_USAGE) from None
+        return cmd_prune(config, older_than=older, to_size=to_size, out=sys.stdout)
+    except (OSError, sqlite3.Error) as err:
+        raise CliError(f"cache {action}: {err}") from None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorproxy.clientconf.hoststoml import default_mirror_url
+from mirrorproxy.commands.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
 from mirrorproxy.config import (
     ConfigError,
     ServerConfig,
@@ -48,6 +49,17 @@ class ServeProcess:
     pid: int
     cwd: Path | None  # None when /proc does not tell (another user's process)
     args: list[str]  # the words after ``mirrorproxy``, starting with ``serve``
+
+
+def run(args: argparse.Namespace, parse: ParseArgs) -> int:
+    """The ``healthcheck`` verb; ``parse`` reads a found ``serve`` command line."""
+    try:
+        server = target_server(args.config, args.listen, parse)
+        url = probe(server, "/readyz" if args.ready else "/healthz", args.timeout)
+    except HealthcheckError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+    print(f"healthy: {url}")
+    return EXIT_OK
 
 
 def serve_args(argv: Sequence[str]) -> list[str] | None:

@@ -8,6 +8,8 @@ into one line and an exit status.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -20,7 +22,8 @@ from mirrorproxy.clientconf.hoststoml import (
     write_generated,
     write_hosts_files,
 )
-from mirrorproxy.config import Config
+from mirrorproxy.commands.errors import EXIT_FAIL, EXIT_USAGE, CliError
+from mirrorproxy.config import Config, load_config
 
 FORMATS = ("containerd", "k3s", "registries-conf", "docker")
 # Where a private CA goes for clients that take no CA path in their mirror settings.
@@ -33,6 +36,23 @@ class HostsError(Exception):
     def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``hosts`` verb: render or write the client configuration the flags ask for."""
+    try:
+        return hosts_command(
+            load_config(args.config),
+            out_dir=args.out,
+            mirror_url=args.mirror_url,
+            fmt=args.fmt,
+            dry_run=args.dry_run,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            ca=str(args.ca.absolute()) if args.ca is not None else None,
+        )
+    except HostsError as err:
+        raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
 
 
 def hosts_command(

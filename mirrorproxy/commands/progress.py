@@ -23,7 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mirrorproxy.commands.preload import ImageState, Totals
+from mirrorproxy.commands.prefetch import ImageState, Totals
 from mirrorproxy.core.units import format_size
 
 RATE_WINDOW = 5.0  # seconds of history behind the shown rate

@@ -1,11 +1,13 @@
-"""Running the app: check the cache directory, bind, serve until a signal."""
+"""``mirrorproxy serve``: check the cache directory, bind, serve until a signal."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
-from mirrorproxy.config import Config
+from mirrorproxy.commands.errors import EXIT_OK, CliError
+from mirrorproxy.config import Config, load_config, with_overrides
 from mirrorproxy.http import listener
 from mirrorproxy.http.accesslog import AccessLogger
 from mirrorproxy.http.app import create_app
@@ -16,6 +18,25 @@ logger = logging.getLogger(__name__)
 
 class ServeError(Exception):
     """The server cannot start; the message is for the operator."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``serve`` verb: the config with the flags' overrides, logging, then serve."""
+    from mirrorproxy.observability.log import configure_logging
+
+    config = with_overrides(
+        load_config(args.config),
+        listen=args.listen,
+        cache_dir=args.cache_dir,
+        offline=args.offline,
+    )
+    configure_logging(args.log_level, args.log_format)
+    try:
+        serve(config)
+    except ServeError as err:
+        logging.getLogger("mirrorproxy").debug("serve failed", exc_info=True)
+        raise CliError(str(err)) from err
+    return EXIT_OK
 
 
 def check_cache_dir(config: Config) -> None:

@@ -24,7 +24,7 @@ from mirrorproxy.bundle.importer import import_bundle
 from mirrorproxy.cache import TagEntry
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.cli import main
-from mirrorproxy.commands.preload import ImageState, Options, preload
+from mirrorproxy.commands.prefetch import ImageState, Options, preload
 from mirrorproxy.commands.progress import LineReporter
 from mirrorproxy.config import Config
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, parse_digest

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from mirrorproxy.cli import main
-from mirrorproxy.commands.preload import ImageState, Options, preload
+from mirrorproxy.commands.prefetch import ImageState, Options, preload
 from mirrorproxy.commands.progress import LineReporter
 from mirrorproxy.config import Config
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST
