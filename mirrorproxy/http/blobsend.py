@@ -242,7 +242,7 @@ class Sender:
         hashing: asyncio.Future[None] | None = None
         skip, left = start - upstream.offset, length
         held = b""  # the last byte so far, while the digest is unchecked
-        async for chunk in upstream.resp.content.iter_chunked(RELAY_CHUNK):
+        async for chunk in upstream.iter_chunked(RELAY_CHUNK):
             if skip:
                 cut = min(skip, len(chunk))
                 chunk, skip = chunk[cut:], skip - cut

@@ -458,7 +458,7 @@ class BlobFill:
         batched = 0
         try:
             while True:
-                chunk = await resp.resp.content.readany()
+                chunk = await resp.readany()
                 if not chunk:
                     break
                 if skip:
