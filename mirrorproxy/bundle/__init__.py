@@ -11,8 +11,8 @@ in reference order, into nested image indexes ("pages", marked with the ``PAGE``
 annotation) that ``index.json`` lists instead. Every index document export writes
 stays under ``MAX_INDEX_SIZE``, the limit import enforces, so export can never write
 a bundle import refuses. This package module owns only the layout format (member
-names, descriptors, limits, what a manifest references); ``export`` and
-``importer`` own the two commands. Pure: no IO here.
+names, descriptors, limits, what a manifest references); ``export`` (with ``plan``
+and ``layoutwriter``) and ``importer`` own the two commands. Pure: no IO here.
 """
 
 from __future__ import annotations
