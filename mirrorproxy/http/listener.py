@@ -3,7 +3,8 @@
 Owns how the app meets the network: which aiohttp knobs enforce ``[server]``'s
 limits, the TLS context, a cap on concurrent connections, and OCI error bodies for
 requests too malformed to reach the app. It does not decide what a request may do
-(``guard``) nor how to answer it (``handlers``).
+(``guard``) nor how to answer it (``handlers``), and it reaches aiohttp's server
+internals only through ``aiohttp_compat``.
 
 The limits and where they are enforced:
 
@@ -29,13 +30,14 @@ import resource
 import signal
 import ssl
 import time
+from collections.abc import Hashable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_log import AccessLogger
 
 from mirrorproxy.config import ServerConfig
 from mirrorproxy.core.errors import CLIENT_CLOSED, BadRequest, RegistryError
+from mirrorproxy.http.aiohttp_compat import GatedRunner, TcpSite, response_started
 from mirrorproxy.http.errors import client_gone, error_response
 
 logger = logging.getLogger(__name__)
@@ -70,29 +72,35 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-class _Handler(web.RequestHandler):
-    """aiohttp's per-connection protocol, under the cap; parser errors get an OCI body."""
+class GuardedConnections:
+    """The listener's ``ConnectionPolicy``: the connection cap and malformed-request answers.
 
-    __slots__ = ("_guard",)
+    It owns the set of live client connections, the count of those refused at the
+    cap (with a rate-limited warning), and the OCI error body for a request aiohttp
+    could not parse. It must not touch aiohttp's internals (``aiohttp_compat`` calls
+    it) nor judge requests that reached the app (``guard``, ``handlers``).
+    """
 
-    def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:
-        super().__init__(guard, **kwargs)
-        self._guard = guard
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.live: set[Hashable] = set()
+        self.refused = 0  # connections closed at the cap, since start
+        self._refused_unlogged = 0
+        self._last_warning = -math.inf
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self not in self._guard.live:
-            # Over the cap. Closed only now that aiohttp has set the connection up:
-            # its handler task then finds it closing, where a transport closed any
-            # earlier would already be torn down under it.
-            self.force_close()
+    def admit(self, conn: Hashable, transport: asyncio.Transport) -> bool:
+        """Count a new connection; False (over the cap) has it closed at once."""
+        if len(self.live) < self.max_connections:
+            self.live.add(conn)
+            return True
+        self._note_refusal(transport)
+        return False
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
+    def release(self, conn: Hashable) -> None:
+        self.live.discard(conn)
+
+    def error_response(
+        self, request: web.BaseRequest, status: int, exc: BaseException | None
     ) -> web.StreamResponse:
         """Answer a request aiohttp could not parse (400) or hand to the app (500).
 
@@ -113,54 +121,11 @@ class _Handler(web.RequestHandler):
         else:
             logger.debug("malformed request from %s: %s", request.remote, type(exc).__name__)
             err = BadRequest("malformed HTTP request")
-        if request.writer.output_size > 0:
+        if response_started(request):
             raise ConnectionError("a response was started; cannot send an error after it")
         resp = error_response(err)
         resp.force_close()
         return resp
-
-
-class GuardedServer(web.Server):
-    """aiohttp's low-level server with a cap on concurrent client connections."""
-
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        max_connections: int,
-        request_factory: Any,
-        handler_cancellation: bool,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            handler,
-            request_factory=request_factory,
-            handler_cancellation=handler_cancellation,
-            **kwargs,
-        )
-        self._handler_kwargs = kwargs
-        self.max_connections = max_connections
-        self.live: set[web.RequestHandler] = set()
-        self.refused = 0  # connections closed at the cap, since start
-        self._refused_unlogged = 0
-        self._last_warning = -math.inf
-
-    def __call__(self) -> web.RequestHandler:
-        return _Handler(self, loop=asyncio.get_running_loop(), **self._handler_kwargs)
-
-    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        """Count a new connection, or leave it out of ``live`` for its handler to close."""
-        if len(self.live) < self.max_connections:
-            self.live.add(handler)
-        else:
-            self._note_refusal(transport)
-        super().connection_made(handler, transport)
-
-    def connection_lost(
-        self, handler: web.RequestHandler, exc: BaseException | None = None
-    ) -> None:
-        self.live.discard(handler)
-        super().connection_lost(handler, exc)
 
     def _note_refusal(self, transport: asyncio.Transport) -> None:
         self.refused += 1
@@ -178,94 +143,9 @@ class GuardedServer(web.Server):
             self._refused_unlogged = 0
 
 
-class GuardedRunner(web.AppRunner):
-    """An AppRunner whose server is a GuardedServer with ``[server]``'s limits."""
-
-    __slots__ = ("_guard_kwargs", "_max_connections")
-
-    def __init__(
-        self,
-        app: web.Application,
-        server: ServerConfig,
-        *,
-        handle_signals: bool = False,
-        shutdown_timeout: float = 60.0,
-        **kwargs: Any,
-    ) -> None:
-        kwargs = {**handler_options(server), **kwargs}
-        super().__init__(
-            app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, **kwargs
-        )
-        self._guard_kwargs = {"access_log_class": AccessLogger, **kwargs}
-        self._max_connections = server.max_connections
-
-    async def _make_server(self) -> web.Server:
-        # AppRunner's own step runs the app's startup and freezes it; its server
-        # (which never gets a connection) supplies the app's request handler.
-        plain = await super()._make_server()
-        kwargs = dict(self._guard_kwargs)
-        kwargs.pop("handler_cancellation", None)
-        return GuardedServer(
-            plain.request_handler,
-            max_connections=self._max_connections,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            **kwargs,
-        )
-
-
-class GuardedSite(web.BaseSite):
-    """A TCP site whose TLS handshakes are bounded like request heads."""
-
-    __slots__ = ("_handshake_timeout", "_host", "_listening", "_port")
-
-    def __init__(
-        self,
-        runner: web.BaseRunner,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        handshake_timeout: float = 60.0,
-        backlog: int = 128,
-    ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
-        self._host = host
-        self._port = port
-        self._handshake_timeout = handshake_timeout
-        self._listening: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one once started with port 0)."""
-        if self._listening is not None and self._listening.sockets:
-            port: int = self._listening.sockets[0].getsockname()[1]
-            return port
-        return self._port
-
-    @property
-    def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{scheme}://{host}:{self.port}"
-
-    async def start(self) -> None:
-        await super().start()
-        server = self._runner.server
-        if server is None:  # pragma: no cover - BaseSite refuses an unset runner
-            raise RuntimeError("runner is not set up")
-        tls: dict[str, Any] = {}
-        if self._ssl_context is not None:
-            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
-        self._listening = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, backlog=self._backlog, **tls
-        )
-        self._server = self._listening  # BaseSite.stop() closes it
-
-
 async def start(
     app: web.Application, server: ServerConfig, **kwargs: Any
-) -> tuple[GuardedRunner, GuardedSite]:
+) -> tuple[GatedRunner, TcpSite]:
     """Set up ``app`` and listen on ``server.host:port`` with every limit in force.
 
     Args:
@@ -277,10 +157,14 @@ async def start(
     Raises:
         OSError: the address cannot be bound, or the TLS files cannot be loaded.
     """
-    runner = GuardedRunner(app, server, **kwargs)
+    runner = GatedRunner(
+        app,
+        GuardedConnections(server.max_connections),
+        **{**handler_options(server), **kwargs},
+    )
     try:
         await runner.setup()  # the app's startup: a failure here still cleans up
-        site = GuardedSite(
+        site = TcpSite(
             runner,
             server.host,
             server.port,

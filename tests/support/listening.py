@@ -15,8 +15,9 @@ from typing import Any
 
 from mirrorproxy.config import Config
 from mirrorproxy.http import keys
+from mirrorproxy.http.aiohttp_compat import GatedRunner, TcpSite
 from mirrorproxy.http.app import create_app
-from mirrorproxy.http.listener import GuardedRunner, GuardedServer, GuardedSite, start
+from mirrorproxy.http.listener import GuardedConnections, start
 
 
 @dataclass
@@ -24,8 +25,8 @@ class Listening:
     """A running mirror: its config, runner and site."""
 
     config: Config
-    runner: GuardedRunner
-    site: GuardedSite
+    runner: GatedRunner
+    site: TcpSite
 
     @property
     def host(self) -> str:
@@ -41,10 +42,11 @@ class Listening:
         return f"{scheme}://{self.host}:{self.port}"
 
     @property
-    def server(self) -> GuardedServer:
-        server = self.runner.server
-        assert isinstance(server, GuardedServer)
-        return server
+    def server(self) -> GuardedConnections:
+        """The listener's connections: those live, and the count refused at the cap."""
+        policy = self.runner.policy
+        assert isinstance(policy, GuardedConnections)
+        return policy
 
     def tune(self, **changes: Any) -> None:
         """Change ``FillTuning`` values for downloads started after this call."""
