@@ -28,7 +28,11 @@ MAX_NESTING = 4  # index -> manifest levels followed inside one image
 
 @dataclass(slots=True)
 class ExportResult:
-    """What an export wrote and left out: the numbers and lines of its report."""
+    """What an export wrote and left out: the numbers and lines of its report.
+
+    It owns the counts only; it must not decide anything (the ``Plan`` fills it in)
+    nor word the report (``export.describe`` does).
+    """
 
     tags: int = 0  # references written
     images: int = 0  # distinct manifests those references point at

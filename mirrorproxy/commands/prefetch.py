@@ -70,6 +70,12 @@ class PreloadError(Exception):
 
 @dataclass
 class ImageState:
+    """One image of a run and how far it got, for the display and the report.
+
+    It owns the image's state and byte counts; ``preload`` updates it, the reporters
+    only read it and must not change it.
+    """
+
     ref: ImageRef
     state: str = "queued"  # queued, resolving, fetching, done, failed
     total: int = 0  # bytes the image needs
@@ -82,7 +88,11 @@ class ImageState:
 
 @dataclass
 class Totals:
-    """The run's own numbers: every blob and manifest counted once, whoever needed it."""
+    """The run's own numbers: every blob and manifest counted once, whoever needed it.
+
+    Only ``preload`` writes it (the underscored sets are its bookkeeping); reporters
+    and the report read the public counts.
+    """
 
     blobs_fetched: int = 0  # from upstream
     bytes_fetched: int = 0
@@ -98,6 +108,8 @@ class Totals:
 
 
 class Reporter(Protocol):
+    """Shows a run's progress; it must not change the states it is shown."""
+
     def update(self, image: ImageState) -> None: ...
 
     def tick(self, images: Sequence[ImageState], totals: Totals) -> None: ...
@@ -105,6 +117,8 @@ class Reporter(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Options:
+    """How a run fetches (platforms, parallel images, referrers); set once by the verb."""
+
     platforms: tuple[str, ...] = ()  # empty: the host's platform
     all_platforms: bool = False
     jobs: int = 4

@@ -21,7 +21,11 @@ from mirrorproxy.core.errors import BadGateway, GatewayTimeout, RegistryError, R
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """What one endpoint answered, for error messages and the final status."""
+    """What one endpoint answered, for error messages and the final status.
+
+    It owns one endpoint's outcome and whether that was an outage or a refusal; it
+    must not hold the response itself (its body is read or released already).
+    """
 
     endpoint: str
     outcome: str  # "404", "503", "timeout", "connection refused", ...
@@ -173,7 +177,11 @@ class TooLarge(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A small upstream answer, read whole."""
+    """A small upstream answer (manifest, tag list), read whole.
+
+    It owns the body and the headers; it must not be used for blobs, which are
+    streamed through an ``UpstreamResponse`` and never held in memory.
+    """
 
     upstream: Upstream
     status: int
