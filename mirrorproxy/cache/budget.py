@@ -31,7 +31,7 @@ from collections.abc import Callable
 from itertools import chain
 
 from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, ManifestStore
-from mirrorproxy.cache.index import INDEX_FILE, CacheIndex, Entry
+from mirrorproxy.cache.index import CacheIndex, Entry
 from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.observability.metrics import Metrics
@@ -95,7 +95,7 @@ class CacheBudget:
 
     def open(self) -> None:
         """Open the index and make it agree with the stores (run once at start)."""
-        self.index = CacheIndex(self._config.dir / INDEX_FILE)
+        self.index = CacheIndex.of_cache(self._config.dir)
         added, dropped = self.index.reconcile_with(
             chain(self._blobs.contents(), self._manifests.contents())
         )

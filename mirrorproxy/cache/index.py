@@ -79,6 +79,11 @@ class CacheIndex:
         # The total size as this connection last read it, plus its own changes since.
         self._seen_total = 0 if read_only else self.total_size()
 
+    @classmethod
+    def of_cache(cls, cache_dir: Path, *, read_only: bool = False) -> CacheIndex:
+        """The index of the cache at ``cache_dir`` (its ``index.db``)."""
+        return cls(cache_dir / INDEX_FILE, read_only=read_only)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
