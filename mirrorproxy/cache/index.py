@@ -132,7 +132,7 @@ class CacheIndex:
             db.execute("DELETE FROM entries WHERE kind = ? AND digest = ?", (kind, digest))
         return -change[0]
 
-    def drop(self, entry: Entry, *, then: Callable[[], None]) -> bool:
+    def drop(self, entry: Entry, *, then: Callable[[], object]) -> bool:
         """Remove ``entry`` and run ``then`` (delete its file), if nobody changed it.
 
         Both happen under the index's write lock, so a server recording the same
