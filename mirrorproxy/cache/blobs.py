@@ -5,6 +5,10 @@ A download enters the cache through BlobWriter: bytes go to a temp file in
 and ``commit`` checks the digest and publishes the file atomically. Bulk import
 enters through ``stage`` (hashed, then published with the rest of its bundle).
 Nothing partial or unverified ever sits at a blob path.
+
+Over 300 lines because BlobWriter is one state machine (two worker threads per
+blob, the store-wide write-ahead bound, an abort that drains both threads before
+the descriptor closes) that reads best whole; the store around it is small.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from mirrorproxy.cache import CacheWriteError as CacheWriteError
 from mirrorproxy.cache import Chunk as Chunk
 from mirrorproxy.cache import DigestMismatch as DigestMismatch
 from mirrorproxy.cache.files import FileContent, StagedFile, stage_file
-from mirrorproxy.cache.publish import owner_alive, publish, temp_name
+from mirrorproxy.cache.publish import publish, sweep_temp, temp_name
 from mirrorproxy.core.oci import Digest
 
 logger = logging.getLogger(__name__)
@@ -68,14 +72,7 @@ class FileBlobStore(FileContent):
         """
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        swept = 0
-        for entry in self.tmp.iterdir():
-            if owner_alive(entry.name):
-                continue
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                swept += 1
-        return swept
+        return sweep_temp(self.tmp)
 
     async def lookup(self, digest: Digest) -> BlobInfo | None:
         path = self.path_of(digest)

@@ -17,6 +17,10 @@ is applied to it in the same step as to the index, and what other processes chan
 a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
 plus what running fills have reserved. Last use is tracked in memory and written
 to the index in batches, off the hot path.
+
+Over 300 lines because admission, accounting and eviction share one total, the
+pins and the reservations: split apart, each part would reach into the others'
+state. It reaches content only through the store Protocols and the index.
 """
 
 from __future__ import annotations

@@ -42,6 +42,22 @@ def owner_alive(name: str) -> bool:
     return True
 
 
+def sweep_temp(tmp_dir: Path) -> int:
+    """Remove the temp files in ``tmp_dir`` whose writers are gone; return how many.
+
+    Files of another live process (a server, preload or import on the same cache
+    dir) are left alone.
+    """
+    swept = 0
+    for entry in tmp_dir.iterdir():
+        if owner_alive(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            swept += 1
+    return swept
+
+
 def sync_directory(path: Path) -> None:
     """fsync a directory, making the renames and creations in it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
