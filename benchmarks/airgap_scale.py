@@ -42,7 +42,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.measure import peak_rss_bytes
 from mirrorproxy.bundle import CONTAINERD_KEY
 from mirrorproxy.cache import TagEntry
-from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.cache.stores import open_stores
+from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, parse_digest
 from tests.support.images import Layer, make_layer, put_manifest, request, sha256_digest
 from tests.support.procs import Containerd, MirrorProcess, Registry, free_port, mirror_config
@@ -214,7 +215,7 @@ def seed_tags(cache: Path, pushed: Sequence[Pushed], total: int) -> float:
     """Alias tags until the cache holds ``total`` tag records; return seconds taken."""
     t0 = time.perf_counter()
     now = time.time()
-    store = FileManifestStore(cache)
+    store = open_stores(CacheConfig(dir=cache)).manifests
     items = []
     for n in range(total - len(pushed)):
         p = pushed[n % len(pushed)]

@@ -12,7 +12,8 @@ annotation) that ``index.json`` lists instead. Every index document export write
 stays under ``MAX_INDEX_SIZE``, the limit import enforces, so export can never write
 a bundle import refuses. This package module owns only the layout format (member
 names, descriptors, limits, what a manifest references); ``export`` (with ``plan``
-and ``layoutwriter``) and ``importer`` own the two commands. Pure: no IO here.
+and ``layoutwriter``) and ``importer`` (which reads the tar through ``reader``) own
+the two commands. Pure: no IO here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""Content-addressed blob files: ``blobs/<alg>/<xx>/<hex>``.
+"""The filesystem ``BlobStore``: content-addressed files ``blobs/<alg>/<xx>/<hex>``.
 
-A blob enters the cache only through BlobWriter: bytes go to a temp file in
+A download enters the cache through BlobWriter: bytes go to a temp file in
 ``tmp/`` and through the hash, both in worker threads while the download goes on,
-and ``commit`` checks the digest, fsyncs and renames atomically. Nothing partial
-or unverified ever sits at a blob path.
+and ``commit`` checks the digest and publishes the file atomically. Bulk import
+enters through ``stage`` (hashed, then published with the rest of its bundle).
+Nothing partial or unverified ever sits at a blob path.
+
+Over 300 lines because BlobWriter is one state machine (two worker threads per
+blob, the store-wide write-ahead bound, an abort that drains both threads before
+the descriptor closes) that reads best whole; the store around it is small.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from mirrorproxy.cache import BlobInfo, owner_alive, temp_name
-from mirrorproxy.cache.index import BLOB
-from mirrorproxy.cache.walk import content_path
+from mirrorproxy.cache import BLOB, BlobInfo
+from mirrorproxy.cache import CacheWriteError as CacheWriteError
+from mirrorproxy.cache import Chunk as Chunk
+from mirrorproxy.cache import DigestMismatch as DigestMismatch
+from mirrorproxy.cache.files import FileContent, StagedFile, stage_file
+from mirrorproxy.cache.publish import publish, sweep_temp, temp_name
 from mirrorproxy.core.oci import Digest
 
 logger = logging.getLogger(__name__)
@@ -35,20 +43,6 @@ WRITE_AHEAD = 32 * 1024 * 1024
 WRITE_AHEAD_MIN = 8 * 1024 * 1024
 IOV_MAX = 1024  # buffers per pwritev on Linux
 
-Chunk = bytes | bytearray | memoryview
-
-
-class DigestMismatch(Exception):
-    """The bytes written do not hash to the digest they were fetched for."""
-
-
-class CacheWriteError(OSError):
-    """The cache's disk failed a write, fsync or rename.
-
-    Its own class because an upstream's timeouts and connection errors are OSErrors
-    too, and only this one means the disk is in trouble.
-    """
-
 
 class WriteSkipped(CacheWriteError):
     """A queued write dropped because the writer was aborted or an earlier write failed."""
@@ -58,10 +52,16 @@ class _Dropped(Exception):
     """A queued hash dropped because the blob is being thrown away."""
 
 
-class FileBlobStore:
+class FileBlobStore(FileContent):
+    """Blob files under a cache directory (the filesystem ``BlobStore``).
+
+    Owns the files and the bytes being written; decides nothing about what to cache.
+    """
+
+    kind = BLOB
+
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tmp = root / "tmp"
+        super().__init__(root)
         self.in_flight = 0  # bytes queued by every BlobWriter, not yet written and hashed
 
     def prepare(self) -> int:
@@ -72,17 +72,7 @@ class FileBlobStore:
         """
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        swept = 0
-        for entry in self.tmp.iterdir():
-            if owner_alive(entry.name):
-                continue
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                swept += 1
-        return swept
-
-    def path_of(self, digest: Digest) -> Path:
-        return content_path(self.root, BLOB, str(digest))
+        return sweep_temp(self.tmp)
 
     async def lookup(self, digest: Digest) -> BlobInfo | None:
         path = self.path_of(digest)
@@ -94,6 +84,12 @@ class FileBlobStore:
 
     def begin(self, digest: Digest, on_written: Callable[[], None] | None = None) -> BlobWriter:
         return BlobWriter(self, digest, on_written)
+
+    def open(self, digest: Digest) -> BinaryIO:
+        return open(self.path_of(digest), "rb")
+
+    def stage(self, digest: Digest, chunks: Iterable[bytes]) -> StagedFile:
+        return stage_file(self.tmp, self.path_of(digest), digest, chunks)
 
 
 class BlobWriter:
@@ -315,17 +311,6 @@ def _write_all(fd: int, chunks: Sequence[Chunk], offset: int) -> None:
 
 def _publish(fd: int, tmp_path: Path, final: Path) -> None:
     try:
-        _fsync_and_rename(fd, tmp_path, final)
+        publish(tmp_path, final, fd=fd)
     except OSError as err:
         raise CacheWriteError(err.errno, err.strerror or str(err)) from err
-
-
-def _fsync_and_rename(fd: int, tmp_path: Path, final: Path) -> None:
-    os.fsync(fd)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_path, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)

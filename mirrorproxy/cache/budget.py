@@ -17,23 +17,25 @@ is applied to it in the same step as to the index, and what other processes chan
 a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
 plus what running fills have reserved. Last use is tracked in memory and written
 to the index in batches, off the hot path.
+
+Over 300 lines because admission, accounting and eviction share one total, the
+pins and the reservations: split apart, each part would reach into the others'
+state. It reaches content only through the store Protocols and the index.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
+from itertools import chain
 
-from mirrorproxy.cache.blobs import FileBlobStore
-from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
-from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, ManifestStore
+from mirrorproxy.cache.index import CacheIndex, Entry
 from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.observability.metrics import Metrics
@@ -76,8 +78,8 @@ class CacheBudget:
         self,
         config: CacheConfig,
         *,
-        blobs: FileBlobStore,
-        manifests: FileManifestStore,
+        blobs: BlobStore,
+        manifests: ManifestStore,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -96,9 +98,11 @@ class CacheBudget:
         self.write_retry = WRITE_RETRY
 
     def open(self) -> None:
-        """Open the index and make it agree with the files (run once at start)."""
-        self.index = CacheIndex(self._config.dir / "index.db")
-        added, dropped = self.index.reconcile(self._config.dir)
+        """Open the index and make it agree with the stores (run once at start)."""
+        self.index = CacheIndex.of_cache(self._config.dir)
+        added, dropped = self.index.reconcile_with(
+            chain(self._blobs.contents(), self._manifests.contents())
+        )
         if added or dropped:
             logger.info("cache index reconciled: %d entries added, %d dropped", added, dropped)
         self.total = self.index.total_size()
@@ -320,15 +324,7 @@ class CacheBudget:
             digest = None
         try:
             if digest is not None:
-                path: Path = (
-                    self._blobs.path_of(digest)
-                    if entry.kind == BLOB
-                    else self._manifests.path_of(digest)
-                )
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                if entry.kind == MANIFEST:
-                    self._manifests.forget(digest)
+                (self._blobs if entry.kind == BLOB else self._manifests).delete(digest)
             # What the index held (0: another process removed it, and the flush
             # accounts for that as its change).
             removed = self.index.remove(entry.kind, entry.digest) if self.index else 0

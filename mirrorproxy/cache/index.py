@@ -15,18 +15,20 @@ the others did, however its own writes interleave with that read.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
-BLOB, MANIFEST = "blob", "manifest"
-_HEX = {"sha256": 64, "sha512": 128}
-_HEX_RE = re.compile(r"[0-9a-f]+")
+from mirrorproxy.cache import BLOB as BLOB
+from mirrorproxy.cache import MANIFEST as MANIFEST
+from mirrorproxy.cache import Content
+from mirrorproxy.cache.files import contents_of
+
+INDEX_FILE = "index.db"  # in the cache directory, on every member's local disk
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -77,6 +79,11 @@ class CacheIndex:
         # The total size as this connection last read it, plus its own changes since.
         self._seen_total = 0 if read_only else self.total_size()
 
+    @classmethod
+    def of_cache(cls, cache_dir: Path, *, read_only: bool = False) -> CacheIndex:
+        """The index of the cache at ``cache_dir`` (its ``index.db``)."""
+        return cls(cache_dir / INDEX_FILE, read_only=read_only)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -125,7 +132,7 @@ class CacheIndex:
             db.execute("DELETE FROM entries WHERE kind = ? AND digest = ?", (kind, digest))
         return -change[0]
 
-    def drop(self, entry: Entry, *, then: Callable[[], None]) -> bool:
+    def drop(self, entry: Entry, *, then: Callable[[], object]) -> bool:
         """Remove ``entry`` and run ``then`` (delete its file), if nobody changed it.
 
         Both happen under the index's write lock, so a server recording the same
@@ -200,11 +207,14 @@ class CacheIndex:
         return Entry(*row) if row else None
 
     def reconcile(self, root: Path) -> tuple[int, int]:
-        """Make the index match the files under ``root``; return (added, dropped)."""
+        """Make the index match the content files of a filesystem cache at ``root``."""
+        return self.reconcile_with(chain(contents_of(root, BLOB), contents_of(root, MANIFEST)))
+
+    def reconcile_with(self, contents: Iterable[Content]) -> tuple[int, int]:
+        """Make the index match what the stores hold; return (added, dropped)."""
         on_disk: dict[tuple[str, str], tuple[int, float]] = {}
-        for kind, sub in ((BLOB, "blobs"), (MANIFEST, "manifests")):
-            for digest, size, mtime in _scan(root / sub):
-                on_disk[(kind, digest)] = (size, mtime)
+        for c in contents:
+            on_disk[(c.kind, str(c.digest))] = (c.size, c.stored)
         with self._lock, self._db:
             known = {
                 (k, d): s for k, d, s in self._db.execute("SELECT kind, digest, size FROM entries")
@@ -229,21 +239,3 @@ class CacheIndex:
             row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
             self._seen_total = int(row[0])
         return len(added) + len(resized), len(dropped)
-
-
-def _scan(base: Path) -> Iterator[tuple[str, int, float]]:
-    """(digest, size, mtime) of every content file under ``<base>/<alg>/<xx>/<hex>``."""
-    try:
-        algs = list(os.scandir(base))
-    except FileNotFoundError:
-        return
-    for alg in algs:
-        if alg.name not in _HEX or not alg.is_dir():
-            continue
-        for shard in os.scandir(alg.path):
-            if not shard.is_dir():
-                continue
-            for f in os.scandir(shard.path):
-                if len(f.name) == _HEX[alg.name] and _HEX_RE.fullmatch(f.name) and f.is_file():
-                    st = f.stat()
-                    yield f"{alg.name}:{f.name}", st.st_size, st.st_mtime

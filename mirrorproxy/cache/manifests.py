@@ -1,42 +1,53 @@
 """Manifests by digest (immutable) and tag -> digest records, on disk and hot in memory.
 
 A manifest file holds its media type on the first line and the exact bytes after
-it. A tag record (``tags/<xx>/<hash>.json``) maps each Accept set a client used to
-what the tag resolved to, so an index and a single-platform manifest under the
-same tag never answer for each other. Files are written temp + rename.
+it, and is checked against its digest on every read from disk. A tag record maps
+each Accept set a client used to what the tag resolved to, so an index and a
+single-platform manifest under the same tag never answer for each other (see
+``records`` for their files). Every file is published atomically.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import hashlib
-import json
 import logging
-import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
-from mirrorproxy.cache import StoredManifest, TagEntry, temp_name
-from mirrorproxy.cache.index import MANIFEST
-from mirrorproxy.cache.walk import content_path
-from mirrorproxy.core.oci import Digest, manifest_digest, parse_digest
+from mirrorproxy.cache import (
+    MANIFEST,
+    ReferrersRecord,
+    StoredManifest,
+    TagEntry,
+    TagKey,
+    TagRecord,
+)
+from mirrorproxy.cache import records as rec
+from mirrorproxy.cache.files import FileContent
+from mirrorproxy.cache.publish import write_atomic, write_atomic_many
+from mirrorproxy.core.oci import Digest, manifest_digest
 
 logger = logging.getLogger(__name__)
 
-TagKey = tuple[str, str, str]  # (registry, repository, tag)
 TAG_RECHECK = 1.0  # seconds a remembered tag record is trusted without a stat
 MAX_TAGS_IN_MEMORY = 100_000
 
 
-class FileManifestStore:
+class FileManifestStore(FileContent):
+    """Manifest files, tag and referrers records under a cache directory.
+
+    Owns what is stored and a bounded hot copy in memory; never decides when a tag
+    is stale or asks an upstream.
+    """
+
+    kind = MANIFEST
+
     def __init__(self, root: Path, *, memory_bytes: int = 64 * 1024 * 1024) -> None:
-        self.root = root
-        self.tmp = root / "tmp"
+        super().__init__(root)
         self._memory_bytes = memory_bytes
         self._hot: OrderedDict[Digest, StoredManifest] = OrderedDict()
         self._hot_size = 0
@@ -48,12 +59,7 @@ class FileManifestStore:
         for sub in ("manifests", "tags", "referrers", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def path_of(self, digest: Digest) -> Path:
-        return content_path(self.root, MANIFEST, str(digest))
-
-    def _tag_path(self, ns: str, repo: str, tag: str) -> Path:
-        key = hashlib.sha256(f"{ns}\0{repo}\0{tag}".encode()).hexdigest()
-        return self.root / "tags" / key[:2] / f"{key}.json"
+    # -- manifests -------------------------------------------------------------
 
     async def get(self, digest: Digest) -> StoredManifest | None:
         hot = self._hot.get(digest)
@@ -64,25 +70,53 @@ class FileManifestStore:
             raw = await asyncio.to_thread(self.path_of(digest).read_bytes)
         except OSError:
             return None
-        media_type, sep, body = raw.partition(b"\n")
-        if not sep or manifest_digest(body, media_type.decode(), digest.algorithm) != digest:
+        manifest = _parse(raw, digest)
+        if manifest is None:
             logger.warning("dropping corrupt cached manifest %s", digest)
             with contextlib.suppress(OSError):
                 self.path_of(digest).unlink()
             return None
-        manifest = StoredManifest(digest, media_type.decode(), body)
         self._remember(manifest)
         return manifest
 
+    def load(self, digest: Digest) -> StoredManifest | None:
+        try:
+            raw = self.path_of(digest).read_bytes()
+        except OSError:
+            return None
+        return _parse(raw, digest)
+
+    def _intact(self, f: BinaryIO, digest: Digest) -> bool:
+        return _parse(f.read(), digest) is not None
+
     async def put(self, manifest: StoredManifest) -> int:
         """Store a manifest; return the bytes its file takes (what the index counts)."""
-        data = manifest.media_type.encode() + b"\n" + manifest.body
-        await asyncio.to_thread(_atomic_write, self.tmp, self.path_of(manifest.digest), data)
+        data = _file_bytes(manifest)
+        await asyncio.to_thread(
+            write_atomic, self.path_of(manifest.digest), data, tmp_dir=self.tmp
+        )
         self._remember(manifest)
         return len(data)
 
+    def put_many(self, manifests: Iterable[StoredManifest]) -> list[int]:
+        """Store many manifests behind one durability barrier (blocking; for bulk import).
+
+        Returns the bytes each file takes, in order.
+        """
+        files = [(self.path_of(m.digest), _file_bytes(m)) for m in manifests]
+        write_atomic_many(self.tmp, files)
+        return [len(data) for _, data in files]
+
+    def delete(self, digest: Digest) -> bool:
+        self.forget(digest)
+        return super().delete(digest)
+
+    def quarantine(self, digest: Digest) -> str:
+        self.forget(digest)
+        return super().quarantine(digest)
+
     def forget(self, digest: Digest) -> None:
-        """Drop a manifest from memory (it was evicted from disk)."""
+        """Drop a manifest from memory (it left the disk)."""
         old = self._hot.pop(digest, None)
         if old is not None:
             self._hot_size -= len(old.body)
@@ -96,6 +130,8 @@ class FileManifestStore:
             _, old = self._hot.popitem(last=False)
             self._hot_size -= len(old.body)
 
+    # -- tags --------------------------------------------------------------------
+
     async def get_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
         """What a tag resolved to, per Accept set; re-read when another process wrote it.
 
@@ -103,6 +139,7 @@ class FileManifestStore:
         remembered one is checked against its file's mtime at most once a second.
         """
         key = (ns, repo, tag)
+        path = rec.tag_path(self.root, ns, repo, tag)
         memo = self._tags.get(key)
         now = time.monotonic()
         if memo is not None:
@@ -110,12 +147,12 @@ class FileManifestStore:
             if now - checked < TAG_RECHECK:
                 self._tags.move_to_end(key)
                 return entries
-            if _mtime(self._tag_path(ns, repo, tag)) == mtime:
+            if _mtime(path) == mtime:
                 self._tags[key] = (entries, mtime, now)
                 self._tags.move_to_end(key)
                 return entries
-        mtime = _mtime(self._tag_path(ns, repo, tag))
-        entries = await asyncio.to_thread(self._read_tag, ns, repo, tag)
+        mtime = _mtime(path)
+        entries = await asyncio.to_thread(rec.read_tag, path)
         if entries:  # no negative caching: preload/import may write it any time
             self._remember_tag(key, entries, mtime)
         return entries
@@ -140,24 +177,13 @@ class FileManifestStore:
                 del self._tag_locks[key]
 
     async def _put_tag(self, key: TagKey, accept: str, entry: TagEntry) -> None:
-        ns, repo, tag = key
-        entries = dict(await self.get_tag(ns, repo, tag))
+        entries = dict(await self.get_tag(*key))
         entries[accept] = entry
         self._remember_tag(key, entries, -1)  # in memory first: the answer holds anyway
-        path = self._tag_path(ns, repo, tag)
-        await asyncio.to_thread(_atomic_write, self.tmp, path, _record_bytes(key, entries))
+        path = rec.tag_path(self.root, *key)
+        data = rec.tag_bytes(key, entries)
+        await asyncio.to_thread(write_atomic, path, data, tmp_dir=self.tmp)
         self._remember_tag(key, entries, _mtime(path))
-
-    def put_many(self, manifests: Iterable[StoredManifest]) -> list[int]:
-        """Store many manifests behind one durability barrier (blocking; for bulk import).
-
-        Returns the bytes each file takes, in order.
-        """
-        files = [
-            (self.path_of(m.digest), m.media_type.encode() + b"\n" + m.body) for m in manifests
-        ]
-        _atomic_write_many(self.tmp, files)
-        return [len(data) for _, data in files]
 
     def put_tags(self, items: Iterable[tuple[TagKey, str, TagEntry]]) -> int:
         """Record many tags behind one durability barrier (blocking; for bulk import).
@@ -169,69 +195,50 @@ class FileManifestStore:
         for key, accept, entry in items:
             entries = changed.get(key)
             if entries is None:
-                entries = self._read_tag(*key)
+                entries = rec.read_tag(rec.tag_path(self.root, *key))
             current = entries.get(accept)
             if current is not None and current.digest == entry.digest:
                 continue
             changed[key] = {**entries, accept: entry}
-        _atomic_write_many(
+        write_atomic_many(
             self.tmp,
-            [(self._tag_path(*key), _record_bytes(key, e)) for key, e in changed.items()],
+            [(rec.tag_path(self.root, *key), rec.tag_bytes(key, e)) for key, e in changed.items()],
         )
         return len(changed)
 
-    def _referrers_path(self, ns: str, repo: str, subject: Digest) -> Path:
-        key = hashlib.sha256(f"{ns}\0{repo}\0{subject}".encode()).hexdigest()
-        return self.root / "referrers" / key[:2] / f"{key}.json"
+    def tag_records(self) -> Iterator[TagRecord]:
+        return rec.tag_records(self.root)
+
+    # -- referrers ---------------------------------------------------------------
 
     async def get_referrers(self, ns: str, repo: str, subject: Digest) -> TagEntry | None:
         """The last referrers index learnt for ``subject`` (stored as a manifest)."""
-        path = self._referrers_path(ns, repo, subject)
-        try:
-            record: Any = json.loads(await asyncio.to_thread(path.read_bytes))
-            return TagEntry(
-                digest=parse_digest(record["digest"]),
-                media_type=str(record["media_type"]),
-                size=int(record["size"]),
-                fetched=float(record["fetched"]),
-            )
-        except FileNotFoundError:
-            return None
-        except Exception:  # a torn or foreign file is a cache miss, not an outage
-            logger.warning("ignoring unreadable referrers record %s", path)
-            return None
+        path = rec.referrers_path(self.root, ns, repo, subject)
+        return await asyncio.to_thread(rec.read_referrers, path)
 
     async def put_referrers(self, ns: str, repo: str, subject: Digest, entry: TagEntry) -> None:
-        record = {
-            "namespace": ns,
-            "repository": repo,
-            "subject": str(subject),
-            "digest": str(entry.digest),
-            "media_type": entry.media_type,
-            "size": entry.size,
-            "fetched": entry.fetched,
-        }
-        path = self._referrers_path(ns, repo, subject)
-        await asyncio.to_thread(_atomic_write, self.tmp, path, json.dumps(record).encode())
+        path = rec.referrers_path(self.root, ns, repo, subject)
+        data = rec.referrers_bytes(ns, repo, subject, entry)
+        await asyncio.to_thread(write_atomic, path, data, tmp_dir=self.tmp)
 
-    def _read_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
-        path = self._tag_path(ns, repo, tag)
-        try:
-            record: Any = json.loads(path.read_bytes())
-            out = {}
-            for k, e in record["entries"].items():
-                out[str(k)] = TagEntry(
-                    digest=parse_digest(e["digest"]),
-                    media_type=str(e["media_type"]),
-                    size=int(e["size"]),
-                    fetched=float(e["fetched"]),
-                )
-            return out
-        except FileNotFoundError:
-            return {}
-        except Exception:  # a torn or foreign file is a cache miss, not an outage
-            logger.warning("ignoring unreadable tag record %s", path)
-            return {}
+    def referrers_records(self) -> Iterator[ReferrersRecord]:
+        return rec.referrers_records(self.root)
+
+
+def _file_bytes(manifest: StoredManifest) -> bytes:
+    return manifest.media_type.encode() + b"\n" + manifest.body
+
+
+def _parse(raw: bytes, digest: Digest) -> StoredManifest | None:
+    """The manifest a file holds, if it is whole and hashes to ``digest``."""
+    media_type, sep, body = raw.partition(b"\n")
+    try:
+        kind = media_type.decode()
+    except UnicodeDecodeError:
+        return None
+    if not sep or manifest_digest(body, kind, digest.algorithm) != digest:
+        return None
+    return StoredManifest(digest, kind, body)
 
 
 def _mtime(path: Path) -> int:
@@ -241,89 +248,3 @@ def _mtime(path: Path) -> int:
     except OSError:
         return -1
     return st.st_mtime_ns ^ (st.st_ino << 64)
-
-
-def _record_bytes(key: TagKey, entries: dict[str, TagEntry]) -> bytes:
-    ns, repo, tag = key
-    record = {
-        "namespace": ns,
-        "repository": repo,
-        "tag": tag,
-        "entries": {
-            k: {
-                "digest": str(e.digest),
-                "media_type": e.media_type,
-                "size": e.size,
-                "fetched": e.fetched,
-            }
-            for k, e in entries.items()
-        },
-    }
-    return json.dumps(record, indent=1).encode()
-
-
-def _atomic_write(tmp_dir: Path, final: Path, data: bytes) -> None:
-    tmp = tmp_dir / temp_name(final.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _atomic_write_many(tmp_dir: Path, files: Sequence[tuple[Path, bytes]]) -> None:
-    """Write many files temp + rename with one flush of the filesystem, not one per file.
-
-    Every temp file is written first, then the filesystem is flushed once (syncfs),
-    then all are renamed and each directory touched is fsynced: after a crash each
-    final path holds either its old or its whole new content, like ``_atomic_write``.
-    """
-    if not files:
-        return
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for final, data in files:
-            tmp = tmp_dir / temp_name(final.name)
-            temps.append((tmp, final))
-            with open(tmp, "wb") as f:
-                f.write(data)
-        _sync_filesystem(tmp_dir)
-        parents = set()
-        for tmp, final in temps:
-            if final.parent not in parents:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                parents.add(final.parent)
-            os.replace(tmp, final)
-        for parent in parents:
-            fd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        for tmp, _ in temps:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
-
-
-def _sync_filesystem(path: Path) -> None:
-    """Flush the filesystem holding ``path`` (Linux syncfs; a global sync elsewhere)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    syncfs = getattr(libc, "syncfs", None)
-    if syncfs is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)

@@ -4,19 +4,19 @@ The renderer is pure (config in, text out) and parses its own output back with
 tomllib before anyone writes it, because containerd silently ignores a hosts.toml it
 cannot parse and pulls straight from the registry instead. The writer replaces only
 the files of namespaces the config names and never removes anything, so directories
-that other tools or people manage in the same certs.d survive every run. The atomic
-writer here is the one every generated client file goes through.
+that other tools or people manage in the same certs.d survive every run. Every
+generated client file goes through ``write_generated``, and so through the one
+atomic writer (``mirrorproxy.cache.publish``).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirrorproxy.cache.publish import write_atomic
 from mirrorproxy.config import WILDCARD, Config, Namespace, ServerConfig, parse_upstream_url
 
 HOSTS_FILE = "hosts.toml"
@@ -170,8 +170,8 @@ def write_generated(path: Path, text: str, *, mark: str) -> WriteResult:
     backup = None
     if old is not None and mark not in old:
         backup = path.with_name(path.name + ".bak")
-        write_atomic(backup, path.read_bytes())
-    write_atomic(path, text.encode())
+        write_atomic(backup, path.read_bytes(), mode=0o644)
+    write_atomic(path, text.encode(), mode=0o644)
     return WriteResult(path, changed=True, backup=backup)
 
 
@@ -208,23 +208,3 @@ def _check_round_trip(text: str, *, mirror_url: str, server: str | None, ca: str
         raise ValueError(f"rendered hosts.toml does not parse: {err}") from None
     if parsed != expected:
         raise ValueError(f"rendered hosts.toml parses to {parsed!r}, not {expected!r}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` via a synced temp file in the same directory, then sync the dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

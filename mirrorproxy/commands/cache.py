@@ -5,32 +5,32 @@ open the index read-only and never reconcile it with the files (only the server
 does that, at start: next to a running server a reconcile would record blobs just
 renamed into place or just evicted). ``verify`` and ``prune`` remove an entry and
 its file under the index's write lock, and only if the entry is still the one they
-looked at; the server picks up the new totals within seconds.
+looked at; the server picks up the new totals within seconds. Content is reached
+only through the configured stores (listing, checking, deleting, quarantining),
+and the index through ``CacheIndex``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import os
+import json
 import sqlite3
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TextIO
+from functools import partial
+from typing import Any, TextIO
 
-from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex, Entry
-from mirrorproxy.cache.walk import content_path, manifest_doc, tag_records
+from mirrorproxy.cache import BLOB, MANIFEST, ContentStore, ManifestStore
+from mirrorproxy.cache.index import INDEX_FILE, CacheIndex, Entry
+from mirrorproxy.cache.stores import Stores, open_stores
 from mirrorproxy.commands.errors import EXIT_USAGE, CliError
 from mirrorproxy.config import Config, load_config, with_overrides
-from mirrorproxy.core.oci import DOCKER_V1_SIGNED, manifest_digest
+from mirrorproxy.core.errors import RegistryError
+from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.core.units import format_size, parse_duration, parse_size
-
-HASH_CHUNK = 4 * 1024 * 1024
-INDEX_FILE = "index.db"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,50 +56,40 @@ def open_index(config: Config, *, read_only: bool) -> CacheIndex:
     path = root / INDEX_FILE
     if read_only and not path.exists():
         raise FileNotFoundError(f"no cache index at {path} (the server creates it)")
-    return CacheIndex(path, read_only=read_only)
+    return CacheIndex.of_cache(root, read_only=read_only)
 
 
-def tag_rows(config: Config, index: CacheIndex, namespace: str | None) -> list[TagRow]:
+def tag_rows(stores: Stores, index: CacheIndex, namespace: str | None) -> list[TagRow]:
     """Every cached tag (per Accept variant), newest knowledge first."""
-    root = config.cache.dir
     entries = {(e.kind, e.digest): e for e in index.entries()}
     rows: list[TagRow] = []
-    for record in tag_records(root):
+    for record in stores.manifests.tag_records():
         ns, repo, tag = record.namespace, record.repository, record.tag
-        variants = record.entries.values()
         if namespace is not None and ns != namespace:
             continue
-        seen: set[str] = set()
-        for v in variants:
-            digest = str(v.get("digest", ""))
-            if digest in seen:
+        seen: set[Digest] = set()
+        for v in record.entries.values():
+            if v.digest in seen:
                 continue
-            seen.add(digest)
-            size = _image_size(root, digest, entries)
-            # No manifest file: not in the cache, whatever the index still says.
-            used = entries.get((MANIFEST, digest)) if size is not None else None
-            rows.append(
-                TagRow(
-                    ns,
-                    repo,
-                    tag,
-                    digest,
-                    str(v.get("media_type", "")),
-                    size,
-                    used.last_used if used else None,
-                )
-            )
+            seen.add(v.digest)
+            size = _image_size(stores.manifests, str(v.digest), entries)
+            # No manifest stored: not in the cache, whatever the index still says.
+            used = entries.get((MANIFEST, str(v.digest))) if size is not None else None
+            last_used = used.last_used if used else None
+            rows.append(TagRow(ns, repo, tag, str(v.digest), v.media_type, size, last_used))
     return rows
 
 
-def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) -> int | None:
+def _image_size(
+    manifests: ManifestStore, digest: str, entries: dict[tuple[str, str], Entry]
+) -> int | None:
     """Bytes of a manifest and what it references that is in the cache."""
-    doc = manifest_doc(root, digest)
+    doc = _manifest_doc(manifests, digest)
     if doc is None:
         return None
     total = entries[(MANIFEST, digest)].size if (MANIFEST, digest) in entries else 0
     for child in doc.get("manifests", []) if isinstance(doc.get("manifests"), list) else []:
-        sub = _image_size(root, str(child.get("digest", "")), entries)
+        sub = _image_size(manifests, str(child.get("digest", "")), entries)
         total += sub or 0
     refs = [doc.get("config")] + (doc.get("layers") or [])
     for ref in refs:
@@ -108,10 +98,32 @@ def _image_size(root: Path, digest: str, entries: dict[tuple[str, str], Entry]) 
     return total
 
 
+def _manifest_doc(manifests: ManifestStore, digest: str) -> dict[str, Any] | None:
+    """The stored manifest's JSON document, or None if absent, damaged or not JSON."""
+    try:
+        manifest = manifests.load(parse_digest(digest))
+        doc = json.loads(manifest.body) if manifest is not None else None
+    except (RegistryError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _digest(entry: Entry) -> Digest | None:
+    try:
+        return parse_digest(entry.digest)
+    except RegistryError:
+        return None  # not something a store holds: nothing to check or delete
+
+
+def _quarantine(store: ContentStore, digest: Digest, moved: list[str]) -> Callable[[], None]:
+    """What ``index.drop`` runs for a bad entry: quarantine it, noting where it went."""
+    return lambda: moved.append(store.quarantine(digest))
+
+
 def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:
     index = open_index(config, read_only=True)
     try:
-        rows = tag_rows(config, index, namespace)
+        rows = tag_rows(open_stores(config.cache), index, namespace)
     finally:
         index.close()
     out.write(
@@ -160,54 +172,35 @@ def cmd_du(config: Config, out: TextIO) -> int:
 
 
 def cmd_verify(config: Config, out: TextIO) -> int:
-    """Re-hash every entry; move mismatches to ``quarantine/``. Exit 1 if any."""
-    root = config.cache.dir
+    """Re-hash every entry; move mismatches to quarantine. Exit 1 if any."""
+    stores = open_stores(config.cache)
     index = open_index(config, read_only=False)
     bad = checked = 0
     try:
         for e in index.entries():
-            path = content_path(root, e.kind, e.digest)
-            try:
-                ok = _hash_matches(path, e.kind, e.digest)
-            except FileNotFoundError:
+            digest = _digest(e)
+            store = stores.of(e.kind)
+            ok = store.check(digest) if digest is not None else None
+            if ok is None or digest is None:
                 continue  # evicted or pruned meanwhile
             checked += 1
             if ok:
                 continue
-            target = root / "quarantine" / f"{e.kind}-{e.digest.replace(':', '-')}"
-            target.parent.mkdir(exist_ok=True)
-
-            def quarantine(path: Path = path, target: Path = target) -> None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, target)
-
-            if not index.drop(e, then=quarantine):
+            moved: list[str] = []
+            if not index.drop(e, then=_quarantine(store, digest, moved)):
                 continue  # evicted (and maybe fetched again) while it was hashed
             bad += 1
-            out.write(f"MISMATCH {e.kind} {e.digest}: moved to {target}\n")
+            out.write(f"MISMATCH {e.kind} {e.digest}: moved to {moved[0]}\n")
     finally:
         index.close()
     out.write(f"verified {checked} entries, {bad} bad\n")
     return 1 if bad else 0
 
 
-def _hash_matches(path: Path, kind: str, digest: str) -> bool:
-    alg, _, expected = digest.partition(":")
-    h = hashlib.new(alg)
-    with open(path, "rb") as f:
-        if kind == MANIFEST:
-            media_type = f.readline().decode(errors="replace").strip()
-            if media_type == DOCKER_V1_SIGNED:  # small, and hashed without its signatures
-                return manifest_digest(f.read(), media_type, alg).hex == expected
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest() == expected
-
-
 def cmd_prune(
     config: Config, *, older_than: float | None, to_size: int | None, out: TextIO
 ) -> int:
-    root = config.cache.dir
+    stores = open_stores(config.cache)
     index = open_index(config, read_only=False)
     removed = freed = 0
     try:
@@ -219,15 +212,11 @@ def cmd_prune(
             too_big = to_size is not None and total > to_size
             if not (too_old or too_big):
                 continue
-            path = content_path(root, e.kind, e.digest)
-
-            def unlink(path: Path = path) -> None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-
+            digest = _digest(e)
+            delete = partial(stores.of(e.kind).delete, digest) if digest else lambda: None
             # A server may have evicted it meanwhile, or fetched it again: then
             # the entry is not the one looked at, and stays.
-            if not index.drop(e, then=unlink):
+            if not index.drop(e, then=delete):
                 continue
             removed += 1
             freed += e.size

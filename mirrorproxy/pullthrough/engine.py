@@ -13,9 +13,9 @@ import logging
 import sqlite3
 from types import TracebackType
 
-from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache import BlobStore, ManifestStore
 from mirrorproxy.cache.budget import CacheBudget
-from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.cache.stores import open_stores
 from mirrorproxy.config import Config
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.policy import PullThrough
@@ -27,10 +27,9 @@ logger = logging.getLogger(__name__)
 class Engine:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
-        self.blobs = FileBlobStore(config.cache.dir)
-        self.manifests = FileManifestStore(
-            config.cache.dir, memory_bytes=config.cache.memory_manifests
-        )
+        stores = open_stores(config.cache)
+        self.blobs: BlobStore = stores.blobs
+        self.manifests: ManifestStore = stores.manifests
         self.client = UpstreamClient(config, metrics)
         self.budget = CacheBudget(
             config.cache, blobs=self.blobs, manifests=self.manifests, metrics=metrics

@@ -29,8 +29,13 @@ from collections.abc import Callable
 
 import aiohttp
 
-from mirrorproxy.cache import BlobInfo
-from mirrorproxy.cache.blobs import BlobWriter, CacheWriteError, DigestMismatch, FileBlobStore
+from mirrorproxy.cache import (
+    BlobInfo,
+    BlobStore,
+    BlobWriterProto,
+    CacheWriteError,
+    DigestMismatch,
+)
 from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget, Reservation
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace, Upstream
@@ -59,7 +64,7 @@ class BlobFill:
         repo: str,
         digest: Digest,
         client: UpstreamClient,
-        store: FileBlobStore,
+        store: BlobStore,
         budget: CacheBudget,
         metrics: Metrics,
         corrupt: CorruptBlobs,
@@ -78,7 +83,7 @@ class BlobFill:
         self.upstream: str | None = None  # URL of the endpoint sending the bytes (access log)
         self.result: BlobInfo | None = None
         self.error: BaseException | None = None
-        self._writer: BlobWriter | None = None
+        self._writer: BlobWriterProto | None = None
         self._reservation: Reservation | None = None  # this fill's room in the budget
         self._sources: list[Upstream] = []  # endpoints that sent bytes of this download
         self.received = 0  # bytes taken from upstream: on disk, in flight or in memory
@@ -451,7 +456,7 @@ class BlobFill:
 
         asyncio.get_running_loop().call_later(self._tuning.unclaimed_timeout, close_unclaimed)
 
-    async def _pump(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
+    async def _pump(self, resp: UpstreamResponse, writer: BlobWriterProto) -> None:
         """Copy the body to live clients and the writer; after a resume from 0, skip."""
         skip = self.received - resp.offset
         batch: list[bytes] = []

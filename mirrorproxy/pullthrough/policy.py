@@ -21,11 +21,9 @@ from typing import TypeVar
 
 from yarl import URL
 
-from mirrorproxy.cache import BlobInfo, StoredManifest, TagEntry
-from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache import BlobInfo, BlobStore, ManifestStore, StoredManifest, TagEntry
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB, MANIFEST
-from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.config import Config, Namespace
 from mirrorproxy.core.errors import (
     BadGateway,
@@ -109,8 +107,8 @@ class PullThrough:
         self,
         config: Config,
         *,
-        blobs: FileBlobStore,
-        manifests: FileManifestStore,
+        blobs: BlobStore,
+        manifests: ManifestStore,
         budget: CacheBudget,
         client: UpstreamClient,
         metrics: Metrics,

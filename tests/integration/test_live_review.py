@@ -85,7 +85,7 @@ def fill_of(mirror: Mirror, digest: str) -> BlobFill:
 
 def writer_of(fill: BlobFill) -> BlobWriter:
     writer = fill._writer
-    assert writer is not None
+    assert isinstance(writer, BlobWriter)
     return writer
 
 

@@ -107,6 +107,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
         "mirrorproxy.core.units",
         "mirrorproxy.cache.blobs",
         "mirrorproxy.cache.manifests",
+        "mirrorproxy.cache.stores",
     ],
 )
 def test_the_core_and_the_stores_load_no_aiohttp(module: str) -> None:
