@@ -19,19 +19,10 @@ from multidict import CIMultiDictProxy
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

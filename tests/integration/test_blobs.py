@@ -9,17 +9,9 @@ import aiohttp
 import pytest
 
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
 MIB = 1024 * 1024
 

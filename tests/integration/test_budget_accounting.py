@@ -23,15 +23,9 @@ from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cache.blobs import BlobWriter
 from mirrorproxy.cache.index import BLOB, CacheIndex
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MAX = 300 * KIB

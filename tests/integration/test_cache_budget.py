@@ -22,18 +22,10 @@ from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cli import main
 from mirrorproxy.core.units import parse_size
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import mirror_config
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

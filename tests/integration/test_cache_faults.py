@@ -19,20 +19,11 @@ import aiohttp
 import pytest
 
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    Mounts,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.mounts import Mounts
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -27,20 +27,11 @@ from mirrorproxy.cli import main
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.observability.metrics import Metrics
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    Mounts,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake, mirror_config
+from tests.support.mounts import Mounts
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import mirror_config as toml_config
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 DAY = 86400.0

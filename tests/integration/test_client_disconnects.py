@@ -19,16 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.config import Config
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-)
 from tests.support.listening import Listening, listening, with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import REPO, blob_path, manifest_path
 from tests.support.rawhttp import RawResponse, request, send_raw
+from tests.support.waiting import WAIT
 
 CLIENTS = 200
 UPSTREAM_DELAY = 0.3  # seconds the upstream waits: every client is gone by then

@@ -11,15 +11,8 @@ from multidict import CIMultiDict
 
 from mirrorproxy.core.oci import DOCKER_V1_SIGNED, manifest_digest
 from tests.fakes.registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, manifest_path
 
 # containers/image (podman, skopeo, CRI-O) sends these as six separate lines.
 CONTAINERS_IMAGE_ACCEPT = (

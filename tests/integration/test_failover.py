@@ -5,15 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from tests.fakes.registry import Image
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 
 FAILOVERS = "mirrorproxy_upstream_failovers_total"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import ClientResponse
 
-from tests.integration.conftest import NS, REPO, Mirror, RunningFake
+from tests.support.mirror import Mirror, RunningFake
+from tests.support.paths import NS, REPO
 
 HEX = "0123456789abcdef" * 4
 

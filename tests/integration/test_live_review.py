@@ -36,20 +36,11 @@ from mirrorproxy.pullthrough import policy as pullthrough
 from mirrorproxy.pullthrough.fill import BlobFill
 from mirrorproxy.pullthrough.policy import PullThrough
 from tests.fakes.registry import payload, sha256
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    mirror_config,
-    wait_for,
-)
 from tests.support.listening import listening, with_server
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake, mirror_config
+from tests.support.paths import NS, REPO, blob_path
 from tests.support.tls import issue_server_cert, make_ca
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

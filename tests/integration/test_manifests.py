@@ -8,15 +8,8 @@ import json
 import pytest
 
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, manifest_path
 
 INDEX_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}"
 

@@ -17,16 +17,10 @@ import aiohttp
 import pytest
 
 from tests.fakes.registry import OCI_MANIFEST, Image
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.support.mirror import MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import MirrorProcess, free_port, mirror_config
+from tests.support.waiting import WAIT
 
 ACCEPT = {"Accept": OCI_MANIFEST}
 STALE = '110 - "Response is Stale"'

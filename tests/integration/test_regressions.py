@@ -11,14 +11,8 @@ import asyncio
 import pytest
 
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO
 
 
 @pytest.mark.parametrize(

@@ -31,14 +31,9 @@ from mirrorproxy.cache import StoredManifest, TagEntry
 from mirrorproxy.cache.manifests import TAG_RECHECK, FileManifestStore
 from mirrorproxy.core.oci import CONTAINERD_ACCEPT, accept_types, parse_digest
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Handler
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    MirrorFactory,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, MirrorFactory
+from tests.support.paths import NS, REPO, manifest_path
+from tests.support.waiting import WAIT
 
 STALE_WARNING = '110 - "Response is Stale"'
 TAGS_PATH = f"/v2/{REPO}/tags/list"

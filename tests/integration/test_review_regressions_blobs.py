@@ -24,14 +24,9 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.core.oci import Digest, parse_digest
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    FakeFactory,
-    MirrorFactory,
-    blob_path,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, MirrorFactory
+from tests.support.paths import REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
