@@ -24,6 +24,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
+from tests.support.downloads import Disk
 from tests.support.mirror import (
     FakeFactory,
     Mirror,
@@ -34,6 +35,7 @@ from tests.support.mirror import (
 )
 from tests.support.mounts import Mounts, umount
 from tests.support.requirements import REQUIRE_E2E_ENV
+from tests.support.waiting import WAIT
 
 
 @pytest.fixture
@@ -118,6 +120,38 @@ def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     return budget
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
+    """Hold the cache's writes until ``disk.go`` is set; fail those from ``disk.fail_from``."""
+    state = Disk()
+    real = blobs_module._write_all
+
+    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+        state.started += 1
+        mine = os.dup(fd)  # keeps the temp file (and its inode number) alive
+        try:
+            state.go.wait(WAIT)
+            try:
+                now = os.fstat(fd)
+            except OSError as err:
+                state.misuse.append(f"fd {fd} was closed under the write job ({err})")
+                raise
+            if not os.path.samestat(now, os.fstat(mine)):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                state.misuse.append(f"fd {fd} now refers to {target}")
+                raise OSError(errno.EBADF, "descriptor reused")
+            if state.fail_from is not None and offset >= state.fail_from:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(fd, chunks, offset)
+        finally:
+            os.close(mine)
+            state.finished += 1
+
+    monkeypatch.setattr(blobs_module, "_write_all", write_all)
+    yield state
+    state.go.set()  # never leave a writing thread blocked
 
 
 # -- real mounts (root only): a tiny tmpfs, a read-only view of a directory ------------
