@@ -3,21 +3,29 @@
 A client asking for a blob that is being downloaded joins that download: at its
 head it gets chunks from memory (live), behind it reads the temp file. Each test
 drives one cold blob through the mirror while something happens to the download
-(a Range joins mid-way, a client leaves, a resume restarts from byte 0 or lands on
-wrong content, the download fails, the server shuts down) and checks what every
-client receives, and that afterwards nothing is held (memory, budget, temp files,
-descriptors, threads).
+(a Range joins mid-way, a client joins just as the commit renames the file, a
+client leaves, a resume restarts from byte 0 or lands on wrong content, the
+download fails, the server shuts down) and checks what every client receives, and
+that afterwards nothing is held (memory, budget, temp files, descriptors, threads).
+A download is shared only within its namespace: clients of another namespace wait
+for its outcome and, if it fails, share one download of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from mirrorproxy.cache import BlobInfo
+from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough import policy as pullthrough
 from tests.fakes.registry import payload
@@ -31,6 +39,7 @@ from tests.support.downloads import (
     get_or_cut,
 )
 from tests.support.listening import listening, with_server
+from tests.support.logs import errors_logged
 from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake, mirror_config
 from tests.support.paths import NS, REPO, blob_path
 from tests.support.waiting import WAIT, wait_for
@@ -78,6 +87,89 @@ async def test_range_clients_joining_a_download_get_exactly_their_bytes(
     assert mirror.blob_path(digest).read_bytes() == data
     assert len(fake.registry.calls("GET", "blobs")) == 1
     await assert_mirror_holds_nothing(mirror)
+
+
+def http_get_raw(host: str, port: int, path: str) -> bytes:
+    """Everything the server writes for one ``Connection: close`` GET, up to EOF."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    chunks = []
+    with socket.create_connection((host, port), timeout=WAIT) as sock:
+        sock.sendall(request.encode())
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_follower_racing_the_commit_rename_gets_the_whole_blob(
+    start_fake: FakeFactory,
+    start_mirror: MirrorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A follower whose cache lookup missed just before the rename is sent the whole blob.
+
+    The interleaving is forced: the commit's publish (in a worker thread) waits until
+    the follower's lookup has missed, and that lookup returns only once the rename is
+    done, so the follower joins the fill with its temp file already gone.
+    """
+    fake = await start_fake()
+    img = fake.registry.add_image(REPO, "3", layer_sizes=(300_000,))
+    layer, digest = img.layers[0], img.layer_digests[0]
+    mirror = await start_mirror([fake.url])
+
+    in_publish, looked, renamed = threading.Event(), threading.Event(), threading.Event()
+    publish = blobs_module._publish  # no public hook holds the rename: wrap the function
+
+    def held_publish(fd: int, tmp_path: Path, final: Path) -> None:  # a worker thread
+        in_publish.set()
+        looked.wait(WAIT)
+        try:
+            publish(fd, tmp_path, final)  # fsync, rename, fsync of the directory
+        finally:
+            renamed.set()
+
+    lookup = FileBlobStore.lookup
+    armed: list[Digest] = []  # the digest whose next lookup is the follower's
+
+    async def racing_lookup(self: FileBlobStore, d: Digest) -> BlobInfo | None:
+        info = await lookup(self, d)
+        if d in armed:
+            armed.clear()
+            looked.set()
+            # Block the loop (on purpose) until the worker thread has renamed: the
+            # follower then goes on with a miss in hand and the temp file gone.
+            renamed.wait(WAIT)
+        return info
+
+    monkeypatch.setattr(blobs_module, "_publish", held_publish)
+    monkeypatch.setattr(FileBlobStore, "lookup", racing_lookup)
+
+    async with asyncio.timeout(WAIT):
+        leader = asyncio.create_task(mirror.client.get(blob_path(REPO, digest)))
+        await wait_for(in_publish.is_set)
+        armed.append(parse_digest(digest))
+        caplog.set_level(logging.WARNING)
+        server = mirror.client.server
+        port = server.port
+        assert port is not None
+        wire = await asyncio.to_thread(http_get_raw, server.host, port, blob_path(REPO, digest))
+        resp = await leader
+        assert resp.status == 200
+        assert await resp.read() == layer
+
+    assert looked.is_set()
+    assert renamed.is_set()
+    head, _, body = wire.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    assert status_line == "HTTP/1.1 200 OK"
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert headers["content-length"] == str(len(layer))
+    assert headers["docker-content-digest"] == digest
+    assert body == layer  # the whole blob, and nothing after it (no second response)
+    assert len(fake.registry.calls("GET", "blobs")) == 1
+    await mirror.settled()
+    assert mirror.blob_path(digest).read_bytes() == layer
+    assert errors_logged(caplog) == []
 
 
 async def test_a_live_client_that_goes_away_does_not_disturb_the_others(
@@ -225,3 +317,34 @@ async def test_shutdown_cuts_the_clients_of_a_running_download(
     assert mirror.blob_files() == []
     await assert_mirror_holds_nothing(mirror)
     await wait_for(lambda: not blob_threads())
+
+
+async def test_waiters_of_a_failed_foreign_fill_share_one_new_fill(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    """When another namespace's fill fails, its waiters start one fill: 1 upstream GET."""
+    lacking, having = await start_fake(), await start_fake()
+    data = payload(1_000_000, "herd")
+    digest = having.registry.add_blob(data)
+    lacking.registry.faults.delay = 0.3  # its 404 comes late: the herd gathers meanwhile
+    having.registry.faults.chunk_delay = 0.01  # the new fill is still running as they join
+    mirror = await start_mirror([], namespaces={"a.io": [lacking.url], "b.io": [having.url]})
+
+    async with asyncio.timeout(WAIT):
+        first = asyncio.create_task(mirror.client.get(blob_path(REPO, digest, ns="a.io")))
+        await wait_for(lambda: bool(lacking.registry.calls("GET", "blobs")))
+        herd = [
+            asyncio.create_task(mirror.client.get(blob_path(REPO, digest, ns="b.io")))
+            for _ in range(5)
+        ]
+        resp = await first
+        assert resp.status == 404
+        assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        for resp in await asyncio.gather(*herd):
+            assert resp.status == 200
+            assert await resp.read() == data
+
+    assert len(lacking.registry.calls("GET", "blobs")) == 1
+    assert len(having.registry.calls("GET", "blobs")) == 1
+    await mirror.settled()
+    assert mirror.blob_path(digest).read_bytes() == data
