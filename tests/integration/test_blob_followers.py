@@ -319,6 +319,25 @@ async def test_shutdown_cuts_the_clients_of_a_running_download(
     await wait_for(lambda: not blob_threads())
 
 
+async def test_in_flight_fill_is_not_shared_across_namespaces(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    """A download running for one namespace does not hand its 404 to a client of another
+    namespace, whose own upstream has the blob."""
+    has_not, has = await start_fake(), await start_fake()
+    data = payload(100_000, "cross-namespace")
+    digest = has.registry.add_blob(data)
+    has_not.registry.faults.delay = 0.3  # its 404 comes late: the fills overlap
+    mirror = await start_mirror([], namespaces={"a.io": [has_not.url], "b.io": [has.url]})
+    async with asyncio.timeout(5):
+        first = asyncio.create_task(mirror.client.get(f"/v2/{REPO}/blobs/{digest}?ns=a.io"))
+        await asyncio.sleep(0.1)
+        resp = await mirror.client.get(f"/v2/{REPO}/blobs/{digest}?ns=b.io")
+        assert (await first).status == 404
+    assert resp.status == 200
+    assert await resp.read() == data
+
+
 async def test_waiters_of_a_failed_foreign_fill_share_one_new_fill(
     start_fake: FakeFactory, start_mirror: MirrorFactory
 ) -> None:

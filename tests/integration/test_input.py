@@ -111,6 +111,13 @@ async def test_write_methods_are_unsupported(
     assert fake.registry.requests == []
 
 
+async def test_push_start_is_405_unsupported(fake: RunningFake, mirror: Mirror) -> None:
+    """Starting a push (POST .../blobs/uploads/) is 405 UNSUPPORTED: a mirror is read-only."""
+    resp = await mirror.client.post(f"/v2/{REPO}/blobs/uploads/?ns={NS}")
+    assert resp.status == 405
+    assert (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
+
+
 @pytest.mark.parametrize("path", ["/nope", "/v1/_ping", f"/v2/{REPO}/referrers"])
 async def test_unknown_path_is_404_json(fake: RunningFake, mirror: Mirror, path: str) -> None:
     resp = await mirror.client.get(path)
