@@ -29,8 +29,8 @@ import pytest
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough import policy as pullthrough
-from tests.fakes.registry import payload
-from tests.support.downloads import Disk, fill_of, get, get_or_cut, writer_of
+from tests.fakes.registry import OCI_MANIFEST, payload
+from tests.support.downloads import Disk, fill_of, get, get_or_cut, status_and_body, writer_of
 from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
 from tests.support.mounts import Mounts
 from tests.support.paths import NS, REPO, blob_path, manifest_path
@@ -43,6 +43,7 @@ PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
 WRITE_ERRORS = "mirrorproxy_cache_write_errors_total"
 MISMATCHES = "mirrorproxy_digest_mismatches_total"
 SIZE = "mirrorproxy_cache_size_bytes"
+ACCEPT = {"Accept": OCI_MANIFEST}
 # Seconds the mirror streams through after a failed write before it tries the disk
 # again: long enough for a test's "meanwhile" steps, short enough to wait out.
 WRITE_RETRY = 1.0
@@ -135,6 +136,37 @@ async def test_unwritable_cache_streams_through_and_recovers(
     gets = len(fake.registry.calls("GET", "blobs"))
     assert await pull(mirror, digest) == layer  # a plain hit now
     assert len(fake.registry.calls("GET", "blobs")) == gets
+
+
+@pytest.mark.parametrize("cached_before", [False, True])
+async def test_tag_pulls_survive_an_unwritable_cache(
+    fake: RunningFake, start_mirror: MirrorFactory, cached_before: bool
+) -> None:
+    """A tag pull, new or revalidating a stale tag, is answered when nothing can be
+    written to the cache."""
+    img = fake.registry.add_image(REPO, "3")
+    mirror = await start_mirror([fake.url], tag_ttl="1ms")
+    if cached_before:  # a stale tag is revalidated with a HEAD, then re-recorded
+        assert (await mirror.client.get(manifest_path(REPO, "3"), headers=ACCEPT)).status == 200
+        await asyncio.sleep(0.01)
+    break_tmp(mirror)
+    resp = await mirror.client.get(manifest_path(REPO, "3"), headers=ACCEPT)
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == img.manifest
+
+
+async def test_passthrough_while_the_disk_is_broken_is_counted_as_write_error(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    """Blobs streamed through because the disk is broken count as ``write-error``, not
+    ``budget``."""
+    one, two = (fake.registry.add_blob(payload(10 * KIB, n)) for n in ("one", "two"))
+    mirror.budget.write_retry = 30.0
+    break_tmp(mirror)
+    assert (await status_and_body(mirror, one))[0] == 200
+    assert (await status_and_body(mirror, two))[0] == 200
+    assert await mirror.metric(PASSTHROUGH, reason="budget") == 0
+    assert await mirror.metric(PASSTHROUGH, reason="write-error") == 2
 
 
 async def test_disk_full_mid_fill(
@@ -455,3 +487,16 @@ async def test_real_read_only_cache_streams_through_and_recovers(
         mounts.undo(mirror.cache_dir)
     await pull_until_cached(mirror, fresh_digest, fresh)
     assert mirror.blob_path(fresh_digest).read_bytes() == fresh
+
+
+async def test_read_only_full_cache_streams_through(
+    mounts: Mounts, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """A full cache that turned read-only cannot evict: a new blob streams through."""
+    mirror = await start_mirror([fake.url], cache={"max_size": "300KiB"})
+    old, new = (fake.registry.add_blob(payload(200 * KIB, n)) for n in ("old", "new"))
+    assert (await status_and_body(mirror, old))[0] == 200
+    mounts.read_only(mirror.cache_dir)
+    status, body = await status_and_body(mirror, new)  # needs old's room: eviction fails (EROFS)
+    assert status == 200
+    assert body == payload(200 * KIB, "new")

@@ -1,10 +1,11 @@
 """Looking into the mirror's blob downloads from a test, and a disk the test controls.
 
-``get``/``get_or_cut`` pull a blob (a cut body is ``None``); ``fill_of`` and
-``writer_of`` reach the running ``BlobFill`` and its ``BlobWriter`` (the tests that
-steer a download mid-way need them); ``held`` lists what downloads still hold
-(write-ahead memory, budget reservations and pins, temp files, descriptors), which
-must be nothing once they are over. ``Disk`` is the state of the ``disk`` fixture
+``get``/``get_or_cut`` pull a blob (a cut body is ``None``); ``status_and_body``
+also waits until its download is committed. ``fill_of`` and ``writer_of`` reach
+the running ``BlobFill`` and its ``BlobWriter`` (the tests that steer a download
+mid-way need them); ``held`` lists what downloads still hold (write-ahead memory,
+budget reservations and pins, temp files, descriptors), which must be nothing once
+they are over. ``Disk`` is the state of the ``disk`` fixture
 (``tests/integration/conftest.py``), which holds or fails the cache's writes.
 """
 
@@ -34,6 +35,18 @@ async def get(mirror: Mirror, digest: str, headers: dict[str, str] | None = None
         resp = await mirror.client.get(blob_path(REPO, digest), headers=headers)
         assert resp.status in (200, 206)
         return await resp.read()
+
+
+async def status_and_body(mirror: Mirror, digest: str) -> tuple[int, bytes]:
+    """GET a blob (bounded), then wait until its download is in place.
+
+    A client gets its last byte a moment before the file is renamed into the cache.
+    """
+    async with asyncio.timeout(WAIT):
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        out = resp.status, await resp.read()
+    await mirror.settled()
+    return out
 
 
 async def get_or_cut(mirror: Mirror, digest: str) -> bytes | None:
