@@ -48,7 +48,6 @@ KIB = 1024
 MIB = 1024 * KIB
 WRITE_ERRORS = "mirrorproxy_cache_write_errors_total"
 MISMATCHES = "mirrorproxy_digest_mismatches_total"
-PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
 
 
 async def test_range_clients_joining_a_download_get_exactly_their_bytes(
