@@ -25,8 +25,7 @@ from tests.support.procs import (
     free_port,
     missing_e2e_requirements,
 )
-
-REQUIRE_ENV = "MIRRORPROXY_REQUIRE_E2E"
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,8 +35,8 @@ def e2e_requirements() -> None:
     if not reasons:
         return
     reason = "end-to-end prerequisites missing: " + "; ".join(reasons)
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
     pytest.skip(reason)
 
 

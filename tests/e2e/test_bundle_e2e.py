@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REQUIRE_ENV
 from tests.support import images
 from tests.support.procs import (
     Containerd,
@@ -33,6 +32,7 @@ from tests.support.procs import (
     mirror_config,
     write_hosts_toml,
 )
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 KiB = 1024
 CLI_TIMEOUT = 120.0
@@ -51,8 +51,8 @@ def skopeo() -> str:
     path = shutil.which("skopeo")
     if path is None:
         reason = "`skopeo` not found on PATH (apt-get install skopeo)"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
         pytest.skip(reason)
     return path
 

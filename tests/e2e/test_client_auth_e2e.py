@@ -33,6 +33,7 @@ from tests.support.procs import (
     free_port,
     write_hosts_toml,
 )
+from tests.support.requirements import REQUIRE_E2E_ENV
 from tests.support.tokenserver import TokenServer
 
 KiB = 1024
@@ -84,7 +85,7 @@ upstreams = ["{public.url}"]
 def site(e2e_requirements: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     missing = tls.missing_tls_tools()
     if missing:
-        if os.environ.get("MIRRORPROXY_REQUIRE_E2E") == "1":
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
             pytest.fail("; ".join(missing), pytrace=False)
         pytest.skip("; ".join(missing))
     root = tmp_path_factory.mktemp("clientauth")
@@ -121,7 +122,7 @@ def _require(binary: str) -> None:
     if shutil.which(binary) is not None:
         return
     reason = f"`{binary}` not found on PATH (apt-get install {binary})"
-    if os.environ.get("MIRRORPROXY_REQUIRE_E2E") == "1":
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
         pytest.fail(f"{reason} (MIRRORPROXY_REQUIRE_E2E=1)", pytrace=False)
     pytest.skip(reason)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clientlab import REQUIRE_ENV, LabMirror, Upstreams
+from tests.support.clientlab import LabMirror, Upstreams
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 SUITE = (
     Path(__file__).resolve().parents[2].parent
@@ -80,8 +81,8 @@ def pull_results(
     """Run the pull category once against the mirror; return its spec results."""
     if not SUITE.exists():
         reason = f"conformance suite not found at {SUITE}"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
         pytest.skip(reason)
     content = lab_upstreams.conformance
     config_digest = json.loads(content.image.body)["config"]["digest"]

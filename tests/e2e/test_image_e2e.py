@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import REQUIRE_ENV
 from tests.support import images
 from tests.support.container import (
     BUILD_SH,
@@ -46,6 +45,7 @@ from tests.support.procs import (
     mirror_config,
     wait_for_v2,
 )
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 KiB = 1024
 TAG = "localhost/mirrorproxy:e2e-test"
@@ -63,8 +63,8 @@ def image(
     missing = missing_image_requirements()
     if missing:
         reason = "image build prerequisites missing: " + "; ".join(missing)
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
         pytest.skip(reason)
     archive = tmp_path_factory.mktemp("image") / "mirrorproxy.tar"
     built = build_image(TAG, archive)

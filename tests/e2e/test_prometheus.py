@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.e2e.conftest import REQUIRE_ENV
 from tests.support import images
 from tests.support.procs import MirrorFactory, RegistryFactory, free_port, mirror_config
 from tests.support.prometheus import Prometheus, PrometheusError, missing_prometheus
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 T = TypeVar("T")
 
@@ -49,8 +49,8 @@ def prometheus_binary(e2e_requirements: None) -> None:
     reason = missing_prometheus()
     if reason is None:
         return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
     pytest.skip(reason)
 
 

@@ -37,6 +37,7 @@ from tests.support.procs import (
     mirror_config,
     write_hosts_toml,
 )
+from tests.support.requirements import REQUIRE_E2E_ENV
 from tests.support.tokenserver import TokenServer
 
 KiB = 1024
@@ -72,7 +73,7 @@ def tls_tools() -> None:
     if not reasons:
         return
     reason = "end-to-end TLS/auth prerequisites missing: " + "; ".join(reasons)
-    if os.environ.get("MIRRORPROXY_REQUIRE_E2E") == "1":
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
         pytest.fail(f"{reason} (MIRRORPROXY_REQUIRE_E2E=1)", pytrace=False)
     pytest.skip(reason)
 

@@ -14,17 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirrorproxy.http.accesslog import ACCESS_LOGGER, AccessLogger
 from mirrorproxy.http.app import create_app
 from mirrorproxy.observability.log import JsonFormatter, RequestIdFilter, TextFormatter
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    Mirror,
-    MirrorClient,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorClient, RunningFake, mirror_config
+from tests.support.paths import NS, REPO, blob_path, manifest_path
+from tests.support.waiting import wait_for
 
 GENERATED_ID = re.compile(r"[0-9a-f]{16}")
 

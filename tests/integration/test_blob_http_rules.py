@@ -18,15 +18,9 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from tests.fakes.registry import payload, sha256
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -19,19 +19,11 @@ from multidict import CIMultiDictProxy
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.downloads import assert_mirror_holds_nothing, fill_of, get_or_cut
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -153,6 +145,49 @@ async def test_a_corrupt_blob_streamed_through_uncached_misses_its_last_byte(
     fake.registry.faults.clear()
     assert (await fetch(mirror, digest)).body == data
     assert mirror.blob_files() == []
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "from-file"])
+async def test_a_range_to_the_end_never_gets_the_last_byte_of_a_corrupt_blob(
+    fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch, live: bool
+) -> None:
+    """A Range to the end that joins a corrupt download, live or from the file, is cut
+    before the last byte."""
+    if not live:
+        mirror.tune(live_max=0)
+        mirror.tune(write_batch=64 * KIB)  # the file grows meanwhile
+    data = payload(MIB, "corrupt range")
+    sent = bytes(b ^ 0xFF for b in data)  # what the lying upstream sends
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.wrong_bytes = True
+    fake.registry.faults.chunk_size = 64 * KIB
+    fake.registry.faults.chunk_delay = 0.02
+    start = 300_001
+    whole = asyncio.create_task(get_or_cut(mirror, digest))
+    await wait_for(lambda: bool(mirror.client.app[keys.PULLTHROUGH]._fills))
+    fill = fill_of(mirror, digest)
+    await wait_for(lambda: fill.received > start)  # joins mid-download
+    got = bytearray()
+
+    async def read_range() -> None:
+        headers = {"Range": f"bytes={start}-"}
+        resp = await mirror.client.get(blob_path(REPO, digest), headers=headers)
+        assert resp.status == 206
+        async for chunk in resp.content.iter_any():
+            got.extend(chunk)
+
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_range()
+    assert await whole is None
+    assert got == sent[start : start + len(got)]
+    if live:
+        assert len(got) == len(data) - start - 1  # all but the held-back last byte
+    else:
+        assert len(got) < len(data) - start  # never the last byte
+    await mirror.settled()
+    assert mirror.blob_files() == []
+    await assert_mirror_holds_nothing(mirror)
 
 
 # -- 2: a corrupting upstream is skipped -----------------------------------------------

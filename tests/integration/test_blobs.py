@@ -7,21 +7,16 @@ import re
 
 import aiohttp
 import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
-from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.fakes.registry import payload, sha256
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
 
 
 def _slow(fake: RunningFake, *, chunk: int = 256 * 1024, delay: float = 0.03) -> None:
@@ -376,3 +371,30 @@ async def test_blob_answers_carry_the_digest_as_etag(
     assert hit.headers["Docker-Content-Digest"] == digest
     if size <= 64 * 1024:  # larger hits go through FileResponse, with its own validator
         assert hit.headers["ETag"] == f'"{digest}"'
+
+
+async def test_a_blob_without_content_length_reaches_the_client_intact(
+    aiohttp_server: AiohttpServer, start_mirror: MirrorFactory
+) -> None:
+    """An upstream blob sent chunked, without Content-Length, reaches the client whole
+    and at once (the client's chunk parser once waited forever)."""
+    data = payload(300 * KIB, "chunked upstream")
+    digest = sha256(data)
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()  # no Content-Length, as some proxies send
+        await resp.prepare(request)
+        for i in range(0, len(data), 64 * KIB):
+            await resp.write(data[i : i + 64 * KIB])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", blob)
+    upstream = await aiohttp_server(app, host="127.0.0.1")
+    mirror = await start_mirror([str(upstream.make_url(""))])
+    async with asyncio.timeout(1.0):  # once: the client's chunk parser waited forever
+        resp = await mirror.client.get(blob_path(REPO, digest))
+        assert resp.status == 200
+        assert await resp.read() == data

@@ -3,16 +3,21 @@
 A fill's reservation is its own: a failed fill that is still cleaning up cannot
 free the room of the retry that replaced it. The total never drops a commit or an
 eviction that happens while the periodic flush reads the index in a worker thread
-(a hook holds that read open at a chosen point), and under a bounded mixed load
-the bytes on disk stay within ``max_size`` plus one in-flight reservation.
+(a hook holds that read open at a chosen point) or when a blob fills the disk so the
+index cannot grow; a flush that fails does not stop the next one; and under a
+bounded mixed load the bytes on disk stay within ``max_size`` plus one in-flight
+reservation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,18 +25,18 @@ import aiohttp
 import pytest
 
 from mirrorproxy.cache import budget as budget_module
-from mirrorproxy.cache.blobs import BlobWriter
+from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
+from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB, CacheIndex
+from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.observability.metrics import Metrics
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.support.downloads import status_and_body
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake, mirror_config
+from tests.support.mounts import Mounts
+from tests.support.paths import NS, REPO, blob_path
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MAX = 300 * KIB
@@ -254,6 +259,74 @@ async def test_the_flush_picks_up_another_process_while_the_server_commits(
 
     assert cached(mirror) == {b}
     assert await mirror.metric(SIZE) == 120 * KIB == index_total(mirror) == disk_bytes(mirror)
+
+
+async def test_blob_published_on_a_full_disk_is_accounted(
+    mounts: Mounts, fake: RunningFake, start_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    """A blob that fills the disk to its last block (the index cannot grow) is counted
+    once there is room again."""
+    mnt = tmp_path / "fs"
+    mounts.tmpfs(mnt, "2m")
+    (mnt / "cache").mkdir()
+    (tmp_path / "on-tmpfs").mkdir()
+    (tmp_path / "on-tmpfs" / "cache").symlink_to(mnt / "cache")
+    mirror = await start_mirror([fake.url], name="on-tmpfs")
+    warm = fake.registry.add_blob(payload(KIB, "warm"))  # creates the index's WAL
+    assert (await status_and_body(mirror, warm))[0] == 200
+    st = os.statvfs(mnt)
+    (mnt / "ballast").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 8 * KIB))
+    st = os.statvfs(mnt)
+    data = payload(st.f_bavail * st.f_frsize - 100, "fills the disk")  # all but the index
+    digest = fake.registry.add_blob(data)
+    assert await status_and_body(mirror, digest) == (200, data)
+    assert mirror.blob_path(digest).exists()
+    (mnt / "ballast").unlink()
+    await mirror.budget.flush()
+    assert await mirror.metric(SIZE) == KIB + len(data)
+
+
+async def test_flusher_survives_a_failed_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed flush of the index (a full disk) does not stop the flusher: the next
+    one records the use."""
+    config = mirror_config(tmp_path / "cache", ["http://127.0.0.1:9"])
+    blobs = FileBlobStore(config.cache.dir)
+    manifests = FileManifestStore(config.cache.dir)
+    blobs.prepare()
+    manifests.prepare()
+    budget = CacheBudget(config.cache, blobs=blobs, manifests=manifests, metrics=Metrics())
+    budget.open()
+    assert budget.index is not None
+    digest = Digest.of(b"x")
+    budget.index.add(BLOB, str(digest), 1, NS)
+    failures = [sqlite3.OperationalError("database or disk is full")]
+    real_touch = CacheIndex.touch_many
+
+    def touch_many(self: CacheIndex, used: dict[tuple[str, str], float]) -> None:
+        if failures:
+            raise failures.pop()
+        real_touch(self, used)
+
+    monkeypatch.setattr(CacheIndex, "touch_many", touch_many)
+    monkeypatch.setattr(budget_module, "FLUSH_INTERVAL", 0.01)
+    flusher = asyncio.create_task(budget.run_flusher())
+    try:
+        budget.touch(BLOB, digest)
+        await wait_for(lambda: not failures or flusher.done())
+        used_at = time.time()
+        budget.touch(BLOB, digest)  # the disk has room again
+        await asyncio.sleep(0.1)
+        assert not flusher.done()
+        entry = budget.index.get(BLOB, str(digest))
+        assert entry is not None
+        assert entry.last_used >= used_at
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(BaseException):
+            await flusher
+        budget.index.close()
 
 
 # -- a bounded mixed load ----------------------------------------------------------------

@@ -21,16 +21,10 @@ import pytest
 
 from mirrorproxy.cache.index import CacheIndex, Entry
 from tests.fakes.registry import OCI_MANIFEST, Image, payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    Mounts,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.mounts import Mounts
+from tests.support.paths import REPO, blob_path, manifest_path
+from tests.support.waiting import WAIT
 
 KIB = 1024
 MIB = 1024 * KIB

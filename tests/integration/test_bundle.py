@@ -23,15 +23,9 @@ from mirrorproxy.cache.index import CacheIndex
 from mirrorproxy.cli import main
 from mirrorproxy.core.oci import CONTAINERD_ACCEPT
 from tests.fakes.registry import Image
-from tests.integration.conftest import (
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import blob_path, manifest_path
+from tests.support.waiting import wait_for
 
 K8S = "registry.k8s.io"
 APP_REF = "docker.io/library/app:1"

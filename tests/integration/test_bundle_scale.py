@@ -32,7 +32,7 @@ from mirrorproxy.core.reference import parse_image_reference
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.engine import Engine
 from tests.fakes.registry import Image
-from tests.integration.conftest import FakeFactory, mirror_config
+from tests.support.mirror import FakeFactory, mirror_config
 
 TAGS = 60_000  # ~21 MB as one index.json: past the 16 MiB import reads of one file
 REPO = "library/app"

@@ -1,10 +1,11 @@
 """The cache budget: ``max_size``/``min_free``, LRU eviction by the mirror's own use
 tracking, pins on blobs being served or filled, blobs too big to cache, accounting
-across restarts, and ``mirrorproxy cache`` run next to a live server.
+(manifests included) across restarts, and ``mirrorproxy cache`` run next to a live
+server: ``du`` and ``prune`` see manifests as the server recorded them.
 
 Every test talks HTTP to a real mirror app in front of a real FakeRegistry and looks
 at the cache directory and ``/metrics``; none reaches into the budget's internals
-except to shorten its flush interval.
+except to shorten its flush interval or to flush it at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -22,23 +24,18 @@ from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cli import main
 from mirrorproxy.core.units import parse_size
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.downloads import status_and_body
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import mirror_config
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
+DAY = 86400.0
 MAX = 300 * KIB
 BUDGET = {"max_size": "300KiB"}
+ACCEPT = {"Accept": OCI_MANIFEST}
 SIZE = "mirrorproxy_cache_size_bytes"
 EVICTIONS = "mirrorproxy_cache_evictions_total"
 PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
@@ -280,6 +277,28 @@ async def test_accounting_and_use_order_survive_a_restart(
     assert await second.metric(SIZE) == 240 * KIB
 
 
+async def cache_an_image(mirror: Mirror, fake: RunningFake) -> None:
+    """Pull an image's manifest and blobs, and wait until both blobs are committed."""
+    img = fake.registry.add_image(REPO, "3", layer_sizes=(2000,))
+    assert (await mirror.client.get(manifest_path(REPO, "3"), headers=ACCEPT)).status == 200
+    for digest in (img.config_digest, *img.layer_digests):
+        assert (await status_and_body(mirror, digest))[0] == 200
+    await wait_for(lambda: len(mirror.blob_files()) == 2)
+
+
+async def test_restart_reports_the_same_cache_size_with_manifests(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """A restart reports the cache size it had, manifests included (counted by body
+    length when served, by file size when reconciled)."""
+    first = await start_mirror([fake.url])
+    await cache_an_image(first, fake)
+    before = await first.metric(SIZE)
+    await first.client.close()
+    second = await start_mirror([fake.url])
+    assert await second.metric(SIZE) == before
+
+
 @pytest.mark.parametrize("min_free", ["50%", "1MiB"])
 async def test_min_free_keeps_part_of_the_filesystem_free(
     fake: RunningFake,
@@ -436,3 +455,34 @@ async def test_cache_ls_next_to_a_running_server(
     assert parse_size(rows[1][4]) < KIB
     code, out = cli(capsys, "cache", "ls", "--config", str(config), "--namespace", "ghcr.io")
     assert (code, out.splitlines()[1:]) == (0, [])
+
+
+async def test_cache_du_attributes_manifests_to_their_namespace(
+    fake: RunningFake, mirror: Mirror, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cache du`` counts a served manifest under its namespace, not ``(unknown)``."""
+    await cache_an_image(mirror, fake)
+    config = tmp_path / "cli.toml"
+    config.write_text(mirror_config(5000, mirror.cache_dir, {NS: [fake.url]}))
+    assert main(["cache", "du", "--config", str(config)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:-1]]
+    assert [row[0] for row in rows] == [NS]  # no "(unknown)" row
+    assert rows[0][3] == "1"  # one manifest
+
+
+async def test_prune_older_than_keeps_a_manifest_in_use(
+    fake: RunningFake, mirror: Mirror, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest written long ago but pulled today is not 'older than 30d'."""
+    img = fake.registry.add_image(REPO, "3")
+    resp = await mirror.client.get(manifest_path(REPO, img.digest))
+    assert resp.status == 200
+    manifest_file = mirror.manifest_file(img.digest)
+    written = time.time() - 40 * DAY
+    os.utime(manifest_file, (written, written))
+    await mirror.budget.flush()
+    config = tmp_path / "cli.toml"
+    config.write_text(mirror_config(5000, mirror.cache_dir, {NS: [fake.url]}))
+    assert main(["cache", "prune", "--config", str(config), "--older-than", "30d"]) == 0
+    capsys.readouterr()
+    assert manifest_file.exists()

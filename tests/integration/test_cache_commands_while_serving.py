@@ -16,17 +16,10 @@ from pathlib import Path
 
 from mirrorproxy.cache.index import BLOB, MANIFEST, CacheIndex
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import mirror_config
+from tests.support.waiting import WAIT
 
 KIB = 1024
 MAX = 300 * KIB

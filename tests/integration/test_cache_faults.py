@@ -5,34 +5,37 @@ The mirror must keep answering (streaming blobs through when it cannot cache the
 say so in logs and metrics, never keep a partial file, and recover by itself. The
 cache is broken the way a host breaks it: ``tmp/`` replaced by a file (so creating a
 temp file fails with ENOTDIR), ``_write_all`` failing with ENOSPC midway, or a
-real tmpfs mounted small or remounted read-only (root only; see ``tmpfs``).
+real tmpfs mounted small or remounted read-only (root only; see ``tmpfs``). The
+download's disk writer is checked under a held disk (the ``disk`` fixture) at
+shutdown, with a disk error that surfaces late, and beside an upstream that stalls:
+each failure must be reported as what it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    Mounts,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.http import keys
+from mirrorproxy.pullthrough import policy as pullthrough
+from tests.fakes.registry import OCI_MANIFEST, payload
+from tests.support.downloads import Disk, fill_of, get, get_or_cut, status_and_body, writer_of
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.mounts import Mounts
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -40,6 +43,7 @@ PASSTHROUGH = "mirrorproxy_cache_passthrough_total"
 WRITE_ERRORS = "mirrorproxy_cache_write_errors_total"
 MISMATCHES = "mirrorproxy_digest_mismatches_total"
 SIZE = "mirrorproxy_cache_size_bytes"
+ACCEPT = {"Accept": OCI_MANIFEST}
 # Seconds the mirror streams through after a failed write before it tries the disk
 # again: long enough for a test's "meanwhile" steps, short enough to wait out.
 WRITE_RETRY = 1.0
@@ -132,6 +136,37 @@ async def test_unwritable_cache_streams_through_and_recovers(
     gets = len(fake.registry.calls("GET", "blobs"))
     assert await pull(mirror, digest) == layer  # a plain hit now
     assert len(fake.registry.calls("GET", "blobs")) == gets
+
+
+@pytest.mark.parametrize("cached_before", [False, True])
+async def test_tag_pulls_survive_an_unwritable_cache(
+    fake: RunningFake, start_mirror: MirrorFactory, cached_before: bool
+) -> None:
+    """A tag pull, new or revalidating a stale tag, is answered when nothing can be
+    written to the cache."""
+    img = fake.registry.add_image(REPO, "3")
+    mirror = await start_mirror([fake.url], tag_ttl="1ms")
+    if cached_before:  # a stale tag is revalidated with a HEAD, then re-recorded
+        assert (await mirror.client.get(manifest_path(REPO, "3"), headers=ACCEPT)).status == 200
+        await asyncio.sleep(0.01)
+    break_tmp(mirror)
+    resp = await mirror.client.get(manifest_path(REPO, "3"), headers=ACCEPT)
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == img.manifest
+
+
+async def test_passthrough_while_the_disk_is_broken_is_counted_as_write_error(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    """Blobs streamed through because the disk is broken count as ``write-error``, not
+    ``budget``."""
+    one, two = (fake.registry.add_blob(payload(10 * KIB, n)) for n in ("one", "two"))
+    mirror.budget.write_retry = 30.0
+    break_tmp(mirror)
+    assert (await status_and_body(mirror, one))[0] == 200
+    assert (await status_and_body(mirror, two))[0] == 200
+    assert await mirror.metric(PASSTHROUGH, reason="budget") == 0
+    assert await mirror.metric(PASSTHROUGH, reason="write-error") == 2
 
 
 async def test_disk_full_mid_fill(
@@ -244,6 +279,141 @@ async def test_a_slow_client_does_not_slow_the_others(fake: RunningFake, mirror:
         assert await slow.body(len(data)) == data
 
 
+# -- the disk writer under faults: shutdown, late errors, upstream stalls ----------
+
+
+class _LaggingHash:
+    """sha256 whose updates wait for ``go``: a hashing thread far behind the download."""
+
+    def __init__(self, algorithm: str, go: threading.Event) -> None:
+        self._hash = hashlib.new(algorithm)
+        self._go = go
+
+    def update(self, data: Any) -> None:
+        self._go.wait(WAIT)
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@pytest.fixture
+def hash_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Make every hash update wait until the returned event is set."""
+    go = threading.Event()
+
+    def hasher(self: Digest) -> Any:
+        return _LaggingHash(self.algorithm, go)
+
+    monkeypatch.setattr(Digest, "hasher", hasher)
+    yield go
+    go.set()
+
+
+async def _shut_down_during_commit(
+    fake: RunningFake, mirror: Mirror, disk: Disk, monkeypatch: pytest.MonkeyPatch, tmp: Path
+) -> None:
+    """A client got its (verified) blob from memory; the disk is still writing it when
+    the server stops and the shutdown grace runs out."""
+    monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
+    data = payload(MIB, "shutdown while the disk writes")
+    digest = fake.registry.add_blob(data)
+    assert await get(mirror, digest) == data
+    fill_of(mirror, digest)  # still committing: waiting for the stalled write
+    close = asyncio.create_task(mirror.client.app[keys.PULLTHROUGH].close())
+    await asyncio.sleep(0.3)  # the grace ran out: the fill is cancelled
+    victim = os.open(tmp / "victim", os.O_RDWR | os.O_CREAT, 0o600)  # takes a free fd
+    try:
+        disk.go.set()
+        await wait_for(lambda: disk.finished == disk.started)
+        async with asyncio.timeout(WAIT):
+            await close
+    finally:
+        os.close(victim)
+
+
+async def test_shutdown_never_closes_the_descriptor_under_a_running_write(
+    fake: RunningFake,
+    mirror: Mirror,
+    disk: Disk,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """At shutdown, a cancelled download's file descriptor stays open until the write job
+    running on it ends: a reused descriptor would take bytes meant for the blob."""
+    await _shut_down_during_commit(fake, mirror, disk, monkeypatch, tmp_path)
+    assert disk.misuse == []  # once: ['fd N now refers to .../victim']
+
+
+async def test_a_cancelled_write_fails_the_writer_cleanly(
+    fake: RunningFake,
+    mirror: Mirror,
+    disk: Disk,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A write cancelled at shutdown ends its writer without an exception in a loop callback."""
+    await _shut_down_during_commit(fake, mirror, disk, monkeypatch, tmp_path)
+    crashed = [r.getMessage() for r in caplog.records if "Exception in callback" in r.getMessage()]
+    assert crashed == []
+
+
+async def test_a_late_disk_error_is_not_taken_for_a_digest_mismatch(
+    fake: RunningFake,
+    mirror: Mirror,
+    disk: Disk,
+    hash_gate: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A disk error noticed after the whole body arrived is a write error, not a digest
+    mismatch: the upstream stays up and the client gets the verified blob from memory."""
+    mirror.tune(write_batch=256 * KIB)
+    data = payload(MIB, "late enospc")
+    digest = fake.registry.add_blob(data)
+    disk.fail_from = 256 * KIB  # the second batch hits a full disk
+    pull = asyncio.create_task(get_or_cut(mirror, digest))
+
+    # Every batch is queued (the pump is done) while the disk and the hash lag behind.
+    await wait_for(lambda: bool(mirror.client.app[keys.PULLTHROUGH]._fills))
+    fill = fill_of(mirror, digest)
+    await wait_for(lambda: fill._writer is not None)  # after the upstream's 200
+    writer = writer_of(fill)
+    await wait_for(lambda: writer.queued == len(data))
+    disk.go.set()
+    await wait_for(lambda: writer._failure is not None)  # the disk said ENOSPC
+    hash_gate.set()
+
+    body = await pull
+    await mirror.settled()  # the client is served before the fill reports the disk's failure
+    assert await mirror.metric(MISMATCHES, namespace=NS) == 0  # upstream sent good bytes
+    assert await mirror.metric(WRITE_ERRORS) == 1
+    assert await mirror.metric("mirrorproxy_upstream_up", namespace=NS, endpoint=fake.url) == 1
+    assert body == data  # verified from memory, as with a disk error on the last batch
+
+
+async def test_upstream_timeouts_are_not_cache_write_errors(
+    fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """An upstream stalling mid-body is an upstream failure (resumed, then given up), never
+    a cache write error or a stream-through; the next pull caches the blob."""
+    data = payload(512 * KIB, "stalls")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 64 * KIB
+    fake.registry.faults.chunk_delay = 0.5  # every response stalls after one chunk
+    mirror = await start_mirror([fake.url], read_timeout="100ms")
+
+    assert await get_or_cut(mirror, digest) is None
+    await mirror.settled()
+    assert len(fake.registry.calls("GET", "blobs")) == mirror.fill_tuning.max_resumes + 1
+    fake.registry.faults.clear()
+    assert await get(mirror, digest) == data
+    await mirror.settled()
+    assert await mirror.metric(WRITE_ERRORS) == 0
+    assert await mirror.metric_sum(PASSTHROUGH) == 0  # once: 30 s of uncached streaming
+    assert mirror.blob_path(digest).exists()
+
+
 # -- real filesystems: a tiny tmpfs, a read-only bind mount --------------------------
 
 
@@ -317,3 +487,16 @@ async def test_real_read_only_cache_streams_through_and_recovers(
         mounts.undo(mirror.cache_dir)
     await pull_until_cached(mirror, fresh_digest, fresh)
     assert mirror.blob_path(fresh_digest).read_bytes() == fresh
+
+
+async def test_read_only_full_cache_streams_through(
+    mounts: Mounts, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """A full cache that turned read-only cannot evict: a new blob streams through."""
+    mirror = await start_mirror([fake.url], cache={"max_size": "300KiB"})
+    old, new = (fake.registry.add_blob(payload(200 * KIB, n)) for n in ("old", "new"))
+    assert (await status_and_body(mirror, old))[0] == 200
+    mounts.read_only(mirror.cache_dir)
+    status, body = await status_and_body(mirror, new)  # needs old's room: eviction fails (EROFS)
+    assert status == 200
+    assert body == payload(200 * KIB, "new")

@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from mirrorproxy.http.app import create_app
-from tests.integration.conftest import NS, REPO, RunningFake, manifest_path, mirror_config
 from tests.support.listening import with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import NS, REPO, manifest_path
 
 
 async def _client(

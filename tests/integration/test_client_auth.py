@@ -23,7 +23,8 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from mirrorproxy.http.app import create_app
-from tests.integration.authmirror import (
+from tests.support import jwtkeys
+from tests.support.authmirror import (
     OPEN,
     PRIVATE,
     REALM,
@@ -35,8 +36,7 @@ from tests.integration.authmirror import (
     bearer,
     make_auth_files,
 )
-from tests.integration.conftest import FakeFactory, RunningFake
-from tests.support import jwtkeys
+from tests.support.mirror import FakeFactory, RunningFake
 
 REPO = "team/app"
 MirrorClient = TestClient[web.Request, web.Application]

@@ -25,7 +25,8 @@ from pytest_aiohttp import AiohttpClient
 from mirrorproxy.http.accesslog import AccessLogger
 from mirrorproxy.http.app import create_app
 from mirrorproxy.observability.log import JsonFormatter, TextFormatter
-from tests.integration.authmirror import (
+from tests.support import jwtkeys
+from tests.support.authmirror import (
     OPEN,
     PRIVATE,
     USERS,
@@ -35,9 +36,8 @@ from tests.integration.authmirror import (
     bearer,
     make_auth_files,
 )
-from tests.integration.conftest import FakeFactory, Mirror, RunningFake
-from tests.support import jwtkeys
 from tests.support.listening import listening, with_server
+from tests.support.mirror import FakeFactory, Mirror, RunningFake
 
 REPO = "team/app"
 ATTEMPTS = 1000

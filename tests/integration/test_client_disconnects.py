@@ -3,7 +3,8 @@
 The mirror runs behind ``mirrorproxy.http.listener.start`` (what ``serve`` runs), so
 aiohttp's own connection handling and our request-error hook are what is tested.
 Clients connect with raw sockets, send a request and close (or reset) the
-connection before the answer's headers can arrive.
+connection before the answer's headers can arrive, while a cached blob is sent, or
+while they wait for a download's disk.
 """
 
 from __future__ import annotations
@@ -18,20 +19,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.config import Config
+from mirrorproxy.http import keys
 from tests.fakes.registry import OCI_MANIFEST, payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-)
+from tests.support.downloads import Disk
 from tests.support.listening import Listening, listening, with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import REPO, blob_path, manifest_path
 from tests.support.rawhttp import RawResponse, request, send_raw
+from tests.support.waiting import WAIT
 
 CLIENTS = 200
 UPSTREAM_DELAY = 0.3  # seconds the upstream waits: every client is gone by then
+MIB = 1024 * 1024
 
 
 def _config(tmp_path: Path, fake: RunningFake) -> Config:
@@ -155,3 +154,36 @@ async def test_clients_that_reset_while_a_cached_blob_is_sent_are_not_errors(
     assert sum(codes.values()) == 21
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage() for r in noisy] == []
+
+
+async def test_a_client_gone_while_waiting_for_the_disk_is_not_an_error(
+    fake: RunningFake,
+    tmp_path: Path,
+    disk: Disk,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client following the file that leaves while the disk has nothing yet is an INFO
+    line, not an error."""
+    caplog.set_level(logging.INFO, logger="mirrorproxy")
+    data = payload(MIB, "gone while waiting")
+    digest = fake.registry.add_blob(data)
+    config = with_server(mirror_config(tmp_path / "cache", [fake.url]))
+    # The production listener: handlers are not cancelled when their client goes away.
+    async with listening(config, handler_cancellation=False) as m:
+        m.tune(live_max=0)  # the client follows the file
+        async with asyncio.timeout(WAIT):
+            reader, writer = await asyncio.open_connection(m.host, m.port)
+            path = blob_path(REPO, digest)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            writer.close()  # gone while the disk has nothing yet
+            await asyncio.sleep(0.1)
+            disk.go.set()
+            await m.runner.app[keys.PULLTHROUGH].settled()
+            await asyncio.sleep(0.05)  # the handler wakes up and gives up
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []  # once: "... after an unexpected error" + traceback
+    gone = [r for r in caplog.records if "client went away" in r.getMessage()]
+    assert gone
+    assert all(r.levelno == logging.INFO for r in gone)

@@ -1,25 +1,19 @@
 """What real clients send, and what they must get back: several Accept lines, no
-``ns=`` (routing by path), signed schema1 manifests, upstream 4xx answers, and
-references that cannot exist."""
+``ns=`` (routing by path), signed schema1 manifests, upstream 4xx answers,
+references that cannot exist, and HEAD requests that fail."""
 
 from __future__ import annotations
 
 import base64
 import json
 
+import pytest
 from multidict import CIMultiDict
 
 from mirrorproxy.core.oci import DOCKER_V1_SIGNED, manifest_digest
 from tests.fakes.registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, manifest_path
 
 # containers/image (podman, skopeo, CRI-O) sends these as six separate lines.
 CONTAINERS_IMAGE_ACCEPT = (
@@ -237,3 +231,24 @@ async def test_a_reference_that_cannot_exist_is_manifest_unknown(
         resp = await mirror.client.request(method, f"/v2/{REPO}/manifests/.INVALID_MANIFEST_NAME")
         assert resp.status == 404
     assert fake.registry.calls() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (f"/v2/{REPO}/manifests/missing?ns={NS}", 404),  # containerd's tag resolve
+        (f"/v2/{REPO}/blobs/sha256:{'0' * 64}?ns={NS}", 404),
+        (f"/v2/Bad/Name/manifests/3?ns={NS}", 400),
+        (f"/v2/{REPO}/manifests/3?ns=quay.io", 404),
+    ],
+)
+async def test_head_errors_keep_their_status(
+    fake: RunningFake, mirror: Mirror, path: str, status: int
+) -> None:
+    """A HEAD that fails keeps its error's status (containerd resolves tags with HEAD) and
+    announces the JSON error's length, with no body."""
+    resp = await mirror.client.head(path)
+    assert resp.status == status
+    assert resp.content_type == "application/json"
+    assert int(resp.headers["Content-Length"]) > 0
+    assert await resp.read() == b""

@@ -21,8 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from mirrorproxy.cache.index import BLOB, CacheIndex
 from mirrorproxy.cli import main
 from tests.fakes.registry import payload
-from tests.integration.conftest import NS, REPO, WAIT, FakeFactory, blob_path
+from tests.support.mirror import FakeFactory
+from tests.support.paths import NS, REPO, blob_path
 from tests.support.procs import MirrorProcess, free_port, mirror_config
+from tests.support.waiting import WAIT
 
 KIB = 1024
 MIB = 1024 * KIB

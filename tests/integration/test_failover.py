@@ -1,19 +1,20 @@
-"""Failover across a namespace's upstreams, and the cooldown of failed ones."""
+"""Failover across a namespace's upstreams, and the cooldown of failed ones.
+
+A body cut mid-way is a failed upstream like a 5xx or a refused connection.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from tests.fakes.registry import Image
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.fakes.variants import CuttingRegistry
+from tests.support.logs import errors_logged
+from tests.support.mirror import FakeFactory, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 
 FAILOVERS = "mirrorproxy_upstream_failovers_total"
 
@@ -65,6 +66,35 @@ async def test_first_upstream_down_second_serves(
     assert await mirror.metric(FAILOVERS, namespace=NS) == 1
     up = await mirror.metric("mirrorproxy_upstream_up", namespace=NS, endpoint=closed_port_url)
     assert up == 0
+
+
+async def test_cut_manifest_body_fails_over_to_the_next_upstream(
+    start_fake: FakeFactory, start_mirror: MirrorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut manifest body moves on to the healthy second upstream, logging no error."""
+    cutting = CuttingRegistry()
+    cutting.cut = {"manifests"}
+    one, two = await start_fake(cutting), await start_fake()
+    img = one.registry.add_image(REPO, "3")
+    assert two.registry.add_image(REPO, "3") == img
+    mirror = await start_mirror([one.url, two.url])
+    caplog.set_level(logging.WARNING)
+
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == img.manifest
+    assert resp.headers["Docker-Content-Digest"] == img.digest
+    assert len(one.registry.calls("GET", "manifests")) == 1  # tried, and cut
+    assert len(two.registry.calls("GET", "manifests")) == 1
+    assert errors_logged(caplog) == []
+
+    # The whole manifest was stored under its digest: served without asking upstream.
+    one.registry.clear_log()
+    two.registry.clear_log()
+    resp = await mirror.client.get(manifest_path(REPO, img.digest))
+    assert resp.status == 200
+    assert await resp.read() == img.manifest
+    assert one.registry.requests == two.registry.requests == []
 
 
 async def test_all_upstreams_404(start_fake: FakeFactory, start_mirror: MirrorFactory) -> None:

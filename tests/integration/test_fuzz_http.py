@@ -24,8 +24,9 @@ import pytest
 
 from mirrorproxy.core.errors import RegistryError
 from mirrorproxy.core.oci import parse_name, parse_reference
-from tests.integration.conftest import NS, REPO, RunningFake, mirror_config
 from tests.support.listening import Listening, listening, with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import NS, REPO
 from tests.support.rawhttp import RawResponse, request, send_raw
 
 REQUESTS = 2000

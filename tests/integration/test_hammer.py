@@ -19,7 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import REPO, FakeFactory
+from tests.support.mirror import FakeFactory
+from tests.support.paths import REPO
 from tests.support.procs import MirrorProcess, free_port
 from tests.support.rawhttp import request, send_raw
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import ClientResponse
 
-from tests.integration.conftest import NS, REPO, Mirror, RunningFake
+from tests.support.mirror import Mirror, RunningFake
+from tests.support.paths import NS, REPO
 
 HEX = "0123456789abcdef" * 4
 
@@ -108,6 +109,13 @@ async def test_write_methods_are_unsupported(
     assert await _error_code(resp) == "UNSUPPORTED"
     assert "GET" in resp.headers["Allow"]
     assert fake.registry.requests == []
+
+
+async def test_push_start_is_405_unsupported(fake: RunningFake, mirror: Mirror) -> None:
+    """Starting a push (POST .../blobs/uploads/) is 405 UNSUPPORTED: a mirror is read-only."""
+    resp = await mirror.client.post(f"/v2/{REPO}/blobs/uploads/?ns={NS}")
+    assert resp.status == 405
+    assert (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
 
 
 @pytest.mark.parametrize("path", ["/nope", "/v1/_ping", f"/v2/{REPO}/referrers"])

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.config import Config
-from tests.integration.conftest import NS, REPO, RunningFake, mirror_config
 from tests.support.listening import listening, with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import NS, REPO
 from tests.support.rawhttp import closed_within, request, send_raw
 
 SLACK = 1.0  # seconds allowed past a deadline on a busy test machine

@@ -2,14 +2,20 @@
 
 They must never wait for the disk, never get the last byte of a blob that does not
 verify, fall back to the file when they fall behind, and the bytes a download may
-hold in memory for a slow disk stay bounded across every download at once.
+hold in memory for a slow disk stay bounded across every download at once. Over
+TLS too, where falling back to the file means sendfile on the TLS transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
+import socket
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,8 +25,12 @@ from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.fill import BlobFill
 from mirrorproxy.pullthrough.followers import LiveFollower
 from tests.fakes.registry import payload
-from tests.integration.conftest import REPO, WAIT, Mirror, RunningFake, blob_path, wait_for
+from tests.support.listening import listening, with_server
+from tests.support.mirror import Mirror, RunningFake, mirror_config
+from tests.support.paths import REPO, blob_path
 from tests.support.rawhttp import slow_get
+from tests.support.tls import issue_server_cert, make_ca
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -175,6 +185,71 @@ async def test_memory_held_for_a_slow_disk_is_bounded_over_all_downloads(
     assert store.in_flight == 0
     for d, data in zip(digests, datas, strict=True):
         assert mirror.blob_path(d).read_bytes() == data
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_tls_live_clients_and_a_slow_one_get_every_byte(
+    fake: RunningFake,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over TLS, live clients and a slow one that falls back to the file (sendfile on the
+    TLS transport) all get the whole blob from one upstream GET."""
+    ca = make_ca(tmp_path / "pki")
+    cert = issue_server_cert(ca, tmp_path / "pki")
+    data = payload(16 * MIB, "over tls")
+    digest = fake.registry.add_blob(data)
+    fake.registry.faults.chunk_size = 512 * KIB
+    fake.registry.faults.chunk_delay = 0.01
+    config = with_server(
+        mirror_config(tmp_path / "cache", [fake.url]), tls_cert=cert.cert, tls_key=cert.key
+    )
+    loop = asyncio.get_running_loop()
+    real_sendfile = loop.sendfile
+    sendfiles: list[str] = []
+
+    async def sendfile(transport: asyncio.WriteTransport, *args: Any, **kwargs: Any) -> int:
+        sendfiles.append(type(transport).__name__)
+        return await real_sendfile(transport, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "sendfile", sendfile)
+    async with listening(config) as m, aiohttp.ClientSession() as session:
+        m.tune(live_buffer=256 * KIB)
+        url = f"{m.url}{blob_path(REPO, digest)}"
+
+        async def fast() -> bytes:
+            async with session.get(url, ssl=ca.ssl_context()) as resp:
+                assert resp.status == 200
+                return await resp.read()
+
+        async def slow() -> bytes:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KIB)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (m.host, m.port))
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=ca.ssl_context(), server_hostname=m.host, limit=32 * KIB
+            )
+            try:
+                path = blob_path(REPO, digest)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(0.3)  # falls behind: goes back to the file
+                return await reader.readexactly(len(data))
+            finally:
+                writer.close()
+
+        async with asyncio.timeout(WAIT):
+            bodies = list(await asyncio.gather(slow(), fast(), fast()))
+        assert bodies == [data] * 3
+        assert len(fake.registry.calls("GET", "blobs")) == 1
+        assert "_SSLProtocolTransport" in sendfiles  # the slow one read the file
+        async with asyncio.timeout(WAIT):
+            await m.runner.app[keys.PULLTHROUGH].settled()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 @pytest.fixture

@@ -1,24 +1,28 @@
-"""Manifests through the mirror: tag freshness, revalidation, stale-if-error, Accept."""
+"""Manifests through the mirror: tag freshness, revalidation, stale-if-error, Accept.
+
+Upstreams are asked for uncompressed bodies (a compressing proxy must not put gzip
+in the cache) and with a GET when they refuse HEAD; a body cut mid-way falls back to
+the stale copy; Accept variants of one tag fetched at once are all recorded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
+from mirrorproxy.cache.manifests import FileManifestStore
+from mirrorproxy.core.oci import accept_types
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    manifest_path,
-)
+from tests.fakes.variants import CuttingRegistry, GzipRegistry, PagingRegistry
+from tests.support.logs import errors_logged
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, manifest_path
 
 INDEX_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}"
+STALE_WARNING = '110 - "Response is Stale"'
 
 
 async def test_tag_miss_then_hit(fake: RunningFake, mirror: Mirror) -> None:
@@ -73,6 +77,35 @@ async def test_by_digest_is_cached_forever(fake: RunningFake, start_mirror: Mirr
         assert resp.headers["Content-Length"] == str(len(img.manifest))
         assert await resp.read() == (img.manifest if method == "GET" else b"")
     assert len(fake.registry.requests) == 1
+
+
+async def test_manifest_is_fetched_and_stored_uncompressed(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    """Upstreams are asked for ``identity``; the real manifest is served and stored."""
+    one = await start_fake(GzipRegistry())
+    img = one.registry.add_image(REPO, "3")
+    mirror = await start_mirror([one.url])
+
+    resp = await mirror.client.get(
+        manifest_path(REPO, "3"), headers={"Accept-Encoding": "identity"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == img.manifest
+    assert resp.headers["Docker-Content-Digest"] == img.digest
+    [get] = one.registry.calls("GET", "manifests")
+    assert get.headers.get("Accept-Encoding") == "identity"
+
+    # Stored under its real digest: a pull by digest is a cache hit with the same bytes.
+    assert mirror.manifest_file(img.digest).is_file()
+    one.registry.clear_log()
+    resp = await mirror.client.get(
+        manifest_path(REPO, img.digest), headers={"Accept-Encoding": "identity"}
+    )
+    assert resp.status == 200
+    assert await resp.read() == img.manifest
+    assert one.registry.requests == []
 
 
 async def test_concurrent_tag_misses_share_one_upstream_request(
@@ -137,6 +170,28 @@ async def test_moved_tag_serves_the_new_digest(
     assert len(fake.registry.requests) == 3
 
 
+async def test_head_refused_with_405_falls_back_to_get(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    """An upstream refusing HEAD gets a GET: a moved tag is served, not the old one."""
+    paging = PagingRegistry()
+    one = await start_fake(paging)
+    one.registry.add_image(REPO, "3")
+    mirror = await start_mirror([one.url], tag_ttl="0s")  # every pull revalidates
+    assert (await mirror.client.get(manifest_path(REPO, "3"))).status == 200
+
+    paging.refuse_head = True
+    moved = one.registry.add_image(REPO, "3", seed="moved")
+    one.registry.clear_log()
+    for _ in range(2):  # and it keeps working: the 405 cooled nothing down
+        resp = await mirror.client.get(manifest_path(REPO, "3"))
+        assert resp.status == 200, await resp.text()
+        assert await resp.read() == moved.manifest
+        assert resp.headers["Docker-Content-Digest"] == moved.digest
+        assert "Warning" not in resp.headers
+    assert [r.method for r in one.registry.calls(kind="manifests")] == ["HEAD", "GET"] * 2
+
+
 async def test_stale_tag_served_when_every_upstream_is_down(
     start_fake: FakeFactory, start_mirror: MirrorFactory
 ) -> None:
@@ -161,6 +216,30 @@ async def test_stale_tag_served_when_every_upstream_is_down(
         "mirrorproxy_cache_requests_total", namespace=NS, kind="manifest", result="stale"
     )
     assert stale == 2
+
+
+async def test_cut_manifest_body_serves_the_stale_copy(
+    start_fake: FakeFactory, start_mirror: MirrorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut body of a moved tag is an upstream failure: the stale copy, with a Warning."""
+    cutting = CuttingRegistry()
+    one = await start_fake(cutting)
+    old = one.registry.add_image(REPO, "3")
+    mirror = await start_mirror([one.url], tag_ttl="0s")
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 200
+    assert "Warning" not in resp.headers
+
+    one.registry.add_image(REPO, "3", seed="moved")  # the HEAD sees a new digest ...
+    cutting.cut = {"manifests"}  # ... and the GET of the new body is cut
+    caplog.set_level(logging.WARNING)
+    resp = await mirror.client.get(manifest_path(REPO, "3"))
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == old.manifest
+    assert resp.headers["Docker-Content-Digest"] == old.digest
+    assert resp.headers["Warning"] == STALE_WARNING
+    assert len(one.registry.calls("GET", "manifests")) == 2  # the first fetch, the cut one
+    assert errors_logged(caplog) == []
 
 
 async def test_deleted_tag_is_404_even_with_a_stale_copy(
@@ -269,45 +348,41 @@ async def test_stale_index_is_not_served_to_a_platform_only_client(
     assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
 
 
-async def test_tags_list_is_passed_through(fake: RunningFake, mirror: Mirror) -> None:
-    for tag in ("3", "3.19", "latest"):
-        fake.registry.add_image(REPO, tag)
-    resp = await mirror.client.get(f"/v2/{REPO}/tags/list?ns={NS}&n=2")
-    assert resp.status == 200
-    assert await resp.json() == {"name": REPO, "tags": ["3", "3.19"]}
-    (req,) = fake.registry.calls("GET", "tags")
-    assert req.path == f"/v2/{REPO}/tags/list"
-    assert req.query.get("n") == "2"
-    assert "ns" not in req.query
-
-
-@pytest.mark.parametrize(
-    ("query", "code"),
-    [
-        ("n=-1", "PAGINATION_NUMBER_INVALID"),
-        ("n=abc", "PAGINATION_NUMBER_INVALID"),
-        ("n=1000001", "PAGINATION_NUMBER_INVALID"),
-        ("n=%EF%BC%92", "PAGINATION_NUMBER_INVALID"),  # a full-width digit
-        ("last=..", "NAME_INVALID"),
-        ("last=a%2Fb", "NAME_INVALID"),
-    ],
-)
-async def test_tags_list_paging_is_checked_before_going_upstream(
-    fake: RunningFake, mirror: Mirror, query: str, code: str
+async def test_concurrent_accept_variants_of_a_new_tag_are_both_recorded(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
 ) -> None:
-    resp = await mirror.client.get(f"/v2/{REPO}/tags/list?ns={NS}&{query}")
-    assert resp.status == 400
-    assert (await resp.json())["errors"][0]["code"] == code
-    assert fake.registry.calls("GET", "tags") == []
+    """Two Accept variants of one tag fetched at once both land in its record."""
+    fake = await start_fake()
+    img = fake.registry.add_image(REPO, "base")
+    mirror = await start_mirror([fake.url])
+    only_manifest = {"Accept": OCI_MANIFEST}
+    with_index = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+    only_key, index_key = (
+        ",".join(accept_types(h["Accept"])) for h in (only_manifest, with_index)
+    )
 
+    for i in range(5):  # each round is a fresh tag: a new record written twice at once
+        tag = f"t{i}"
+        fake.registry.add_manifest(REPO, tag, OCI_MANIFEST, img.manifest)
+        index_digest, _ = fake.registry.add_index(REPO, tag, [img])
+        a, b = await asyncio.gather(
+            mirror.client.get(manifest_path(REPO, tag), headers=only_manifest),
+            mirror.client.get(manifest_path(REPO, tag), headers=with_index),
+        )
+        assert (a.status, b.status) == (200, 200)
+        assert a.headers["Docker-Content-Digest"] == img.digest
+        assert b.headers["Docker-Content-Digest"] == index_digest
 
-async def test_tags_list_paging_is_passed_on(fake: RunningFake, mirror: Mirror) -> None:
-    for tag in ("3", "3.19", "latest"):
-        fake.registry.add_image(REPO, tag)
-    resp = await mirror.client.get(f"/v2/{REPO}/tags/list?ns={NS}&n=007&last=3&x=y")
-    assert resp.status == 200
-    (req,) = fake.registry.calls("GET", "tags")
-    assert dict(req.query) == {"n": "7", "last": "3"}
+        # On disk, as a fresh process would read it ...
+        entries = await FileManifestStore(mirror.cache_dir).get_tag(NS, REPO, tag)
+        digests = {key: str(e.digest) for key, e in entries.items()}
+        assert digests == {only_key: img.digest, index_key: index_digest}, f"round {i}"
+        # ... and in the running mirror: both variants are now fresh cache hits.
+        fake.registry.clear_log()
+        for headers, digest in ((only_manifest, img.digest), (with_index, index_digest)):
+            resp = await mirror.client.get(manifest_path(REPO, tag), headers=headers)
+            assert resp.headers["Docker-Content-Digest"] == digest
+        assert fake.registry.requests == []
 
 
 async def test_manifest_over_the_size_limit_is_refused_and_not_cached(

@@ -21,18 +21,9 @@ from pytest_aiohttp import AiohttpClient
 from mirrorproxy.config import Config, MetricsConfig
 from mirrorproxy.http.app import create_app
 from mirrorproxy.http.observability import MetricsListenError
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake, mirror_config
+from tests.support.paths import NS, REPO, blob_path, manifest_path
+from tests.support.waiting import wait_for
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 

@@ -19,7 +19,8 @@ from pytest_aiohttp import AiohttpClient
 from mirrorproxy.http import keys
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import Image
-from tests.integration.authmirror import (
+from tests.support import jwtkeys
+from tests.support.authmirror import (
     OPEN,
     PRIVATE,
     USERS,
@@ -28,15 +29,8 @@ from tests.integration.authmirror import (
     basic,
     make_auth_files,
 )
-from tests.integration.conftest import (
-    WAIT,
-    FakeFactory,
-    Mirror,
-    RunningFake,
-    mirror_config,
-    wait_for,
-)
-from tests.support import jwtkeys
+from tests.support.mirror import FakeFactory, Mirror, RunningFake, mirror_config
+from tests.support.waiting import WAIT, wait_for
 
 SECRET_REPO = "secret/app"
 PROBE_REPO = "library/anything"

@@ -2,13 +2,16 @@
 
 A mirror fills its cache online; an offline mirror on the same cache directory then
 answers from it alone: tags past their TTL too (with ``Warning: 110``), and a clear
-OCI error naming the offline mode for anything not cached. The FakeRegistry's
-request log proves the upstream is never contacted.
+OCI error naming the offline mode for anything not cached. A tag record another
+process rewrites (``mirrorproxy import`` next to the running server) is read again
+within ``TAG_RECHECK``. The FakeRegistry's request log proves the upstream is never
+contacted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +19,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mirrorproxy.bundle import CONTAINERD_KEY
+from mirrorproxy.cache import StoredManifest, TagEntry
+from mirrorproxy.cache.manifests import TAG_RECHECK, FileManifestStore
+from mirrorproxy.core.oci import CONTAINERD_ACCEPT, parse_digest
 from tests.fakes.registry import OCI_MANIFEST, Image
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    WAIT,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-)
+from tests.support.mirror import FakeFactory, MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.procs import MirrorProcess, free_port, mirror_config
+from tests.support.waiting import WAIT
 
 ACCEPT = {"Accept": OCI_MANIFEST}
 STALE = '110 - "Response is Stale"'
@@ -128,6 +129,43 @@ async def test_offline_with_an_unreachable_upstream(
     resp = await mirror.client.get(blob_path(REPO, MISSING))
     assert resp.status == 404
     assert "offline" in (await error_of(resp))["message"]
+
+
+async def test_offline_server_rereads_a_tag_another_process_moved(
+    start_fake: FakeFactory, start_mirror: MirrorFactory
+) -> None:
+    """A running offline server serves the tag ``import`` rewrote, after TAG_RECHECK."""
+    fake = await start_fake()
+    v1 = fake.registry.add_image(REPO, "3")
+    accept = {"Accept": CONTAINERD_ACCEPT}
+    online = await start_mirror([fake.url], name="shared")
+    assert (await online.client.get(manifest_path(REPO, "3"), headers=accept)).status == 200
+
+    offline = await start_mirror([fake.url], name="shared", cache={"offline": True})
+    resp = await offline.client.get(manifest_path(REPO, "3"), headers=accept)
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == v1.digest  # now remembered in memory
+
+    # What `mirrorproxy import` does from another process: store v2, move the tag.
+    v2 = fake.registry.add_image(REPO, "3", seed="v2")
+    other = FileManifestStore(offline.cache_dir)
+    d2 = parse_digest(v2.digest)
+    await other.put(StoredManifest(d2, OCI_MANIFEST, v2.manifest))
+    entry = TagEntry(d2, OCI_MANIFEST, len(v2.manifest), time.time())
+    await other.put_tag(NS, REPO, "3", CONTAINERD_KEY, entry)
+    fake.registry.clear_log()
+
+    async with asyncio.timeout(TAG_RECHECK + WAIT):
+        while True:
+            resp = await offline.client.get(manifest_path(REPO, "3"), headers=accept)
+            assert resp.status == 200
+            body = await resp.read()
+            if resp.headers["Docker-Content-Digest"] == v2.digest:
+                break
+            assert body == v1.manifest  # until the recheck: the remembered record
+            await asyncio.sleep(0.05)
+    assert body == v2.manifest
+    assert fake.registry.requests == []  # offline: the cache alone answered
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.conftest import NS
+from tests.support.paths import NS
 from tests.support.procs import MirrorProcess, free_port, mirror_config
 
 

@@ -32,7 +32,7 @@ from mirrorproxy.http.errors import Handler
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.engine import Engine
 from tests.fakes.registry import FakeRegistry, payload, sha256
-from tests.integration.conftest import FakeFactory, mirror_config
+from tests.support.mirror import FakeFactory, mirror_config
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mirrorproxy.cli import main
-from tests.integration.conftest import FakeFactory
+from tests.support.mirror import FakeFactory
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST
-from tests.integration.conftest import NS, REPO, MirrorFactory, RunningFake
+from tests.support.mirror import MirrorFactory, RunningFake
+from tests.support.paths import NS, REPO
 
 SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"

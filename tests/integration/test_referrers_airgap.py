@@ -12,7 +12,8 @@ import pytest
 
 from mirrorproxy.cli import main
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Image, sha256
-from tests.integration.conftest import NS, REPO, FakeFactory, MirrorFactory, manifest_path
+from tests.support.mirror import FakeFactory, MirrorFactory
+from tests.support.paths import NS, REPO, manifest_path
 
 SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 

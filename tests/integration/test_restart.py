@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from tests.fakes.registry import OCI_MANIFEST
-from tests.integration.conftest import (
-    REPO,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    wait_for,
-)
+from tests.support.mirror import MirrorFactory, RunningFake
+from tests.support.paths import REPO, blob_path, manifest_path
+from tests.support.waiting import wait_for
 
 
 async def test_restart_serves_the_cache_without_upstream(

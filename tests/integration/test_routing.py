@@ -10,17 +10,9 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from mirrorproxy.http.app import create_app
-from tests.integration.conftest import (
-    NS,
-    REPO,
-    FakeFactory,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    manifest_path,
-    mirror_config,
-    wait_for,
-)
+from tests.support.mirror import FakeFactory, MirrorFactory, RunningFake, mirror_config
+from tests.support.paths import NS, REPO, blob_path, manifest_path
+from tests.support.waiting import wait_for
 
 
 async def test_upstream_url_with_a_path(fake: RunningFake, start_mirror: MirrorFactory) -> None:

@@ -23,7 +23,8 @@ from pytest_aiohttp import AiohttpClient
 
 from mirrorproxy.config import WILDCARD, Config
 from mirrorproxy.http.app import create_app
-from tests.integration.conftest import REPO, FakeFactory, RunningFake, mirror_config
+from tests.support.mirror import FakeFactory, RunningFake, mirror_config
+from tests.support.paths import REPO
 
 HEX = "ab" * 32
 

@@ -19,18 +19,11 @@ import pytest
 
 from mirrorproxy.http import keys
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    mirror_config,
-    wait_for,
-)
 from tests.support.listening import listening, with_server
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake, mirror_config
+from tests.support.paths import REPO, blob_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -21,16 +21,10 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.fill import BlobFill
 from tests.fakes.registry import payload
-from tests.integration.conftest import (
-    REPO,
-    WAIT,
-    Mirror,
-    MirrorFactory,
-    RunningFake,
-    blob_path,
-    wait_for,
-)
+from tests.support.mirror import Mirror, MirrorFactory, RunningFake
+from tests.support.paths import REPO, blob_path
 from tests.support.rawhttp import slow_get
+from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 
 from mirrorproxy.cli import EXIT_USAGE, main
-from tests.integration.conftest import NS, REPO, RunningFake, mirror_config
 from tests.support.listening import listening, with_server
+from tests.support.mirror import RunningFake, mirror_config
+from tests.support.paths import NS, REPO
 from tests.support.rawhttp import closed_within, request, send_raw
 from tests.support.tls import CertKey, issue_server_cert, make_ca
 

@@ -17,7 +17,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy.http.app import create_app
 from mirrorproxy.http.errors import Handler
-from tests.integration.conftest import REPO, blob_path, mirror_config
+from tests.support.mirror import mirror_config
+from tests.support.paths import REPO, blob_path
 
 BLOBS = [hashlib.shake_256(b"blob%d" % i).digest(64 * 1024) for i in range(6)]
 MANIFEST = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}'

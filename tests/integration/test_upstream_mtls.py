@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from mirrorproxy.config import parse_config
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
-from tests.integration.conftest import REPO, manifest_path
+from tests.support.paths import REPO, manifest_path
 from tests.support.tls import CertKey, issue_server_cert, make_ca
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")

@@ -26,9 +26,9 @@ from tests.support import images
 from tests.support.exchanges import AccessLine, Exchange, parse_access_log
 from tests.support.headertap import HeaderTap
 from tests.support.procs import MirrorProcess, Registry, free_port, mirror_config
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 KiB = 1024
-REQUIRE_ENV = "MIRRORPROXY_REQUIRE_E2E"
 LOG_SETTLE = 5.0  # seconds to wait for access lines (written in batches, <= 0.1 s late)
 CLI_TIMEOUT = 60.0
 
@@ -39,8 +39,8 @@ def require_tools(*binaries: str, package: str) -> None:
     if not missing:
         return
     reason = f"{', '.join(missing)} not found on PATH (apt-get install {package})"
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
     pytest.skip(reason)
 
 

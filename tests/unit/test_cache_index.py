@@ -215,6 +215,18 @@ def test_reconcile_ignores_what_is_not_a_content_file(
     assert idx.entries() == []
 
 
+def test_reconcile_ignores_names_that_are_not_hex(tmp_path: Path) -> None:
+    """``reconcile`` skips files under ``blobs/`` whose names are not hex digests."""
+    stray = tmp_path / "blobs" / "sha256" / "zz" / ("zz" * 32)
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"not ours")
+    index = CacheIndex(tmp_path / "index.db")
+    try:
+        assert index.reconcile(tmp_path) == (0, 0)
+    finally:
+        index.close()
+
+
 def test_reconcile_of_a_missing_cache_tree_empties_the_index(
     tmp_path: Path, open_index: Callable[[], CacheIndex]
 ) -> None:

@@ -88,6 +88,18 @@ def test_toml_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert one_error_line(capsys).startswith(f"{PREFIX}{path}: not valid TOML: ")
 
 
+def test_non_utf8_config_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config file that is not UTF-8 is exit 2 and one line naming the encoding."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n[namespaces.'docker.io']\nupstreams=['http://a']\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "not UTF-8" in err
+
+
 def test_bad_listen_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, GOOD)
     assert main(["serve", "-c", str(path), "--listen", "nowhere"]) == 2

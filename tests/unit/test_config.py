@@ -601,6 +601,33 @@ def test_config_error_rendering() -> None:
     assert (err.source, err.key, err.message) == ("f.toml", "a.b", "bad")
 
 
+UPSTREAMS = {"upstreams": ["http://127.0.0.1:1"]}
+
+
+def _parse(data: dict[str, object], tmp_path: Path) -> None:
+    parse_config(data, source="t.toml", base_dir=tmp_path)
+
+
+def test_upper_case_namespace_is_refused(tmp_path: Path) -> None:
+    """Namespace names are lower case, as containerd sends them in ``ns=``."""
+    with pytest.raises(ConfigError, match="lower case"):
+        _parse({"namespaces": {"Docker.IO": UPSTREAMS}}, tmp_path)
+
+
+def test_default_namespace_is_checked_even_with_a_wildcard(tmp_path: Path) -> None:
+    """A wildcard namespace does not make an invalid ``default_namespace`` acceptable."""
+    wild = {**UPSTREAMS, "allow": ["*.io"]}
+    with pytest.raises(ConfigError, match=r"server\.default_namespace"):
+        _parse({"server": {"default_namespace": "a b"}, "namespaces": {"*": wild}}, tmp_path)
+
+
+def test_namespace_key_with_newline_stays_on_one_line(tmp_path: Path) -> None:
+    """A namespace key with a newline still gives a one-line error."""
+    with pytest.raises(ConfigError) as info:
+        _parse({"namespaces": {"a\nb": UPSTREAMS}}, tmp_path)
+    assert "\n" not in str(info.value)
+
+
 # --- with_overrides -------------------------------------------------------------------
 
 
@@ -742,3 +769,17 @@ def test_parse_upstream_url(url: str, origin: str, path: str) -> None:
 def test_parse_upstream_url_rejects(url: str, problem: str) -> None:
     with pytest.raises(ValueError, match=re.escape(problem)):
         parse_upstream_url(url)
+
+
+@pytest.mark.parametrize("url", ["http://h:0", "https://ho st", "http://a_b.example"])
+def test_bad_upstream_hosts_and_ports(url: str) -> None:
+    """Upstream URLs with port 0, a space or an underscore in the host are refused."""
+    with pytest.raises(ValueError, match="bad"):
+        parse_upstream_url(url)
+
+
+@pytest.mark.parametrize("text", ["a b:5000", "[:]:5000", "/tmp/s:80", "[zz]:1"])
+def test_bad_listen_hosts(text: str) -> None:
+    """Listen addresses with a bad host (a space, an empty or bad IPv6, a path) are refused."""
+    with pytest.raises(ValueError, match="bad"):
+        parse_listen(text)

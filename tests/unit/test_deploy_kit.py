@@ -28,6 +28,7 @@ import yaml
 from mirrorproxy.cli import build_parser
 from mirrorproxy.commands.hosts import hosts_command
 from mirrorproxy.config import Config, load_config
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 REPO = Path(__file__).parent.parent.parent
 DOCKER = REPO / "docker"
@@ -35,14 +36,13 @@ KUBE = DOCKER / "kubernetes"
 CONFIG_PATH = "/etc/mirrorproxy/config.toml"  # where every deployment keeps the config
 UID = 10001
 EXE = "/opt/mirrorproxy/bin/mirrorproxy"  # the venv the image and the unit both use
-REQUIRE_ENV = "MIRRORPROXY_REQUIRE_E2E"  # CI: a missing tool fails instead of skipping
 # The oldest schema kubernetes-validate ships, and its newest.
 KUBERNETES_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 
 
 def _missing(reason: str) -> None:
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
+    if os.environ.get(REQUIRE_E2E_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
     pytest.skip(reason)
 
 

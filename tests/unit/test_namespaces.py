@@ -164,6 +164,16 @@ def test_invalid_ns_message_is_truncated() -> None:
     assert len(info.value.message) < 200
 
 
+UPSTREAMS = {"upstreams": ["http://127.0.0.1:1"]}
+
+
+def test_ns_with_unicode_lookalike_is_invalid(tmp_path: Path) -> None:
+    """An ``ns`` that lower-cases to a configured one only through Unicode is invalid."""
+    config = parse_config({"namespaces": {"docker.io": UPSTREAMS}}, source="t", base_dir=tmp_path)
+    with pytest.raises(NameInvalid):
+        resolve(config, "doc\u212aer.io")  # KELVIN SIGN lower-cases to "k"
+
+
 @pytest.mark.parametrize(
     "ns_param", ["localhost:5000", "my-registry.example:443", "10.0.0.5", "[fd00::5]:5000"]
 )

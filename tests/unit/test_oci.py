@@ -425,6 +425,11 @@ def test_parse_range_unusable_is_none(header: str | None) -> None:
     assert parse_range(header, 1000) is None
 
 
+def test_suffix_range_on_empty_blob_is_ignored() -> None:
+    """A suffix range of an empty blob is ignored (the whole, empty, blob is the answer)."""
+    assert parse_range("bytes=-5", 0) is None
+
+
 @pytest.mark.parametrize(
     ("header", "size"),
     [
@@ -551,6 +556,18 @@ def test_manifest_media_type(body: bytes, header: str | None, expected: str) -> 
 @given(st.binary(max_size=512), st.one_of(st.none(), st.text(max_size=40)))
 def test_property_manifest_media_type_never_raises(body: bytes, header: str | None) -> None:
     assert isinstance(manifest_media_type(body, header), str)
+
+
+def test_media_type_comes_from_the_top_level_only() -> None:
+    """A body's type comes from its top-level fields, not from a nested descriptor's."""
+    index = json.dumps(
+        {"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": "x"}]}
+    ).encode()
+    assert manifest_media_type(index, None) == OCI_INDEX
+    manifest = json.dumps(
+        {"schemaVersion": 2, "config": {"mediaType": "application/vnd.oci.image.config.v1+json"}}
+    ).encode()
+    assert manifest_media_type(manifest, "application/json") == OCI_MANIFEST
 
 
 # --- several Accept lines, variants, schema1 ---------------------------------------

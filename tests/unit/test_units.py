@@ -78,6 +78,13 @@ def test_parse_duration_negative_number(text: str) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "1e3", "infinity"])
+def test_durations_must_be_finite_numbers(text: str) -> None:
+    """NaN, infinities and exponent forms are not durations (nor is a negative one)."""
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
 def test_parse_duration_message_names_the_input() -> None:
     with pytest.raises(ValueError, match=r"'5 minutes'.*e\.g\. '90s'"):
         parse_duration("5 minutes")
