@@ -32,7 +32,6 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.http import keys
-from mirrorproxy.pullthrough import policy as pullthrough
 from mirrorproxy.pullthrough.fill import BlobFill
 from mirrorproxy.pullthrough.policy import PullThrough
 from tests.fakes.registry import payload, sha256
@@ -190,7 +189,7 @@ async def _shut_down_during_commit(
 ) -> None:
     """A client got its (verified) blob from memory; the disk is still writing it when
     the server stops and the shutdown grace runs out."""
-    monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
+    mirror.tune(shutdown_grace=0.05)
     data = payload(MIB, "shutdown while the disk writes")
     digest = fake.registry.add_blob(data)
     assert await get(mirror, digest) == data
@@ -625,7 +624,7 @@ async def test_shutdown_cuts_the_clients_of_a_running_download(
     fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mirror.tune(live_max=1)  # one live client, one on the file
-    monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
+    mirror.tune(shutdown_grace=0.05)
     data = payload(4 * MIB, "shutdown")
     digest = fake.registry.add_blob(data)
     fake.registry.faults.chunk_size = 64 * KIB
