@@ -22,7 +22,6 @@ from mirrorproxy.config import Config
 from mirrorproxy.core.errors import (
     BadGateway,
     BlobUnknown,
-    RangeNotSatisfiable,
     ResumeRefused,
 )
 from mirrorproxy.core.oci import Digest
@@ -31,7 +30,7 @@ from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import HIT, MISS, OFFLINE, BlobHead, Target, count
 from mirrorproxy.pullthrough.cachedblob import CachedBlob
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
-from mirrorproxy.pullthrough.direct import DirectStream
+from mirrorproxy.pullthrough.direct import DirectStream, open_direct
 from mirrorproxy.pullthrough.fill import BlobFill
 from mirrorproxy.pullthrough.isolation import Isolation
 from mirrorproxy.pullthrough.source import BlobFailed, BlobSource, BlobStream, NotCacheable
@@ -217,66 +216,17 @@ class BlobPolicy:
     async def _stream_through(
         self, t: Target, digest: Digest, fill: BlobFill, rng: tuple[int, int] | None
     ) -> DirectStream:
-        """An uncached blob (no room, no writable disk), straight from upstream.
-
-        The response the download got is used for the whole blob; a range is asked
-        of the upstream itself.
-
-        Raises:
-            RangeNotSatisfiable: the upstream refused the range.
-            BlobUnknown: no upstream has it.
-        """
-        resp = fill.claim_direct()
-        if resp is not None and rng is not None:
-            resp.close()  # the whole blob from byte 0: not what this client wants
-            resp = None
-        if resp is None:
-            start, end = rng if rng is not None else (0, None)
-            try:
-                resp = await self._client.open(
-                    t.ns,
-                    t.ns_name,
-                    "GET",
-                    f"{t.repo}/blobs/{digest}",
-                    what=f"blob {digest}",
-                    stream=True,
-                    start=start,
-                    end=end,
-                    avoid=self.corrupt.avoid(digest),
-                )
-            except UpstreamError as err:
-                if any(a.status == 416 for a in err.attempts):
-                    raise RangeNotSatisfiable(
-                        f"upstreams refused the range of blob {digest}"
-                    ) from None
-                raise err.registry_error(BlobUnknown) from None
-        size = (
-            fill.size if fill.size is not None else (resp.content_length if rng is None else None)
-        )
-        start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
-        whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
-        upstream = resp.upstream
-
-        def verified() -> None:
-            self._client.mark_verified(t.ns, upstream)
-
-        def corrupt() -> None:
-            self._metrics.digest_mismatches.labels(t.ns.name).inc()
-            self._client.mark_failed(t.ns, upstream, corrupt=True)
-            self.corrupt.record(digest, [upstream.url])
-            logger.error(
-                "blob %s streamed through from %s failed verification", digest, upstream.url
-            )
-
-        return DirectStream(
-            resp,
-            start=start,
-            length=length,
-            size=size,
-            digest=digest if whole else None,
+        """An uncached blob (no room, no writable disk), straight from upstream."""
+        return await open_direct(
+            t,
+            digest,
+            rng,
+            claimed=fill.claim_direct(),
+            size=fill.size,
+            client=self._client,
+            metrics=self._metrics,
+            corrupt=self.corrupt,
             chunk=self.tuning.relay_chunk,
-            verified=verified,
-            corrupt=corrupt,
         )
 
     async def head(self, t: Target, digest: Digest) -> BlobHead:

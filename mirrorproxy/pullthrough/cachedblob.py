@@ -60,7 +60,11 @@ class CachedBlob:
 
 
 class CachedStream:
-    """One client's read of a cached file: one range, sent as it is."""
+    """One client's read of a cached file: one range, sent as it is.
+
+    It owns the open file and the pin (both let go on ``close``); it must not offer
+    bytes outside its range.
+    """
 
     failed: asyncio.Future[None] | None = None  # verified bytes on disk: nothing to fail
     upstream: str | None = None

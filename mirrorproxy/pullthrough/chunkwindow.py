@@ -21,7 +21,8 @@ class LiveFollower:
     """A client at the head of the download: each chunk goes to its sink as it comes.
 
     ``left`` resolves (to ``pos``) when that stops: the client fell behind, went
-    away, reached the held-back last byte, or the download ended.
+    away, reached the held-back last byte, or the download ended. It holds no bytes;
+    the window writes to its sink.
     """
 
     __slots__ = ("end", "left", "pos", "sink")

@@ -1,20 +1,101 @@
 """An uncached blob relayed from upstream to one client, as a ``BlobStream``.
 
-Used when a blob cannot be cached (no room, no writable disk). A whole blob is
-hashed on the way and its last byte held back until the digest matches; a range
-was asked of the upstream itself and cannot be verified here (the client verifies
-the blob it assembles).
+Used when a blob cannot be cached (no room, no writable disk). The response the
+download got serves a client wanting the whole blob; a range is asked of the
+upstream itself. A whole blob is hashed on the way and its last byte held back
+until the digest matches; a range cannot be verified here (the client verifies the
+blob it assembles).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from types import TracebackType
 
+from mirrorproxy.core.errors import BlobUnknown, RangeNotSatisfiable
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.answers import Target
+from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from mirrorproxy.pullthrough.source import BlobFailed, ByteSink, Part
-from mirrorproxy.upstream.client import UpstreamResponse
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+
+async def open_direct(
+    t: Target,
+    digest: Digest,
+    rng: tuple[int, int] | None,
+    *,
+    claimed: UpstreamResponse | None,
+    size: int | None,
+    client: UpstreamClient,
+    metrics: Metrics,
+    corrupt: CorruptBlobs,
+    chunk: int,
+) -> DirectStream:
+    """Relay ``rng`` (None: the whole blob) from upstream, uncached.
+
+    Args:
+        claimed: the download's own response (the whole blob from byte 0), if unused.
+        size: the blob's size, if the download learnt it.
+
+    Raises:
+        RangeNotSatisfiable: the upstream refused the range.
+        BlobUnknown: no upstream has it.
+    """
+    resp = claimed
+    if resp is not None and rng is not None:
+        resp.close()  # the whole blob from byte 0: not what this client wants
+        resp = None
+    if resp is None:
+        start, end = rng if rng is not None else (0, None)
+        try:
+            resp = await client.open(
+                t.ns,
+                t.ns_name,
+                "GET",
+                f"{t.repo}/blobs/{digest}",
+                what=f"blob {digest}",
+                stream=True,
+                start=start,
+                end=end,
+                avoid=corrupt.avoid(digest),
+            )
+        except UpstreamError as err:
+            if any(a.status == 416 for a in err.attempts):
+                raise RangeNotSatisfiable(
+                    f"upstreams refused the range of blob {digest}"
+                ) from None
+            raise err.registry_error(BlobUnknown) from None
+    if size is None and rng is None:
+        size = resp.content_length
+    start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
+    whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
+    upstream = resp.upstream
+
+    def verified() -> None:
+        client.mark_verified(t.ns, upstream)
+
+    def failed() -> None:
+        metrics.digest_mismatches.labels(t.ns.name).inc()
+        client.mark_failed(t.ns, upstream, corrupt=True)
+        corrupt.record(digest, [upstream.url])
+        logger.error("blob %s streamed through from %s failed verification", digest, upstream.url)
+
+    return DirectStream(
+        resp,
+        start=start,
+        length=length,
+        size=size,
+        digest=digest if whole else None,
+        chunk=chunk,
+        verified=verified,
+        corrupt=failed,
+    )
 
 
 class DirectStream:

@@ -32,18 +32,14 @@ class Download(Protocol):
     error: BaseException | None  # why the download failed
     failed: asyncio.Future[None]  # resolves when it fails
 
+    # Bytes on disk, contiguous from 0; whether they go to a cache file at all; whether
+    # the disk failed (followers are then served from memory); whether it ended.
     @property
-    def written(self) -> int:
-        """Bytes on disk, contiguous from 0."""
-
+    def written(self) -> int: ...
     @property
-    def caching(self) -> bool:
-        """Whether the bytes go to a cache file (else to one client, uncached)."""
-
+    def caching(self) -> bool: ...
     @property
-    def streaming(self) -> bool:
-        """The disk failed: followers are served from memory."""
-
+    def streaming(self) -> bool: ...
     @property
     def finished(self) -> bool: ...
 

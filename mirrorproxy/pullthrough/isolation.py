@@ -39,6 +39,12 @@ CONFIRMED, REFUSED, FAILED = "confirmed", "refused", "error"
 
 
 class Isolation:
+    """Whether content cached through a non-public namespace may be served under another.
+
+    It owns the remembered confirmations; it must not change the cache or its index,
+    and asks an upstream only with a HEAD.
+    """
+
     def __init__(
         self,
         config: Config,
