@@ -90,16 +90,18 @@ class Sender:
             EOFError: a file or an upstream body ends early.
         """
         framed = stream.end is not None
-        while stream.end is None or stream.pos < stream.end:
-            if framed:
+        while True:
+            if stream.end is not None and stream.pos < stream.end:
                 pushed = await stream.push(self.transport())
                 if pushed:
                     self._sent(pushed)
                     continue  # it moved on: maybe it can stay live
+            # Asked until it says None, even at ``end``: a relay learns there that
+            # its upstream body ended cleanly.
             part = await stream.next()
-            self.transport()  # raises if the client went away while we waited
             if part is None:
                 return
+            self.transport()  # raises if the client went away while we waited
             pos = stream.pos
             if not isinstance(part, FileRange):
                 await self.data(resp, part)

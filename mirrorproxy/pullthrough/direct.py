@@ -136,7 +136,7 @@ class DirectStream:
         self._held = b""  # the last byte so far, while the digest is unchecked
         self._body_done = False  # the upstream body was read to the end (or ``length``)
         self._ended = False  # the end was checked (and the held byte given out)
-        self._complete = False  # everything went out: the connection may be reused
+        self._complete = False  # the body was read whole and checked
         self._open = True
 
     async def next(self) -> Part | None:
@@ -173,7 +173,6 @@ class DirectStream:
     async def _last(self) -> bytes | None:
         """At the body's end: the held byte once the digest matches, then None."""
         if self._ended:
-            self._complete = True  # asked again: the held byte went out
             return None
         self._ended = True
         if self._left:
@@ -189,10 +188,8 @@ class DirectStream:
                     f" (expected {self._digest}, got {self._digest.algorithm}:{got})"
                 )
             self._verified()
-        if self._held:
-            return self._held
-        self._complete = True
-        return None
+        self._complete = True  # read whole: the connection may go back to the pool
+        return self._held or None
 
     def advance(self, pos: int) -> None:
         self.pos = pos
