@@ -26,6 +26,7 @@ from typing import BinaryIO, Protocol
 from mirrorproxy.cache.publish import owner_alive as owner_alive
 from mirrorproxy.cache.publish import temp_name as temp_name
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 
 BLOB, MANIFEST = "blob", "manifest"  # the two kinds of content (index rows, listings)
 
@@ -165,7 +166,11 @@ class BlobStore(ContentStore, Protocol):
     async def lookup(self, digest: Digest) -> BlobInfo | None: ...
 
     def begin(
-        self, digest: Digest, on_written: Callable[[], None] | None = None
+        self,
+        digest: Digest,
+        on_written: Callable[[], None] | None = None,
+        *,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> BlobWriterProto: ...
 
     def open(self, digest: Digest) -> BinaryIO:

@@ -31,16 +31,10 @@ from mirrorproxy.cache import DigestMismatch as DigestMismatch
 from mirrorproxy.cache.files import FileContent, StagedFile, stage_file
 from mirrorproxy.cache.publish import publish, sweep_temp, temp_name
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 
 logger = logging.getLogger(__name__)
 
-# Bytes handed to the writing threads and not yet on disk (and hashed), over all
-# blobs being written: a download runs ahead of a slow disk by this much at most.
-# Each writer may always have WRITE_AHEAD_MIN in flight, so every download moves.
-# 64 MiB was no faster for one cold blob and took peak RSS to ~150 MiB when ten
-# clients shared a 1 GiB download on two busy cores; 32 MiB kept it near 100 MiB.
-WRITE_AHEAD = 32 * 1024 * 1024
-WRITE_AHEAD_MIN = 8 * 1024 * 1024
 IOV_MAX = 1024  # buffers per pwritev on Linux
 
 
@@ -82,8 +76,15 @@ class FileBlobStore(FileContent):
             return None
         return BlobInfo(size=st.st_size, path=path)
 
-    def begin(self, digest: Digest, on_written: Callable[[], None] | None = None) -> BlobWriter:
-        return BlobWriter(self, digest, on_written)
+    def begin(
+        self,
+        digest: Digest,
+        on_written: Callable[[], None] | None = None,
+        *,
+        tuning: Tuning = DEFAULT_TUNING,
+    ) -> BlobWriter:
+        """A writer for ``digest``, its write-ahead bounded by ``tuning``."""
+        return BlobWriter(self, digest, on_written, tuning=tuning)
 
     def open(self, digest: Digest) -> BinaryIO:
         return open(self.path_of(digest), "rb")
@@ -97,15 +98,22 @@ class BlobWriter:
 
     ``write`` hands bytes to two worker threads of this writer, one writing and one
     hashing, each in order, and returns at once unless too much is in flight (see
-    ``WRITE_AHEAD``): the download does not wait for the disk or the hash, and no
+    ``Tuning.write_ahead``): the download does not wait for the disk or the hash, and no
     byte is read back from the file to be hashed.
     """
 
     def __init__(
-        self, store: FileBlobStore, digest: Digest, on_written: Callable[[], None] | None = None
+        self,
+        store: FileBlobStore,
+        digest: Digest,
+        on_written: Callable[[], None] | None = None,
+        *,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> None:
         self.store = store
         self.digest = digest
+        # Bytes handed to the threads, not yet on disk (and hashed), over all writers.
+        self._ahead, self._ahead_min = tuning.write_ahead, tuning.write_ahead_min
         self.tmp_path = store.tmp / temp_name(digest.hex)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.written = 0  # on disk, contiguous from 0: what followers may read
@@ -178,9 +186,9 @@ class BlobWriter:
 
     def _over_budget(self) -> bool:
         mine = self.queued - self._done()
-        if mine <= WRITE_AHEAD_MIN or not (self._writes or self._hashes):
+        if mine <= self._ahead_min or not (self._writes or self._hashes):
             return False
-        return mine > WRITE_AHEAD or self.store.in_flight > WRITE_AHEAD
+        return mine > self._ahead or self.store.in_flight > self._ahead
 
     def _track(self) -> None:
         """Keep this writer's share of the store-wide in-flight count current."""

@@ -34,16 +34,16 @@ from mirrorproxy.core.errors import (
 from mirrorproxy.core.namespaces import resolve
 from mirrorproxy.core.oci import CONTAINERD_ACCEPT, Digest, parse_digest
 from mirrorproxy.core.reference import ImageRef
+from mirrorproxy.pullthrough.answers import HIT, MISS, ManifestAnswer, Target
 from mirrorproxy.pullthrough.engine import Engine
-from mirrorproxy.pullthrough.followers import FillFailed
-from mirrorproxy.pullthrough.policy import MISS, ManifestAnswer, Target
+from mirrorproxy.pullthrough.source import BlobFailed, NotCacheable
 
 ATTEMPTS = 3
 TRANSIENT = (
     Unavailable,
     BadGateway,
     GatewayTimeout,
-    FillFailed,
+    BlobFailed,
     aiohttp.ClientError,
     TimeoutError,
 )
@@ -263,46 +263,40 @@ async def _fetch_blob(
     engine: Engine, target: Target, digest: Digest, size: int, image: ImageState, totals: Totals
 ) -> None:
     """Fetch one blob, counting it once in ``totals`` (shared fills are not counted twice)."""
-    answer = await engine.pullthrough.blob(target, digest)
+    source = await engine.pullthrough.blob(target, digest)
     seen = totals._blobs.get(digest)
-    if answer.info is not None:
+    if source.result == HIT:
         if seen is None:
             totals._blobs[digest] = "cached"
             totals.blobs_cached += 1
-            totals.bytes_cached += answer.info.size
+            totals.bytes_cached += await source.cached(lambda _: None)
         if seen in (None, "cached"):
             image.cached += size
         else:
             image.shared += size  # fetched by another image of this run
         return
-    fill = answer.fill
-    if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
-        raise PreloadError(f"blob {digest}: nothing to fetch")
-    if not fill.caching:
-        resp = fill.claim_direct()
-        if resp is not None:
-            resp.release()
-        raise PreloadError(f"blob {digest} cannot be cached (max_size too small, or disk full)")
     mine = seen is None  # the first image to need it counts it; the others share it
     if mine:
         totals._blobs[digest] = "fetching"
     before = image.fetched if mine else image.shared
     try:
-        while not fill.task.done():
-            _progress(image, mine, before + fill.received)
-            await asyncio.wait({fill.task}, timeout=0.25)
-        if fill.result is None:
-            raise FillFailed(f"blob {digest}: {fill.error or 'download failed'}")
+        fetched = await source.cached(lambda n: _progress(image, mine, before + n))
+    except NotCacheable:
+        if mine:
+            del totals._blobs[digest]
+        raise PreloadError(
+            f"blob {digest} cannot be cached (max_size too small, or disk full)"
+        ) from None
     except BaseException:
         if mine:
             del totals._blobs[digest]
         _progress(image, mine, before)
         raise
-    _progress(image, mine, before + fill.result.size)
+    _progress(image, mine, before + fetched)
     if mine:
         totals._blobs[digest] = "fetched"
         totals.blobs_fetched += 1
-        totals.bytes_fetched += fill.result.size
+        totals.bytes_fetched += fetched
 
 
 def _progress(image: ImageState, mine: bool, value: int) -> None:

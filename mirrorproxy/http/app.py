@@ -14,6 +14,7 @@ from aiohttp import web
 
 from mirrorproxy.clientauth.middleware import setup_client_auth
 from mirrorproxy.config import Config
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http import keys
 from mirrorproxy.http.errors import error_middleware
 from mirrorproxy.http.guard import guard_middleware
@@ -27,7 +28,10 @@ from mirrorproxy.pullthrough.engine import Engine
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Application:
+def create_app(
+    config: Config, *, metrics: Metrics | None = None, tuning: Tuning = DEFAULT_TUNING
+) -> web.Application:
+    """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it)."""
     app = web.Application(
         middlewares=[
             request_context_middleware,
@@ -37,7 +41,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Applica
         ]
     )
     metrics = metrics or Metrics()
-    engine = Engine(config, metrics)
+    engine = Engine(config, metrics, tuning=tuning)
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
     app[keys.PULLTHROUGH] = engine.pullthrough

@@ -1,18 +1,21 @@
-"""Sending blob bodies to a client: cached files, downloads in progress, upstream relays.
+"""Sending blob bodies to a client: whatever a ``BlobStream`` offers, in bounded steps.
 
-The only code that writes blob bytes to client sockets (besides the live writes of
-``BlobFill``). Every body goes out in bounded steps, and:
+The only code that writes blob bytes to client sockets (live clients of a download
+get theirs through the transport this module hands to ``BlobStream.push``). The
+stream decides which bytes may go (the last one only once verified) and raises when
+they cannot be completed; this module decides how they go:
 
-- a client that takes nothing for ``stall`` seconds (``[server] client_timeout``)
-  raises ``Stalled``: the caller closes the connection, which releases the cache pin
-  and the file;
-- between steps the download being followed is checked, so a failed download cuts
-  its clients at once, not after the rest of a long ``sendfile``.
+- file bytes by ``sendfile`` (read and write on TLS) when the length is framed,
+  else read and written through the response (chunked);
+- every body in bounded steps: a client that takes nothing for ``stall`` seconds
+  (``[server] client_timeout``) raises ``Stalled`` and the caller drops the
+  connection, which releases the cache pin and the file;
+- between steps the stream is checked, and a ``sendfile`` under way stops when the
+  stream fails, so a failed download cuts its clients at once.
 
-File bytes go by ``sendfile`` (read and write on TLS) in slices sized to take about
-``SLICE_TIME`` each: large for fast clients, so the calls cost nothing, and small
-for slow ones, so a stall or a failure is seen soon. A client slower than
-``MIN_SLICE`` per ``stall`` counts as stalled.
+Slices are sized to take about ``Tuning.slice_time`` each: large for fast clients,
+so the calls cost nothing, and small for slow ones, so a stall or a failure is seen
+soon. A client slower than ``Tuning.min_slice`` per ``stall`` counts as stalled.
 """
 
 from __future__ import annotations
@@ -24,19 +27,8 @@ from typing import Any, BinaryIO
 
 from aiohttp import web
 
-from mirrorproxy.cache.blobs import DigestMismatch
-from mirrorproxy.core.oci import Digest
-from mirrorproxy.pullthrough.fill import BlobFill
-from mirrorproxy.pullthrough.followers import FillFailed, Follower
-from mirrorproxy.upstream.client import UpstreamResponse
-
-KIB = 1024
-SLICE_TIME = 0.1  # seconds one slice should take
-MIN_SLICE = 64 * KIB
-FIRST_SLICE = 1024 * KIB
-MAX_SLICE = 16 * 1024 * KIB
-RELAY_CHUNK = 1024 * KIB  # read size from an upstream response being relayed
-FLUSH_POLL = 0.01  # seconds between looks at a transport buffer being flushed
+from mirrorproxy.core.tuning import Tuning
+from mirrorproxy.pullthrough.source import BlobFailed, BlobStream, FileRange
 
 
 class Stalled(Exception):
@@ -44,15 +36,26 @@ class Stalled(Exception):
 
 
 class Sender:
-    """Writes one response body; counts what it sent (``sent``) through ``count``."""
+    """Writes one response body from a ``BlobStream``; counts what it sent (``sent``).
+
+    It owns the client's socket for that body: ``sendfile``, writes, the stall
+    timer. It must not decide which bytes a client may have (the stream does), nor
+    let a failed stream's ``sendfile`` run on.
+    """
 
     def __init__(
-        self, request: web.Request, *, stall: float, count: Callable[[int], None]
+        self,
+        request: web.Request,
+        *,
+        stall: float,
+        count: Callable[[int], None],
+        tuning: Tuning,
     ) -> None:
         self._request = request
         self._stall = stall
         self._count = count
-        self._slice = FIRST_SLICE
+        self._tuning = tuning
+        self._slice = tuning.first_slice
         self.sent = 0
 
     def transport(self) -> asyncio.Transport:
@@ -67,50 +70,81 @@ class Sender:
         self._count(n)
 
     def _adapt(self, seconds: float, n: int) -> None:
-        """Size the next slice to take about SLICE_TIME at this client's pace."""
-        if seconds < SLICE_TIME / 2 and n >= self._slice:
-            self._slice = min(self._slice * 2, MAX_SLICE)
-        elif seconds > SLICE_TIME * 2:
-            self._slice = max(self._slice // 2, MIN_SLICE)
+        """Size the next slice to take about ``slice_time`` at this client's pace."""
+        t = self._tuning
+        if seconds < t.slice_time / 2 and n >= self._slice:
+            self._slice = min(self._slice * 2, t.max_slice)
+        elif seconds > t.slice_time * 2:
+            self._slice = max(self._slice // 2, t.min_slice)
 
-    async def file(
-        self,
-        f: BinaryIO,
-        pos: int,
-        end: int,
-        *,
-        fill: BlobFill | None = None,
-        moved: Callable[[int], None] | None = None,
-    ) -> int:
-        """Send bytes ``[pos, end)`` of ``f``; return ``end``.
+    async def send(self, resp: web.StreamResponse, stream: BlobStream) -> None:
+        """Send what ``stream`` has from its position to its end.
 
-        With ``fill`` (the download writing ``f``), a failure of the download stops
-        the slice under way; ``moved`` gets the new position after each slice.
+        Live while the stream can push (at the head of a download), else part by
+        part. Without a known end the body is chunk-framed, so every byte goes
+        through ``resp.write``.
 
         Raises:
-            FillFailed: ``fill`` failed.
+            BlobFailed: the stream's bytes cannot be completed.
+            Stalled: the client stopped taking bytes.
+            EOFError: a file or an upstream body ends early.
+        """
+        framed = stream.end is not None
+        while True:
+            if stream.end is not None and stream.pos < stream.end:
+                pushed = await stream.push(self.transport())
+                if pushed:
+                    self._sent(pushed)
+                    continue  # it moved on: maybe it can stay live
+            # Asked until it says None, even at ``end``: a relay learns there that
+            # its upstream body ended cleanly.
+            part = await stream.next()
+            if part is None:
+                return
+            self.transport()  # raises if the client went away while we waited
+            pos = stream.pos
+            if not isinstance(part, FileRange):
+                await self.data(resp, part)
+                stream.advance(pos + len(part))
+            elif framed:
+                await self._file(stream, part)
+            else:
+                data = await asyncio.to_thread(
+                    os.pread,
+                    part.file.fileno(),
+                    min(part.stop - pos, self._tuning.relay_chunk),
+                    pos,
+                )
+                if not data:
+                    raise BlobFailed(f"temp file ends before byte {pos}")
+                await self.data(resp, data)
+                stream.advance(pos + len(data))
+
+    async def _file(self, stream: BlobStream, part: FileRange) -> None:
+        """Send ``part`` by ``sendfile`` slices, advancing ``stream`` after each.
+
+        Raises:
+            BlobFailed: the stream failed.
             Stalled: the client took nothing for ``stall`` seconds.
             EOFError: the file ends early.
         """
         loop = asyncio.get_running_loop()
+        pos, end = part.start, part.stop
         while pos < end:
-            if fill is not None:
-                fill.check()
+            stream.check()
             n = min(self._slice, end - pos)
             began = loop.time()
-            done = await self._send_slice(f, pos, n, fill)
+            done = await self._send_slice(part.file, pos, n, stream)
             if not done:
                 raise EOFError(f"file ends before byte {pos}")
             self._adapt(loop.time() - began, done)
             pos += done
             self._sent(done)
-            if moved is not None:
-                moved(pos)
-        return pos
+            stream.advance(pos)
 
-    async def _send_slice(self, f: BinaryIO, pos: int, n: int, fill: BlobFill | None) -> int:
+    async def _send_slice(self, f: BinaryIO, pos: int, n: int, stream: BlobStream) -> int:
         """Send ``n`` bytes of ``f`` from ``pos`` with ``sendfile``; stop if the client
-        stalls or ``fill`` fails meanwhile.
+        stalls or ``stream`` fails meanwhile.
 
         The transport's own buffer (headers, live writes) is flushed first, so the
         ``sendfile`` is in its socket wait when it has to be stopped: asyncio cannot
@@ -118,14 +152,14 @@ class Sender:
         """
         transport = self.transport()
         waited = 0.0
+        poll = self._tuning.flush_poll
         while transport.get_write_buffer_size():
-            if fill is not None:
-                fill.check()
+            stream.check()
             if waited >= self._stall:
                 transport.abort()
                 raise Stalled(f"client took nothing for {self._stall:g}s")
-            await asyncio.sleep(FLUSH_POLL)
-            waited += FLUSH_POLL
+            await asyncio.sleep(poll)
+            waited += poll
         transport = self.transport()  # raises if the client went away meanwhile
         loop = asyncio.get_running_loop()
         # A handle of the call's own, closed when the call ends: a stopped call may
@@ -134,8 +168,8 @@ class Sender:
         task = asyncio.ensure_future(loop.sendfile(transport, handle, pos, n))
         task.add_done_callback(lambda _: handle.close())
         stops: set[asyncio.Future[Any]] = {task}
-        if fill is not None:
-            stops.add(fill.failed)
+        if stream.failed is not None:
+            stops.add(stream.failed)
         try:
             await asyncio.wait(stops, timeout=self._stall, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -151,8 +185,7 @@ class Sender:
                 if transport.is_closing():
                     raise ConnectionResetError("client went away") from None
                 raise
-        if fill is not None:
-            fill.check()  # raises FillFailed
+        stream.check()  # raises BlobFailed if that is why it stopped
         raise Stalled(f"client took nothing for {self._stall:g}s")
 
     async def data(self, resp: web.StreamResponse, data: bytes | memoryview) -> None:
@@ -173,100 +206,3 @@ class Sender:
                 raise Stalled(f"client took nothing for {self._stall:g}s") from None
             self._adapt(loop.time() - began, len(part))
             self._sent(len(part))
-
-    async def follow(
-        self, resp: web.StreamResponse, fill: BlobFill, follower: Follower, end: int | None
-    ) -> None:
-        """Send what ``follower`` still needs of a download, up to ``end`` (None: all).
-
-        Live while at the head of the download, then from the file (or from memory
-        once the disk failed). Without a known end the body is chunk-framed, so every
-        byte goes through ``resp.write``.
-
-        Raises:
-            FillFailed: the download failed.
-            Stalled: the client stopped taking bytes.
-        """
-        while end is None or follower.pos < end:
-            pos = follower.pos
-            if end is not None:
-                live = fill.go_live(self.transport(), pos, end)
-                if live is not None:
-                    try:
-                        await live.left
-                    finally:
-                        fill.leave(live)
-                    self._sent(live.pos - pos)
-                    follower.advance(live.pos)
-                    if live.pos > pos:
-                        continue  # it moved on: maybe it can stay live
-            part = await fill.next_part(follower, end)
-            self.transport()  # raises if the client went away while we waited
-            if isinstance(part, memoryview):
-                await self.data(resp, part)
-                follower.advance(pos + len(part))
-            elif part <= pos:
-                return  # complete and verified (unknown end)
-            elif end is not None:
-                await self.file(follower.file, pos, part, fill=fill, moved=follower.advance)
-            else:
-                data = await asyncio.to_thread(
-                    os.pread, follower.file.fileno(), min(part - pos, RELAY_CHUNK), pos
-                )
-                if not data:
-                    raise FillFailed(f"temp file ends before byte {pos}")
-                await self.data(resp, data)
-                follower.advance(pos + len(data))
-
-    async def relay(
-        self,
-        resp: web.StreamResponse,
-        upstream: UpstreamResponse,
-        *,
-        start: int,
-        length: int | None,
-        digest: Digest | None,
-    ) -> None:
-        """Relay an upstream body (bytes ``start`` to ``start + length``, or to its end).
-
-        With ``digest`` (the whole blob is relayed) the bytes are hashed on the way and
-        the last one is held back until they match.
-
-        Raises:
-            DigestMismatch: the bytes are not the blob (its last byte was not sent).
-            EOFError: the upstream body ended early.
-            Stalled: the client stopped taking bytes.
-        """
-        loop = asyncio.get_running_loop()
-        hasher = digest.hasher() if digest is not None else None
-        hashing: asyncio.Future[None] | None = None
-        skip, left = start - upstream.offset, length
-        held = b""  # the last byte so far, while the digest is unchecked
-        async for chunk in upstream.iter_chunked(RELAY_CHUNK):
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            if left is not None:
-                chunk, left = chunk[:left], left - min(left, len(chunk))
-            if not chunk:
-                if left == 0:
-                    break
-                continue
-            if hasher is not None:
-                if hashing is not None:
-                    await hashing  # in order, one chunk behind the sending
-                hashing = loop.run_in_executor(None, hasher.update, chunk)
-                chunk, held = held + chunk[:-1], chunk[-1:]
-            await self.data(resp, chunk)
-            if left == 0:
-                break
-        if left:
-            raise EOFError(f"upstream body ended {left} bytes early")
-        if hasher is not None and digest is not None:
-            if hashing is not None:
-                await hashing
-            if hasher.hexdigest() != digest.hex:
-                raise DigestMismatch(
-                    f"expected {digest}, got {digest.algorithm}:{hasher.hexdigest()}"
-                )
-            await self.data(resp, held)

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mirrorproxy.cache import BlobInfo
-from mirrorproxy.cache.blobs import DigestMismatch
 from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.core.errors import (
     API_VERSION_HEADER,
@@ -35,6 +31,7 @@ from mirrorproxy.core.oci import (
     parse_reference,
     parse_tags_query,
 )
+from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
 from mirrorproxy.http.blobrules import (
     blob_headers,
@@ -45,15 +42,12 @@ from mirrorproxy.http.blobrules import (
 )
 from mirrorproxy.http.blobsend import Sender, Stalled
 from mirrorproxy.http.requestctx import note_body_bytes, note_cache, note_ns
-from mirrorproxy.pullthrough.fill import BlobFill
-from mirrorproxy.pullthrough.followers import FillFailed, Follower
-from mirrorproxy.pullthrough.policy import HIT, MISS, STALE, Target
-from mirrorproxy.upstream.client import UpstreamResponse
+from mirrorproxy.pullthrough.answers import HIT, STALE, Target
+from mirrorproxy.pullthrough.source import BlobFailed, BlobSource
 
 logger = logging.getLogger(__name__)
 
 STALE_WARNING = '110 - "Response is Stale"'
-SMALL_BLOB = 64 * 1024  # cached blobs up to this size are answered from one read
 
 
 def _target(request: web.Request) -> Target:
@@ -107,34 +101,52 @@ async def blob(request: web.Request) -> web.StreamResponse:
         resp = web.Response(headers=blob_headers(digest))
         return _with_length(resp, head.size)
     for _ in range(2):  # a hit evicted before it could be opened is asked again
-        answer = await pt.blob(target, digest, first_byte=first_byte(request.headers, digest))
-        if answer.info is not None:
-            served = await _serve_file(request, target, digest, answer.info)
-            if served is not None:
-                note_cache(request, HIT)
-                return served
-            continue
-        fill = answer.fill
-        if fill is None:  # pragma: no cover - BlobAnswer holds one of the two
-            break
-        note_cache(request, MISS, fill.upstream)
-        rng = wanted_range(request.headers, digest, fill.size)
-        follower = fill.join(rng[0] if rng is not None else 0) if fill.caching else None
-        if follower is not None:
-            with follower:
-                return await _serve_fill(request, target, digest, fill, follower, rng)
-        upstream = await pt.stream_through(target, digest, fill, rng)
-        note_cache(request, MISS, upstream.upstream.url)
-        return await _serve_direct(request, target, digest, upstream, rng, fill.size)
+        source = await pt.blob(target, digest, first_byte=first_byte(request.headers, digest))
+        served = await _serve(request, target, source, pt.tuning)
+        if served is not None:
+            return served
     raise BlobUnknown(f"blob {digest} vanished while being served")
 
 
-def _sender(request: web.Request, target: Target, source: str) -> Sender:
-    """A body sender bounded by ``client_timeout``, counting bytes by ``source``."""
+async def _serve(
+    request: web.Request, target: Target, source: BlobSource, tuning: Tuning
+) -> web.StreamResponse | None:
+    """Answer with ``source``'s bytes; None if a cached blob was evicted meanwhile."""
+    digest = source.digest
+    note_cache(request, source.result, source.upstream)
     metrics = request.app[keys.METRICS]
-    counter = metrics.child(metrics.cache_bytes, target.ns.name, source)
-    stall = request.app[keys.CONFIG].server.client_timeout
-    return Sender(request, stall=stall, count=counter.inc)
+    counter = metrics.child(metrics.cache_bytes, target.ns.name, _origin(source))
+    rng = wanted_range(request.headers, digest, source.size)
+    if rng is None:
+        small = source.small(tuning.small_blob)
+        if small is not None:
+            counter.inc(len(small))
+            return web.Response(body=small, headers=blob_headers(digest))
+    stream = await source.open(rng)
+    if stream is None:
+        return None
+    with stream:
+        note_cache(request, source.result, stream.upstream)
+        resp = _answer(digest, rng, stream.size)
+        stall = request.app[keys.CONFIG].server.client_timeout
+        sender = Sender(request, stall=stall, count=counter.inc, tuning=tuning)
+        try:
+            await resp.prepare(request)
+            await sender.send(resp, stream)
+        except Exception as err:
+            # Headers are gone already: the only honest signal left is a cut connection
+            # (an error body here would be read as blob bytes).
+            _cut(request, digest, err)
+            return resp
+        finally:
+            note_body_bytes(request, sender.sent)
+    await resp.write_eof()
+    return resp
+
+
+def _origin(source: BlobSource) -> str:
+    """Where the bytes come from, for ``cache_bytes``: the cache on a hit, else upstream."""
+    return "cache" if source.result == HIT else "upstream"
 
 
 def _answer(digest: Digest, rng: tuple[int, int] | None, size: int | None) -> web.StreamResponse:
@@ -145,124 +157,6 @@ def _answer(digest: Digest, rng: tuple[int, int] | None, size: int | None) -> we
         resp.content_length = rng[1] - rng[0] + 1
     elif size is not None:
         resp.content_length = size
-    return resp
-
-
-async def _serve_file(
-    request: web.Request, target: Target, digest: Digest, info: BlobInfo
-) -> web.StreamResponse | None:
-    """Send a cached blob (sendfile); None if it was evicted before it could be opened."""
-    rng = wanted_range(request.headers, digest, info.size)
-    if rng is None and info.size <= SMALL_BLOB:
-        small = _read_small(info.path, info.size)
-        if small is not None:
-            metrics = request.app[keys.METRICS]
-            metrics.child(metrics.cache_bytes, target.ns.name, "cache").inc(len(small))
-            return web.Response(body=small, headers=blob_headers(digest))
-    budget = request.app[keys.PULLTHROUGH].budget
-    budget.pin(digest)  # never evicted while being sent
-    try:
-        f = _open_cached(info.path)
-        if f is None:
-            return None
-        with f:
-            resp = _answer(digest, rng, info.size)
-            start, end = (0, info.size) if rng is None else (rng[0], rng[1] + 1)
-            sender = _sender(request, target, "cache")
-            try:
-                await resp.prepare(request)
-                await sender.file(f, start, end)
-            except Exception as err:
-                _cut(request, digest, err)
-                return resp
-            finally:
-                note_body_bytes(request, sender.sent)
-    finally:
-        budget.unpin(digest)
-    await resp.write_eof()
-    return resp
-
-
-def _open_cached(path: Path) -> BinaryIO | None:
-    """Open a cached blob (a metadata lookup on the loop: cheap); None if it is gone."""
-    try:
-        return open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        return None
-
-
-def _read_small(path: Path, size: int) -> bytes | None:
-    """A small blob in one read on the loop (page cache): cheaper than a sendfile set-up."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            data = f.read(size + 1)
-    except OSError:
-        return None  # evicted meanwhile, say: the sendfile path reports it properly
-    return data if len(data) == size else None
-
-
-async def _serve_direct(
-    request: web.Request,
-    target: Target,
-    digest: Digest,
-    upstream: UpstreamResponse,
-    rng: tuple[int, int] | None,
-    size: int | None,
-) -> web.StreamResponse:
-    """Relay an uncached blob from upstream; a whole blob is verified on the way.
-
-    A range was asked of the upstream itself and cannot be verified here (the
-    client verifies the blob it assembles).
-    """
-    pt = request.app[keys.PULLTHROUGH]
-    size = size if size is not None else (upstream.content_length if rng is None else None)
-    resp = _answer(digest, rng, size)
-    start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
-    whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
-    sender = _sender(request, target, "upstream")
-    try:
-        await resp.prepare(request)
-        await sender.relay(
-            resp, upstream, start=start, length=length, digest=digest if whole else None
-        )
-    except Exception as err:
-        upstream.close()
-        if isinstance(err, DigestMismatch):
-            pt.stream_failed_verification(target, digest, upstream)
-        _cut(request, digest, err)
-        return resp
-    finally:
-        upstream.release()
-        note_body_bytes(request, sender.sent)
-    if whole:
-        pt.stream_verified(target, upstream)
-    await resp.write_eof()
-    return resp
-
-
-async def _serve_fill(
-    request: web.Request,
-    target: Target,
-    digest: Digest,
-    fill: BlobFill,
-    follower: Follower,
-    rng: tuple[int, int] | None,
-) -> web.StreamResponse:
-    """Stream a blob that is still downloading, following the shared fill."""
-    resp = _answer(digest, rng, fill.size)
-    end = fill.size if rng is None else rng[1] + 1
-    sender = _sender(request, target, "upstream")
-    try:
-        await resp.prepare(request)
-        await sender.follow(resp, fill, follower, end)
-    except Exception as err:
-        # Headers are gone already: the only honest signal left is a cut connection
-        # (an error body here would be read as blob bytes).
-        _cut(request, digest, err)
-        return resp
-    finally:
-        note_body_bytes(request, sender.sent)
-    await resp.write_eof()
     return resp
 
 
@@ -279,9 +173,7 @@ def _cut(request: web.Request, digest: Digest, err: Exception) -> None:
         logger.info("blob %s: client went away (%s)", digest, str(err) or type(err).__name__)
     elif isinstance(err, Stalled):
         logger.info("blob %s: closing a client that stopped reading: %s", digest, err)
-    elif isinstance(
-        err, FillFailed | DigestMismatch | EOFError | aiohttp.ClientError | TimeoutError
-    ):
+    elif isinstance(err, BlobFailed | EOFError | aiohttp.ClientError | TimeoutError):
         logger.warning("aborting blob %s: %s", digest, err)
     else:
         logger.error("aborting blob %s after an unexpected error", digest, exc_info=err)

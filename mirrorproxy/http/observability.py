@@ -23,7 +23,7 @@ from mirrorproxy.http.accesslog import AccessLogger
 from mirrorproxy.http.guard import Network, allowlist_middleware
 from mirrorproxy.http.requestctx import echo_request_id, request_context_middleware
 from mirrorproxy.observability.metrics import Metrics
-from mirrorproxy.pullthrough.policy import HIT, MISS, STALE
+from mirrorproxy.pullthrough.answers import HIT, MISS, STALE
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from mirrorproxy.cache import BlobStore, ManifestStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.stores import open_stores
 from mirrorproxy.config import Config
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.policy import PullThrough
 from mirrorproxy.upstream.client import UpstreamClient
@@ -25,7 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    """The pull-through machinery for one cache directory: stores, budget, client, policy.
+
+    It owns their lifetime (``start``, ``close``); it must not serve HTTP (the app
+    or ``preload`` drive it) nor keep state of its own beyond the parts it built.
+    """
+
+    def __init__(
+        self, config: Config, metrics: Metrics, *, tuning: Tuning = DEFAULT_TUNING
+    ) -> None:
         self.config = config
         stores = open_stores(config.cache)
         self.blobs: BlobStore = stores.blobs
@@ -41,6 +50,7 @@ class Engine:
             budget=self.budget,
             client=self.client,
             metrics=metrics,
+            tuning=tuning,
         )
         self._flusher: asyncio.Task[None] | None = None
 

@@ -2,10 +2,10 @@
 
 The download runs as its own task, detached from any client, so it completes (and
 the cache gets the blob) even when the client that started it goes away. Each
-client joins as a ``Follower`` and reads the temp file as it grows, at its own
-pace; the few that keep up with the download are "live": each chunk goes to their
-socket straight from memory, so they do not wait for the disk. A live client that
-falls behind goes back to the file.
+client joins as a ``Follower`` (``followers.py``) and reads the temp file as it
+grows, at its own pace; the few that keep up with the download are "live": each
+chunk goes to the sink they brought (their socket) straight from memory, so they do
+not wait for the disk. A live client that falls behind goes back to the file.
 
 Integrity: the last byte of every response (whole blob or range) is held back
 until the digest is verified, so a corrupt download never reaches a client whole.
@@ -19,6 +19,9 @@ endpoint. A disk that fails mid-download (ENOSPC, EIO) turns the download into
 stream-through for its followers: the bytes not on disk stay in memory (bounded;
 the download then goes at the pace of the slowest follower), are verified the
 same way, and nothing is cached.
+
+Over 300 lines: the download's steps (open, reserve, pump, resume, verify, commit,
+degrade, fail) share its state and read best top to bottom in one class.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import BinaryIO
 
 import aiohttp
 
@@ -39,23 +43,28 @@ from mirrorproxy.cache import (
 from mirrorproxy.cache.budget import WRITE_ERROR, CacheBudget, Reservation
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Namespace, Upstream
-from mirrorproxy.core.errors import BadGateway, BlobUnknown, RegistryError
+from mirrorproxy.core.errors import BadGateway
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
-from mirrorproxy.pullthrough.followers import (
-    ChunkWindow,
-    FillFailed,
-    FillTuning,
-    Follower,
-    LiveFollower,
-)
-from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from mirrorproxy.pullthrough.fillerrors import client_error, describe, log_failure
+from mirrorproxy.pullthrough.followers import FillClients
+from mirrorproxy.pullthrough.source import BlobFailed
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
 
 class BlobFill:
+    """One download: the upstream responses, the cache writer, the verification.
+
+    It owns the bytes of the blob until they are committed, and decides when the
+    download has failed; its clients read it through ``FillClients`` and the
+    ``Follower`` each gets. It must not write to a client except through a sink the
+    client handed over (live clients), nor answer HTTP.
+    """
+
     def __init__(
         self,
         *,
@@ -68,7 +77,7 @@ class BlobFill:
         budget: CacheBudget,
         metrics: Metrics,
         corrupt: CorruptBlobs,
-        tuning: FillTuning,
+        tuning: Tuning,
         on_done: Callable[[BlobFill], None],
     ) -> None:
         self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
@@ -87,15 +96,12 @@ class BlobFill:
         self._reservation: Reservation | None = None  # this fill's room in the budget
         self._sources: list[Upstream] = []  # endpoints that sent bytes of this download
         self.received = 0  # bytes taken from upstream: on disk, in flight or in memory
-        # Chunks not yet on disk (once streaming: not yet sent to every follower),
-        # and the live clients written from them.
-        self._memory = ChunkWindow(live_max=tuning.live_max, live_buffer=tuning.live_buffer)
-        self._followers: set[Follower] = set()
         self._streaming = False  # the disk failed: followers are served from memory
         self._finishing = False  # streaming and verified: waiting for followers to finish
-        self._tick: asyncio.Future[None] = loop.create_future()  # more to read, or the end
-        self._moved_fut: asyncio.Future[None] = loop.create_future()  # a follower moved on
         self.failed: asyncio.Future[None] = loop.create_future()  # resolves when it fails
+        # The followers, and the chunks not yet on disk (once streaming: not yet sent
+        # to every follower) with the live clients written from them.
+        self.clients = FillClients(self, tuning, alone=self._alone)
         self.task = asyncio.create_task(self._run(), name=f"fill {digest}")
 
     def claim_direct(self) -> UpstreamResponse | None:
@@ -114,6 +120,11 @@ class BlobFill:
         return self._writer is not None
 
     @property
+    def streaming(self) -> bool:
+        """The disk failed: the followers are served from memory."""
+        return self._streaming
+
+    @property
     def finished(self) -> bool:
         return self.result is not None or self.error is not None
 
@@ -121,127 +132,36 @@ class BlobFill:
     def held(self) -> int:
         """Bytes of this download held in memory (not on disk, or not yet sent once the
         disk failed)."""
-        return self._memory.bytes
+        return self.clients.memory.bytes
 
     @property
     def live_count(self) -> int:
         """Clients written straight from memory right now."""
-        return len(self._memory.live)
+        return self.clients.live_count
 
     def check(self) -> None:
-        """Raise FillFailed if the download failed (followers call it between sends)."""
+        """Raise BlobFailed if the download failed (followers call it between sends)."""
         if self.error is not None:
-            raise FillFailed(_describe(self.error))
+            raise BlobFailed(describe(self.error))
 
-    # -- followers ---------------------------------------------------------------
-
-    def join(self, pos: int) -> Follower | None:
-        """Follow this download from byte ``pos``; None if it cannot serve that any more."""
-        if self._writer is None or self.error is not None:
-            return None
-        if self._streaming and not self._available(pos):
+    def reader(self) -> BinaryIO | None:
+        """A new handle on the blob's file, temp or committed; None if there is none."""
+        if self._writer is None:
             return None
         file = self._writer.reader()
         if file is None:  # committed: the writer let go of the file
             if self.result is None:
                 return None
             file = open(self.result.path, "rb", buffering=0)  # noqa: SIM115 - the follower owns it
-        follower = Follower(file, pos, moved=self._moved, leave=self._leave)
-        self._followers.add(follower)
-        return follower
+        return file
 
-    def _available(self, pos: int) -> bool:
-        """Whether a new follower can still get byte ``pos`` (file, memory or to come)."""
-        if pos < self.written:
-            return True
-        return pos >= self._memory.start(self.received)
-
-    def _leave(self, follower: Follower) -> None:
-        if follower not in self._followers:
-            return
-        self._followers.discard(follower)
-        self._moved()
-        if self._streaming and not self._followers and not self.finished:
-            if self._finishing:
-                self._wake_pump()
-            else:
-                logger.info(
-                    "blob %s: no client left for the uncached download; stopped", self.digest
-                )
-                self.task.cancel()
-
-    def _moved(self) -> None:
-        """A follower moved on or left: in memory-only mode, forget what all have sent."""
-        if self._streaming:
-            self._memory.trim(min((f.pos for f in self._followers), default=self.received))
-            self._wake_pump()
-
-    def _wake_pump(self) -> None:
-        moved, self._moved_fut = self._moved_fut, asyncio.get_running_loop().create_future()
-        moved.set_result(None)
-
-    async def next_part(self, follower: Follower, end: int | None) -> int | memoryview:
-        """What ``follower`` may send next of a response ending at ``end`` (None: the blob's end).
-
-        Returns:
-            A position past ``follower.pos`` up to which it may read its file, or bytes
-            from memory (after a disk failure); ``follower.pos`` itself when the blob is
-            complete and everything was sent (only for ``end=None``).
-
-        Raises:
-            FillFailed: the download failed; the response must be aborted.
-        """
-        while True:
-            self.check()
-            pos, cap = follower.pos, self._cap(end)
-            if pos < cap:
-                written = self.written
-                if pos < written:
-                    return min(written, cap)
-                if self._streaming:
-                    view = self._memory.part(pos, cap)
-                    if view is not None:
-                        return view
-            elif self._memory.verified and pos >= self.received:
-                return pos  # everything was sent
-            await asyncio.shield(self._tick)
-
-    def _cap(self, end: int | None) -> int:
-        """How far a response ending at ``end`` may go now: never to its last byte unverified."""
-        if self._memory.verified:
-            return end if end is not None else self.received
-        limit = (end if end is not None else self.received) - 1
-        if self.size is not None:
-            limit = min(limit, self.size - 1)  # never a complete-looking unverified blob
-        return max(0, limit)
-
-    # -- live clients --------------------------------------------------------------
-
-    def go_live(self, transport: asyncio.Transport, pos: int, end: int) -> LiveFollower | None:
-        """Have the download write to ``transport`` from ``pos`` (None: read the file).
-
-        Only for a client that has everything on disk before ``pos``, wants the rest
-        of the blob, and is close enough to the head to catch up from memory.
-        """
-        if (
-            self._writer is None
-            or self._streaming
-            or self.finished
-            or self.size is None
-            or end != self.size
-            or not self._writer.written <= pos <= self.received
-            or self.received - pos > self._tuning.live_buffer
-        ):
-            return None
-        return self._memory.go_live(transport, pos, end)
-
-    def leave(self, live: LiveFollower) -> None:
-        """Stop writing to a live client (idempotent)."""
-        self._memory.leave(live)
-
-    def _notify(self) -> None:
-        tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
-        tick.set_result(None)
+    def _alone(self) -> None:
+        """Memory-only and no follower left: finish, or stop a download nobody reads."""
+        if self._finishing:
+            self.clients.wake_download()
+        else:
+            logger.info("blob %s: no client left for the uncached download; stopped", self.digest)
+            self.task.cancel()
 
     def _on_written(self) -> None:
         """The disk moved: forget chunks now on disk, wake followers (or go memory-only)."""
@@ -250,9 +170,7 @@ class BlobFill:
             if not self._streaming and not self.finished:
                 self._degrade(writer.disk_error)
             return
-        if not self._streaming:
-            self._memory.trim(self.written)
-        self._notify()
+        self.clients.on_disk(self.written)
 
     def _degrade(self, err: BaseException) -> None:
         """The disk failed: serve the followers from memory, cache nothing."""
@@ -267,14 +185,11 @@ class BlobFill:
             "blob %s: cache write failed (%s); streaming it uncached to its %d clients",
             self.digest,
             err,
-            len(self._followers),
+            len(self.clients.followers),
         )
         self._on_done(self)  # new requests start afresh (and stream through)
-        for live in list(self._memory.live):
-            self.leave(live)  # from now on they read memory like the others
-        self._moved()
-        self._notify()
-        if not self._followers and not self._memory.verified:
+        self.clients.to_memory()
+        if not self.clients.followers and not self.clients.memory.verified:
             logger.info("blob %s: no client to stream the uncached download to", self.digest)
             self.task.cancel()
 
@@ -299,7 +214,9 @@ class BlobFill:
                 resp = None
                 return
             try:
-                self._writer = self._store.begin(self.digest, self._on_written)
+                self._writer = self._store.begin(
+                    self.digest, self._on_written, tuning=self._tuning
+                )
             except OSError as err:
                 self._reservation.release()
                 self._budget.write_failed(err)
@@ -350,7 +267,7 @@ class BlobFill:
             # registered until then: a request meanwhile joins it).
             await self._writer.verify()
             self._client.mark_verified(self.ns, resp.upstream)
-            self._on_verified()
+            self.clients.verified()
             if not self._streaming:
                 try:
                     self.result = await self._writer.commit()
@@ -376,8 +293,8 @@ class BlobFill:
             self.error = err
             self.failed.set_result(None)
             self._on_done(self)  # new requests start afresh instead of joining a failure
-            self._release_clients()  # cut them now, not after the disk lets go
-            self._log_failure(err, resp)
+            self.clients.release()  # cut them now, not after the disk lets go
+            log_failure(self._metrics, self.ns.name, self.digest, err, resp)
             if isinstance(err, DigestMismatch):
                 self._distrust()
             if self._writer is not None:
@@ -387,7 +304,7 @@ class BlobFill:
                 if isinstance(err, CacheWriteError):
                     self._budget.write_failed(err)
             if not self.ready.done():
-                self.ready.set_exception(_client_error(err, what))
+                self.ready.set_exception(client_error(err, what))
                 self.ready.exception()  # retrieved here; waiters get it too
             if isinstance(err, asyncio.CancelledError):
                 raise
@@ -396,14 +313,13 @@ class BlobFill:
                 resp.release()
             if self._writer is not None:
                 self._budget.unpin(self.digest)
-            self._release_clients()
+            self.clients.release()
             self._on_done(self)
 
     async def _stream_out(self) -> None:
         """Verified but not cached: let the followers finish from memory, then clean up."""
         self._finishing = True
-        while self._followers:
-            await asyncio.shield(self._moved_fut)
+        await self.clients.drain()
         writer = self._writer
         assert writer is not None  # noqa: S101 - streaming implies a writer
         self.error = writer.disk_error or CacheWriteError("the cache could not be written")
@@ -431,17 +347,6 @@ class BlobFill:
                 f"{resp.upstream.url} has {total} bytes for blob {self.digest},"
                 f" not the {self.size} the download started with"
             )
-
-    def _release_clients(self) -> None:
-        """Live clients go back to ``next_part``, which tells them how it ended."""
-        self._memory.clear()
-        self._notify()
-        self._wake_pump()
-
-    def _on_verified(self) -> None:
-        """Release the last byte: to live clients from memory, to the others from disk."""
-        self._memory.release_end()
-        self._notify()
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
         """Serve this blob straight from upstream, uncached, to the client that claims it."""
@@ -478,53 +383,15 @@ class BlobFill:
                         f"{resp.upstream.url} sent more than the {self.size} bytes"
                         f" of blob {self.digest}"
                     )
-                self._memory.add(offset, chunk)
+                self.clients.arrived(offset, chunk)
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= self._tuning.write_batch or self._streaming:
                     queued, batch, batched = batch, [], 0  # queued once, even if cancelled
                     await writer.write(*queued)
                 if self._streaming:
-                    self._notify()
-                    await self._room()
+                    self.clients.notify()
+                    await self.clients.room(self._tuning.stream_buffer)
         finally:
             if batch:  # good bytes before a cut still count: resume after them
                 await writer.write(*batch)
-
-    async def _room(self) -> None:
-        """Memory-only: wait while the bytes held for followers exceed the buffer."""
-        while self._memory.bytes > self._tuning.stream_buffer and self._followers:
-            self._memory.trim(min(f.pos for f in self._followers))
-            if self._memory.bytes <= self._tuning.stream_buffer:
-                return
-            await asyncio.shield(self._moved_fut)
-
-    def _log_failure(self, err: BaseException, resp: UpstreamResponse | None) -> None:
-        endpoint = resp.upstream.url if resp is not None else "-"
-        if isinstance(err, DigestMismatch):
-            self._metrics.digest_mismatches.labels(self.ns.name).inc()
-            logger.error("blob %s from %s discarded: %s", self.digest, endpoint, err)
-        elif isinstance(err, CacheWriteError):
-            self._metrics.cache_write_errors.inc()
-            logger.error("blob %s: cache write failed: %s", self.digest, err)
-        elif isinstance(err, UpstreamError | RegistryError):
-            logger.warning("blob %s: %s", self.digest, err)
-        elif not isinstance(err, asyncio.CancelledError):
-            logger.error("blob %s: download from %s failed: %r", self.digest, endpoint, err)
-
-
-def _describe(err: BaseException) -> str:
-    if isinstance(err, DigestMismatch):
-        return f"the download failed verification ({err})"
-    if isinstance(err, asyncio.CancelledError):
-        return "the download was stopped"
-    return str(err) or type(err).__name__
-
-
-def _client_error(err: BaseException, what: str) -> Exception:
-    """What a client waiting for the response headers is told."""
-    if isinstance(err, UpstreamError):
-        return err.registry_error(BlobUnknown)
-    if isinstance(err, RegistryError):
-        return err
-    return BadGateway(f"could not fetch {what}: {err}")

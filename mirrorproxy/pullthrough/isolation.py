@@ -22,7 +22,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB
@@ -30,10 +29,8 @@ from mirrorproxy.config import Config
 from mirrorproxy.core.errors import BlobUnknown, ManifestUnknown, RegistryError
 from mirrorproxy.core.oci import MANIFEST_TYPES, Digest
 from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.answers import Target
 from mirrorproxy.upstream.client import UpstreamClient, UpstreamError
-
-if TYPE_CHECKING:
-    from mirrorproxy.pullthrough.policy import Target
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +39,12 @@ CONFIRMED, REFUSED, FAILED = "confirmed", "refused", "error"
 
 
 class Isolation:
+    """Whether content cached through a non-public namespace may be served under another.
+
+    It owns the remembered confirmations; it must not change the cache or its index,
+    and asks an upstream only with a HEAD.
+    """
+
     def __init__(
         self,
         config: Config,

@@ -9,7 +9,6 @@ ever appears in a log line or an error message.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
@@ -22,6 +21,7 @@ import aiohttp
 from yarl import URL
 
 from mirrorproxy.config import Upstream
+from mirrorproxy.core.singleflight import SingleFlight
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +88,20 @@ def scope_for(path: str) -> str:
 
 
 class Authenticator:
+    """The credentials to send upstream: tokens by (endpoint, scope), Basic by endpoint.
+
+    It owns the token cache and the token requests. It must not send a request to
+    the registry itself (the client does, and brings the 401s here) nor put a secret
+    in a log line or an error message.
+    """
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tokens: dict[tuple[str, str], _Token] = {}
-        self._fetching: dict[tuple[str, str], asyncio.Future[_Token]] = {}
+        # Waiters get an error, never the cancellation of the request fetching.
+        self._fetching: SingleFlight[tuple[str, str], _Token] = SingleFlight(
+            cancelled=lambda key: AuthError(f"token request for {key[0]} was cancelled")
+        )
         self._basic: set[str] = set()  # endpoints that asked for Basic
 
     def cached(self, up: Upstream, scope: str) -> str | None:
@@ -148,28 +158,14 @@ class Authenticator:
         scope: str,
         client_timeout: aiohttp.ClientTimeout,
     ) -> _Token:
-        pending = self._fetching.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[_Token] = asyncio.get_running_loop().create_future()
-        self._fetching[key] = fut
-        try:
+        """Fetch a token once for concurrent requests of the same scope; remember it."""
+
+        async def fetch_and_keep() -> _Token:
             token = await self._fetch(session, up, challenge, scope, client_timeout)
-        except BaseException as err:
-            # Waiters get the failure, never this request's own cancellation.
-            shared = (
-                err
-                if not isinstance(err, asyncio.CancelledError)
-                else AuthError(f"token request for {up.url} was cancelled")
-            )
-            fut.set_exception(shared)
-            fut.exception()  # retrieved: there may be no other waiter
-            raise
-        finally:
-            del self._fetching[key]
-        self._tokens[key] = token
-        fut.set_result(token)
-        return token
+            self._tokens[key] = token
+            return token
+
+        return await self._fetching.run(key, fetch_and_keep)
 
     async def _fetch(
         self,

@@ -27,7 +27,6 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.http import keys
-from mirrorproxy.pullthrough import policy as pullthrough
 from tests.fakes.registry import payload
 from tests.support.downloads import (
     Disk,
@@ -300,7 +299,7 @@ async def test_shutdown_cuts_the_clients_of_a_running_download(
     """Shutdown cuts the live and file clients of a running download (never a
     complete-looking body) and leaves nothing behind."""
     mirror.tune(live_max=1)  # one live client, one on the file
-    monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
+    mirror.tune(shutdown_grace=0.05)
     data = payload(4 * MIB, "shutdown")
     digest = fake.registry.add_blob(data)
     fake.registry.faults.chunk_size = 64 * KIB

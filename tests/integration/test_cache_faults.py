@@ -28,7 +28,6 @@ import pytest
 
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.http import keys
-from mirrorproxy.pullthrough import policy as pullthrough
 from tests.fakes.registry import OCI_MANIFEST, payload
 from tests.support.downloads import Disk, fill_of, get, get_or_cut, status_and_body, writer_of
 from tests.support.mirror import FakeFactory, Mirror, MirrorFactory, RunningFake
@@ -315,7 +314,7 @@ async def _shut_down_during_commit(
 ) -> None:
     """A client got its (verified) blob from memory; the disk is still writing it when
     the server stops and the shutdown grace runs out."""
-    monkeypatch.setattr(pullthrough, "SHUTDOWN_GRACE", 0.05)
+    mirror.tune(shutdown_grace=0.05)
     data = payload(MIB, "shutdown while the disk writes")
     digest = fake.registry.add_blob(data)
     assert await get(mirror, digest) == data

@@ -22,8 +22,9 @@ import pytest
 
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.http import keys
-from mirrorproxy.pullthrough.fill import BlobFill
-from mirrorproxy.pullthrough.followers import LiveFollower
+from mirrorproxy.pullthrough.chunkwindow import LiveFollower
+from mirrorproxy.pullthrough.followers import FillClients
+from mirrorproxy.pullthrough.source import ByteSink
 from tests.fakes.registry import payload
 from tests.support.listening import listening, with_server
 from tests.support.mirror import Mirror, RunningFake, mirror_config
@@ -56,16 +57,14 @@ def disk_stalled(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
 def live_count(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record, after each ``go_live``, how many clients are live on that download."""
     counts: list[int] = []
-    real = BlobFill.go_live
+    real = FillClients.go_live
 
-    def go_live(
-        self: BlobFill, transport: asyncio.Transport, pos: int, end: int
-    ) -> LiveFollower | None:
-        live = real(self, transport, pos, end)
+    def go_live(self: FillClients, sink: ByteSink, pos: int, end: int) -> LiveFollower | None:
+        live = real(self, sink, pos, end)
         counts.append(self.live_count)
         return live
 
-    monkeypatch.setattr(BlobFill, "go_live", go_live)
+    monkeypatch.setattr(FillClients, "go_live", go_live)
     return counts
 
 
@@ -171,7 +170,7 @@ async def test_memory_held_for_a_slow_disk_is_bounded_over_all_downloads(
     pulls = [asyncio.create_task(get(mirror, d)) for d in digests]
     try:
         # The downloads stall once the bound is reached (nothing reaches the disk).
-        await wait_for(lambda: store.in_flight >= blobs_module.WRITE_AHEAD)
+        await wait_for(lambda: store.in_flight >= mirror.fill_tuning.write_ahead)
         await asyncio.sleep(0.3)
     finally:
         watcher.cancel()
@@ -180,7 +179,7 @@ async def test_memory_held_for_a_slow_disk_is_bounded_over_all_downloads(
     # Over the bound by at most the batch each download queued before it waited
     # (a batch: WRITE_BATCH and the chunk that crossed it).
     batch = mirror.fill_tuning.write_batch + TRICKLE
-    assert peak <= blobs_module.WRITE_AHEAD + len(digests) * batch
+    assert peak <= mirror.fill_tuning.write_ahead + len(digests) * batch
     await mirror.settled()
     assert store.in_flight == 0
     for d, data in zip(digests, datas, strict=True):
@@ -254,12 +253,10 @@ async def test_tls_live_clients_and_a_slow_one_get_every_byte(
 
 @pytest.fixture
 async def start_fake_blobs(
-    fake: RunningFake, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+    fake: RunningFake, mirror: Mirror
 ) -> tuple[Mirror, list[str], list[bytes]]:
     """Three 8 MiB blobs sent slowly, and small limits: a 2 MiB bound, 256 KiB batches."""
-    monkeypatch.setattr(blobs_module, "WRITE_AHEAD", 2 * MIB)
-    monkeypatch.setattr(blobs_module, "WRITE_AHEAD_MIN", 512 * KIB)
-    mirror.tune(write_batch=256 * KIB)
+    mirror.tune(write_ahead=2 * MIB, write_ahead_min=512 * KIB, write_batch=256 * KIB)
     fake.registry.faults.chunk_size = TRICKLE  # chunks come one by one, not merged
     fake.registry.faults.chunk_delay = 0.001
     datas = [payload(8 * MIB, f"bounded {i}") for i in range(3)]

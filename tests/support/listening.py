@@ -49,9 +49,9 @@ class Listening:
         return policy
 
     def tune(self, **changes: Any) -> None:
-        """Change ``FillTuning`` values for downloads started after this call."""
+        """Change ``Tuning`` values for downloads started after this call."""
         pt = self.runner.app[keys.PULLTHROUGH]
-        pt.fill_tuning = replace(pt.fill_tuning, **changes)
+        pt.tuning = replace(pt.tuning, **changes)
 
 
 def with_server(config: Config, **changes: Any) -> Config:

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
+from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
-from mirrorproxy.pullthrough.followers import FillTuning
 from tests.fakes.registry import FakeRegistry
 from tests.support.paths import NS
 from tests.support.waiting import WAIT
@@ -80,14 +80,14 @@ class Mirror:
         return self.cache_dir / "manifests" / alg / hex_[:2] / hex_
 
     @property
-    def fill_tuning(self) -> FillTuning:
+    def fill_tuning(self) -> Tuning:
         """How the app's downloads share bytes (``tune`` changes it for new downloads)."""
-        return self.client.app[keys.PULLTHROUGH].fill_tuning
+        return self.client.app[keys.PULLTHROUGH].tuning
 
     def tune(self, **changes: Any) -> None:
-        """Change ``FillTuning`` values (e.g. ``write_batch``) for downloads started after."""
+        """Change ``Tuning`` values (e.g. ``write_batch``) for downloads started after."""
         pt = self.client.app[keys.PULLTHROUGH]
-        pt.fill_tuning = replace(pt.fill_tuning, **changes)
+        pt.tuning = replace(pt.tuning, **changes)
 
     @property
     def budget(self) -> CacheBudget:

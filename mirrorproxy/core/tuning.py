@@ -1,0 +1,53 @@
+"""Tuning: the sizes and times that bound how blob bytes move through the mirror.
+
+Not user configuration (nothing here is in the config file): the values measured to
+work, in one frozen object the engine passes to the code that uses them, so a test
+passes smaller ones instead of changing module constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """How downloads share their bytes, how the cache writes them, how clients get them.
+
+    It holds values only: it must not be changed in place (replace it; a download
+    keeps the values it started with) and carries no behaviour.
+    """
+
+    # -- a download and its clients (pullthrough) --
+    write_batch: int = 4 * MIB  # bytes gathered before one write: fewer thread hops
+    live_max: int = 4  # live clients per download; the others read the file (sendfile)
+    live_buffer: int = 4 * MIB  # a live client with more than this unsent goes to the file
+    # Once the disk failed: bytes kept in memory for the followers; past this the
+    # download waits for the slowest of them.
+    stream_buffer: int = 16 * MIB
+    max_resumes: int = 3
+    unclaimed_timeout: float = 30.0  # a direct response nobody picked up is closed after this
+    shutdown_grace: float = 10.0  # seconds running downloads get to finish at shutdown
+
+    # -- the cache write (cache/blobs) --
+    # Bytes queued for the disk and the hash, over all downloads, before a download
+    # waits; each may always have write_ahead_min in flight, so every one moves.
+    # 64 MiB was no faster for one cold blob and took peak RSS to ~150 MiB when ten
+    # clients shared a 1 GiB download on two busy cores; 32 MiB kept it near 100 MiB.
+    write_ahead: int = 32 * MIB
+    write_ahead_min: int = 8 * MIB
+
+    # -- sending to clients (http) --
+    slice_time: float = 0.1  # seconds one sendfile slice should take
+    min_slice: int = 64 * KIB  # a client slower than this per client_timeout is stalled
+    first_slice: int = 1024 * KIB
+    max_slice: int = 16 * MIB
+    relay_chunk: int = 1024 * KIB  # read size from an upstream body or a temp file
+    flush_poll: float = 0.01  # seconds between looks at a transport buffer being flushed
+    small_blob: int = 64 * KIB  # cached blobs up to this size are answered from one read
+
+
+DEFAULT_TUNING = Tuning()

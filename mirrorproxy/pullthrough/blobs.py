@@ -1,0 +1,294 @@
+"""Blobs: local-first, one shared download per digest, and what each client is handed.
+
+A cached blob is a ``CachedBlob``; a miss joins the running download of the digest
+(``BlobFill``) or starts one, and the client gets a ``FillSource`` over it. A blob
+that cannot be cached is relayed from upstream to the client (``DirectStream``),
+verified when whole. HEAD learns the size from the cache, a running download or the
+upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from mirrorproxy.cache import BlobStore
+from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.index import BLOB
+from mirrorproxy.config import Config
+from mirrorproxy.core.errors import (
+    BadGateway,
+    BlobUnknown,
+    ResumeRefused,
+)
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import Tuning
+from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.pullthrough.answers import HIT, MISS, OFFLINE, BlobHead, Target, count
+from mirrorproxy.pullthrough.cachedblob import CachedBlob
+from mirrorproxy.pullthrough.corruption import CorruptBlobs
+from mirrorproxy.pullthrough.direct import DirectStream, open_direct
+from mirrorproxy.pullthrough.fill import BlobFill
+from mirrorproxy.pullthrough.isolation import Isolation
+from mirrorproxy.pullthrough.source import BlobFailed, BlobSource, BlobStream, NotCacheable
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+Opener = Callable[[tuple[int, int] | None], Awaitable[BlobStream]]
+
+
+class FillSource:
+    """A miss: the blob as its shared download offers it to one client.
+
+    It hands out followers of the download, or, when the download cannot serve a
+    client (uncached, failed, moved on), a relay straight from upstream. It must not
+    expose the download itself.
+    """
+
+    result = MISS
+
+    def __init__(self, fill: BlobFill, direct: Opener) -> None:
+        self._fill, self._direct = fill, direct
+
+    @property
+    def digest(self) -> Digest:
+        return self._fill.digest
+
+    @property
+    def size(self) -> int | None:
+        return self._fill.size
+
+    @property
+    def upstream(self) -> str | None:
+        return self._fill.upstream
+
+    def small(self, limit: int) -> bytes | None:
+        return None
+
+    async def open(self, rng: tuple[int, int] | None) -> BlobStream:
+        start = rng[0] if rng is not None else 0
+        end = self._fill.size if rng is None else rng[1] + 1
+        follower = self._fill.clients.join(start, end)
+        if follower is not None:
+            return follower
+        return await self._direct(rng)
+
+    async def cached(self, progress: Callable[[int], None], *, every: float = 0.25) -> int:
+        """Wait for the download to be committed, telling ``progress`` every ``every`` s."""
+        fill = self._fill
+        if not fill.caching:
+            resp = fill.claim_direct()
+            if resp is not None:
+                resp.release()
+            raise NotCacheable(f"blob {fill.digest} cannot be cached")
+        while not fill.task.done():
+            progress(fill.received)
+            await asyncio.wait({fill.task}, timeout=every)
+        if fill.result is None:
+            raise BlobFailed(f"blob {fill.digest}: {fill.error or 'download failed'}")
+        return fill.result.size
+
+
+class BlobPolicy:
+    """When a blob comes from the cache, a running download, a new one or a relay.
+
+    It owns the registry of running downloads (one per digest) and their shutdown;
+    it must not touch a client's socket (sources and streams are handed to the HTTP
+    side) nor a download's internals beyond starting, joining and waiting for it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        blobs: BlobStore,
+        budget: CacheBudget,
+        client: UpstreamClient,
+        metrics: Metrics,
+        isolation: Isolation,
+        corrupt: CorruptBlobs,
+        tuning: Tuning,
+    ) -> None:
+        self._config = config
+        self._blobs = blobs
+        self._budget = budget
+        self._client = client
+        self._metrics = metrics
+        self._isolation = isolation
+        self.corrupt = corrupt
+        self.tuning = tuning  # for downloads started from now on
+        self.fills: dict[Digest, BlobFill] = {}  # the download a request joins, by digest
+        # Every download until its task ends: a failed one leaves ``fills`` at once
+        # (new requests start afresh) but still cleans up for a moment.
+        self.running: set[BlobFill] = set()
+
+    async def settled(self) -> None:
+        """Wait until every running download is in place (or failed and cleaned up)."""
+        while self.running:
+            tasks = [fill.task for fill in list(self.running)]
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """At shutdown: let running downloads finish for a grace period, then cancel."""
+        tasks = [fill.task for fill in self.running if not fill.task.done()]
+        grace = self.tuning.shutdown_grace
+        if tasks:
+            logger.info("waiting up to %.0fs for %d downloads to finish", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def blob(self, t: Target, digest: Digest, *, first_byte: int = 0) -> BlobSource:
+        """A cached blob, or a download shared with every other client asking for it.
+
+        Args:
+            first_byte: where the client's range starts (0: the whole blob).
+
+        Raises:
+            ResumeRefused: a resume into a blob whose download failed verification
+                a moment ago (the bytes the client holds may be corrupt).
+            BlobUnknown: no upstream has it.
+            RegistryError: upstreams failed in another way.
+        """
+        ago = self.corrupt.refused_resume(digest, first_byte)
+        if ago is not None:
+            raise ResumeRefused(
+                f"not resuming blob {digest} at byte {first_byte}: a download of it failed"
+                f" verification {ago:.0f}s ago, so the bytes before it may be corrupt;"
+                " fetch it again from byte 0"
+            )
+        info = await self._blobs.lookup(digest)
+        if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
+            count(self._metrics, t, "blob", HIT)
+            self._budget.touch(BLOB, digest)
+            return CachedBlob(digest, info, self._budget)
+        if self._config.cache.offline:
+            raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
+        fill = await self._fill(t, digest)
+        count(self._metrics, t, "blob", MISS)
+        return FillSource(fill, partial(self._stream_through, t, digest, fill))
+
+    async def _fill(self, t: Target, digest: Digest) -> BlobFill:
+        """The running download of ``digest`` for this namespace, or a new one; once ready."""
+        fill = self.fills.get(digest)
+        while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
+            # Bytes are shared across repositories (they are verified by digest), but
+            # not failures: another namespace's upstreams may lack what ours have.
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
+            try:
+                await asyncio.shield(fill.ready)
+                break
+            except Exception:
+                newer = self.fills.get(digest)  # another waiter may have started one
+                fill = newer if newer is not fill else None
+        if fill is None:
+            fill = BlobFill(
+                ns=t.ns,
+                ns_name=t.ns_name,
+                repo=t.repo,
+                digest=digest,
+                client=self._client,
+                store=self._blobs,
+                budget=self._budget,
+                metrics=self._metrics,
+                corrupt=self.corrupt,
+                tuning=self.tuning,
+                on_done=self._fill_done,
+            )
+            self.fills[digest] = fill
+            self.running.add(fill)
+            fill.task.add_done_callback(partial(_discard, self.running, fill))
+        await asyncio.shield(fill.ready)
+        return fill
+
+    def _fill_done(self, fill: BlobFill) -> None:
+        if self.fills.get(fill.digest) is fill:
+            del self.fills[fill.digest]
+
+    async def _stream_through(
+        self, t: Target, digest: Digest, fill: BlobFill, rng: tuple[int, int] | None
+    ) -> DirectStream:
+        """An uncached blob (no room, no writable disk), straight from upstream."""
+        return await open_direct(
+            t,
+            digest,
+            rng,
+            claimed=fill.claim_direct(),
+            size=fill.size,
+            client=self._client,
+            metrics=self._metrics,
+            corrupt=self.corrupt,
+            chunk=self.tuning.relay_chunk,
+        )
+
+    async def head(self, t: Target, digest: Digest) -> BlobHead:
+        """Size for a HEAD: from the cache, a running fill, or the upstream.
+
+        An upstream HEAD without a length is asked for the first byte instead (its
+        Content-Range states the total); failing that, the blob is downloaded.
+        """
+        info = await self._blobs.lookup(digest)
+        if info is not None:
+            await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
+            count(self._metrics, t, "blob", HIT)
+            return BlobHead(info.size, HIT)
+        fill = self.fills.get(digest)
+        ready = fill is not None and fill.ready.done() and not fill.ready.exception()
+        if fill is not None and ready and fill.size is not None:
+            await self._isolation.check(t, BLOB, digest, origin=fill.ns_name)
+            return BlobHead(fill.size, MISS, fill.upstream)
+        if self._config.cache.offline:
+            raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
+        path, what = f"{t.repo}/blobs/{digest}", f"blob {digest}"
+        try:
+            resp = await self._client.open(t.ns, t.ns_name, "HEAD", path, what=what)
+        except UpstreamError as err:
+            raise err.registry_error(BlobUnknown) from None
+        resp.release()
+        if resp.content_length is not None:
+            return BlobHead(resp.content_length, MISS, resp.upstream.url)
+        size = await self._probe_size(t, digest)
+        return BlobHead(size, MISS, resp.upstream.url)
+
+    async def _probe_size(self, t: Target, digest: Digest) -> int:
+        """The size of a blob whose upstream HEAD did not say: a one-byte range, else
+        the whole download.
+
+        Raises:
+            BadGateway: the size could not be learnt.
+        """
+        path, what = f"{t.repo}/blobs/{digest}", f"blob {digest}"
+        try:
+            resp = await self._client.open(
+                t.ns, t.ns_name, "GET", path, what=what, stream=True, start=0, end=0
+            )
+        except UpstreamError:
+            pass
+        else:
+            total = _range_total(resp.headers.get("Content-Range"))
+            resp.close()  # one byte at most was asked for; never reuse a half-read body
+            if total is not None:
+                return total
+        fill = await self._fill(t, digest)
+        await asyncio.wait({fill.task})
+        if fill.result is not None:
+            return fill.result.size
+        raise BadGateway(f"no upstream states the size of {what}")
+
+
+def _discard(running: set[BlobFill], fill: BlobFill, _task: object) -> None:
+    running.discard(fill)
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """The complete length in ``Content-Range: bytes a-b/total`` (None: absent or ``*``)."""
+    total = (content_range or "").rpartition("/")[2].strip()
+    return int(total) if total.isascii() and total.isdigit() and len(total) <= 18 else None
