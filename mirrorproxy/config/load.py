@@ -9,6 +9,9 @@ Adding an option: add a field (with its default and a comment) to the dataclass 
 ``model``, read it in the matching ``_load_*`` function with ``Table.take`` /
 ``Table.convert``, document it in ``config/mirrorproxy.toml``, and add a case to
 ``tests/unit/test_config.py``.
+
+Over 300 lines because every table's checks live here, one ``_load_*`` function
+each, so defaults and validation are applied in exactly one place.
 """
 
 from __future__ import annotations
