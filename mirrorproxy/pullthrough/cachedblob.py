@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.pullthrough.answers import HIT
 from mirrorproxy.pullthrough.source import ByteSink, FileRange, Part
@@ -59,7 +59,7 @@ class CachedBlob:
         self._budget.unpin(self.digest)
 
 
-class CachedStream:
+class CachedStream(Closing):
     """One client's read of a cached file: one range, sent as it is.
 
     It owns the open file and the pin (both let go on ``close``); it must not offer
@@ -95,17 +95,6 @@ class CachedStream:
             self._open = False
             self._file.close()
             self._blob._release()
-
-    def __enter__(self) -> CachedStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _open(path: Path) -> BinaryIO | None:

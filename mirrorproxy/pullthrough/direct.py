@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from types import TracebackType
 
+from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.errors import BlobUnknown, RangeNotSatisfiable
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.observability.metrics import Metrics
@@ -98,7 +98,7 @@ async def open_direct(
     )
 
 
-class DirectStream:
+class DirectStream(Closing):
     """One upstream response, relayed from ``start`` for ``length`` bytes (None: to its end).
 
     It owns that response (released on close, dropped unless read to the end) and
@@ -207,14 +207,3 @@ class DirectStream:
             if not self._complete:
                 self._resp.close()
             self._resp.release()
-
-    def __enter__(self) -> DirectStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from types import TracebackType
 from typing import BinaryIO, Protocol
 
+from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.pullthrough.chunkwindow import ChunkWindow, LiveFollower
 from mirrorproxy.pullthrough.source import ByteSink, FileRange, Part
@@ -50,7 +50,7 @@ class Download(Protocol):
         """Raise ``BlobFailed`` if the download failed."""
 
 
-class Follower:
+class Follower(Closing):
     """One client following a download from ``pos`` to ``end`` (None: the blob's end).
 
     It owns its file handle and its position; it must not read past what the
@@ -111,17 +111,6 @@ class Follower:
         """Leave the download (idempotent)."""
         self._clients.leave(self)
         self.file.close()
-
-    def __enter__(self) -> Follower:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class FillClients:
