@@ -34,7 +34,7 @@ def referrers_path(root: Path, ns: str, repo: str, subject: Digest) -> Path:
     return root / "referrers" / key[:2] / f"{key}.json"
 
 
-def _entry_json(e: TagEntry) -> dict[str, Any]:
+def entry_json(e: TagEntry) -> dict[str, Any]:
     return {
         "digest": str(e.digest),
         "media_type": e.media_type,
@@ -43,7 +43,7 @@ def _entry_json(e: TagEntry) -> dict[str, Any]:
     }
 
 
-def _entry(obj: Any) -> TagEntry:
+def entry_from(obj: Any) -> TagEntry:
     return TagEntry(
         digest=parse_digest(obj["digest"]),
         media_type=str(obj["media_type"]),
@@ -58,19 +58,19 @@ def tag_bytes(key: TagKey, entries: dict[str, TagEntry]) -> bytes:
         "namespace": ns,
         "repository": repo,
         "tag": tag,
-        "entries": {k: _entry_json(e) for k, e in entries.items()},
+        "entries": {k: entry_json(e) for k, e in entries.items()},
     }
     return json.dumps(record, indent=1).encode()
 
 
 def referrers_bytes(ns: str, repo: str, subject: Digest, entry: TagEntry) -> bytes:
-    record = {"namespace": ns, "repository": repo, "subject": str(subject), **_entry_json(entry)}
+    record = {"namespace": ns, "repository": repo, "subject": str(subject), **entry_json(entry)}
     return json.dumps(record).encode()
 
 
 def _tag_record(raw: bytes) -> TagRecord:
     record: Any = json.loads(raw)
-    entries = {str(k): _entry(e) for k, e in record["entries"].items()}
+    entries = {str(k): entry_from(e) for k, e in record["entries"].items()}
     return TagRecord(
         str(record["namespace"]), str(record["repository"]), str(record["tag"]), entries
     )
@@ -82,7 +82,7 @@ def _referrers_record(raw: bytes) -> ReferrersRecord:
         str(record["namespace"]),
         str(record["repository"]),
         parse_digest(record["subject"]),
-        _entry(record),
+        entry_from(record),
     )
 
 

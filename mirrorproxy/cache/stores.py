@@ -1,18 +1,23 @@
 """The stores a configuration names: the one place a backend is chosen.
 
 Everything else receives the ``Stores`` built here and sees only the Protocols of
-``mirrorproxy.cache``. Building them opens nothing; ``prepare`` on each makes them
-usable.
+``mirrorproxy.cache``. Building them opens no file (an S3 backend makes its
+client); ``prepare`` on each makes them usable, ``close`` releases the client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirrorproxy.cache import BLOB, BlobStore, ContentStore, ManifestStore
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.manifests import FileManifestStore
-from mirrorproxy.config import CacheConfig
+from mirrorproxy.config import CacheConfig, StorageConfig
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,14 +26,23 @@ class Stores:
 
     blobs: BlobStore
     manifests: ManifestStore
+    close: Callable[[], None] = _nothing  # releases what the backend holds open
 
     def of(self, kind: str) -> ContentStore:
         """The store holding content of ``kind`` (BLOB or MANIFEST)."""
         return self.blobs if kind == BLOB else self.manifests
 
 
-def open_stores(cache: CacheConfig) -> Stores:
-    """The configured backend's stores (the filesystem under ``[cache] dir``)."""
+def open_stores(cache: CacheConfig, storage: StorageConfig | None = None) -> Stores:
+    """The configured backend's stores: the filesystem under ``[cache] dir`` unless
+    ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files)."""
+    if storage is not None and storage.s3 is not None:
+        from mirrorproxy.cache.s3blobs import S3BlobStore
+        from mirrorproxy.cache.s3client import S3Connection
+        from mirrorproxy.cache.s3manifests import S3ManifestStore
+
+        conn = S3Connection(storage.s3)
+        return Stores(S3BlobStore(conn, cache.dir), S3ManifestStore(conn), conn.close)
     return Stores(
         blobs=FileBlobStore(cache.dir),
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),

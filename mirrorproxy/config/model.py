@@ -167,6 +167,27 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Config:
+    """[storage.s3]: an S3-compatible bucket holding the cache's content."""
+
+    endpoint: str  # scheme://host[:port] of any S3-compatible service
+    bucket: str  # must exist
+    region: str = "us-east-1"
+    prefix: str = ""  # key prefix inside the bucket ("" or ending in "/")
+    access_key: str | None = None  # None: the client's own credential chain
+    secret_key: Secret | None = None  # from secret_key, secret_key_file or secret_key_env
+    redirect: bool = False  # answer blob GETs with a 307 to a presigned URL
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """[storage]: where content lives; the filesystem under [cache] dir by default."""
+
+    backend: str = "filesystem"  # "filesystem" | "s3"
+    s3: S3Config | None = None  # set exactly when backend is "s3"
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamDefaults:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -191,6 +212,7 @@ class Config:
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     source: str = "<config>"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def namespace(self, name: str) -> Namespace | None:
         """The namespace serving registry ``name``: an exact match, else an allowing wildcard."""

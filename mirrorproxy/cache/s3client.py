@@ -1,0 +1,231 @@
+"""One S3 client on a private event loop, usable from any loop and from blocking code.
+
+The cache's Protocols mix coroutines (the request path) with blocking methods
+(maintenance, import, the command line). An aiobotocore client belongs to the loop
+it was made on, so this one gets its own loop in a thread: coroutines hand their
+calls over with ``call``, blocking code with ``run``. The secret key goes to the
+client and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+from types_aiobotocore_s3 import S3Client
+
+from mirrorproxy.config import S3Config
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+PART_SIZE = 16 * MIB  # bytes per multipart part (S3's minimum is 5 MiB)
+MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
+
+
+def missing(err: ClientError) -> bool:
+    """Whether S3 answered that the object (or upload) is not there."""
+    return str(err.response.get("Error", {}).get("Code", "")) in MISSING
+
+
+class S3StoreError(OSError):
+    """The bucket is unreachable, refuses our credentials, or does not exist."""
+
+
+class S3Connection:
+    """The client, its loop and its thread; ``close`` releases all three."""
+
+    def __init__(self, config: S3Config, *, part_size: int = PART_SIZE) -> None:
+        self.config = config
+        self.part_size = part_size
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="s3", daemon=True)
+        self._thread.start()
+        self._exit = AsyncExitStack()
+        # A CA bundle the environment names but that cannot be read must not stop
+        # the client (None: botocore's own lookup, which reads AWS_CA_BUNDLE).
+        bundle = os.environ.get("AWS_CA_BUNDLE")
+        self._verify: bool | None = True if bundle and not Path(bundle).is_file() else None
+        self.client: S3Client = self.run(self._open())
+        self._closed = False
+
+    async def _open(self) -> S3Client:
+        c = self.config
+        plain = c.endpoint.startswith("http://")
+        aio = AioConfig(
+            signature_version="s3v4",  # presigned URLs need it
+            s3={"addressing_style": "path", "payload_signing_enabled": not plain},
+            # Hashing every part on the loop costs CPU and stalls; TLS protects bodies.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        creds: dict[str, Any] = {}
+        if c.access_key is not None and c.secret_key is not None:
+            creds = {
+                "aws_access_key_id": c.access_key,
+                "aws_secret_access_key": c.secret_key.reveal(),
+            }
+        factory = get_session().create_client(
+            "s3",
+            endpoint_url=c.endpoint,
+            region_name=c.region,
+            config=aio,
+            verify=self._verify,
+            **creds,
+        )
+        return await self._exit.enter_async_context(factory)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the client's loop and wait (blocking; never from that loop)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the client's loop, awaited from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.run(self._exit.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def key(self, *parts: str) -> str:
+        return self.config.prefix + "/".join(parts)
+
+    # -- calls made on the client's loop ---------------------------------------------
+
+    async def check_bucket(self) -> None:
+        """Raise S3StoreError unless the bucket is there and our keys are accepted."""
+        c = self.config
+        try:
+            await self.client.head_bucket(Bucket=c.bucket)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", "?"))
+            raise S3StoreError(
+                f"S3 bucket {c.bucket!r} at {c.endpoint}: refused ({code})"
+            ) from None
+        except (BotoCoreError, OSError) as err:
+            raise S3StoreError(
+                f"S3 bucket {c.bucket!r} at {c.endpoint}: unreachable ({type(err).__name__})"
+            ) from None
+
+    async def head(self, key: str) -> tuple[int, float] | None:
+        """(size, last-modified seconds) of an object, or None when absent."""
+        try:
+            r = await self.client.head_object(Bucket=self.config.bucket, Key=key)
+        except ClientError as err:
+            if missing(err):
+                return None
+            raise
+        return r["ContentLength"], r["LastModified"].timestamp()
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """A small object's bytes (manifests, records), or None when absent."""
+        try:
+            r = await self.client.get_object(Bucket=self.config.bucket, Key=key)
+        except ClientError as err:
+            if missing(err):
+                return None
+            raise
+        async with r["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await self.client.put_object(Bucket=self.config.bucket, Key=key, Body=data)
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; False when it was not there."""
+        if await self.head(key) is None:
+            return False
+        await self.client.delete_object(Bucket=self.config.bucket, Key=key)
+        return True
+
+    async def copy(self, src: str, dst: str) -> None:
+        b = self.config.bucket
+        await self.client.copy_object(Bucket=b, Key=dst, CopySource={"Bucket": b, "Key": src})
+
+    async def listing(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, size, last-modified) of every object under ``prefix``."""
+        out: list[tuple[str, int, float]] = []
+        pages = self.client.get_paginator("list_objects_v2")
+        async for page in pages.paginate(Bucket=self.config.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out.append((obj["Key"], obj["Size"], obj["LastModified"].timestamp()))
+        return out
+
+    async def chunks(self, key: str, start: int = 0) -> AsyncIterator[bytes]:
+        """The object's bytes from ``start`` (a Range request); KeyError when absent."""
+        kwargs: dict[str, Any] = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            r = await self.client.get_object(Bucket=self.config.bucket, Key=key, **kwargs)
+        except ClientError as err:
+            if missing(err):
+                raise KeyError(key) from None
+            raise
+        async with r["Body"] as body:
+            while chunk := await body.read(MIB):
+                yield chunk
+
+    async def uploads(self) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated) of the unfinished multipart uploads under the prefix."""
+        out: list[tuple[str, str, float]] = []
+        pages = self.client.get_paginator("list_multipart_uploads")
+        async for page in pages.paginate(Bucket=self.config.bucket, Prefix=self.config.prefix):
+            for u in page.get("Uploads", []):
+                out.append((u["Key"], u["UploadId"], u["Initiated"].timestamp()))
+        return out
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            await self.client.abort_multipart_upload(
+                Bucket=self.config.bucket, Key=key, UploadId=upload_id
+            )
+        except ClientError as err:
+            if not missing(err):
+                raise
+
+    async def put_file(self, key: str, path: Path, size: int) -> None:
+        """Upload a local file as ``key``: visible only once whole (PUT, or a completed
+        multipart upload, aborted on any failure)."""
+        b = self.config.bucket
+        if size <= self.part_size:
+            data = await asyncio.to_thread(path.read_bytes)
+            await self.client.put_object(Bucket=b, Key=key, Body=data)
+            return
+        upload = await self.client.create_multipart_upload(Bucket=b, Key=key)
+        upload_id = upload["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            f = await asyncio.to_thread(open, path, "rb")
+            with f:
+                number = 1
+                while data := await asyncio.to_thread(f.read, self.part_size):
+                    r = await self.client.upload_part(
+                        Bucket=b, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                    )
+                    parts.append({"PartNumber": number, "ETag": r["ETag"]})
+                    number += 1
+            await self.client.complete_multipart_upload(
+                Bucket=b,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except BaseException:
+            await asyncio.shield(self.abort_upload(key, upload_id))
+            raise
