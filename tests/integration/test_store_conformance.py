@@ -114,15 +114,15 @@ def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
         conn.run(conn.put_bytes(key, bytes(flipped)))
 
     def leftovers() -> list[str]:
-        conn: S3Connection = probe.conn
+        conn = probe
         uploads = [f"upload:{key}" for key, _, _ in conn.run(conn.uploads())]
         return sorted([*(p.name for p in (cache.dir / "tmp").iterdir()), *uploads])
 
     stores = reopen()
     stores.blobs.prepare()
     stores.manifests.prepare()
-    probe = stores.blobs
-    assert isinstance(probe, S3Content)
+    assert isinstance(stores.blobs, S3Content)
+    probe: S3Connection = stores.blobs.conn
     return Backend(stores, reopen, damage, leftovers, opened)
 
 
