@@ -26,6 +26,7 @@ ACCESS_KEY = "mirrorproxy-test"
 SECRET_KEY = "s3cr3t-never-logged-7f2a"
 BUCKET = "mirrorproxy"
 START_TIMEOUT = 90.0  # seconds for a cold start on a loaded machine
+STOP_GRACE = 3.0  # seconds of graceful stop before the kill (nothing here outlives the test)
 
 
 def weed_binary() -> str | None:
@@ -72,7 +73,8 @@ class SeaweedFS:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         identities.write_text(json.dumps({"identities": [identity]}))
-        master, volume, filer, s3 = _ports(4)
+        self.ports = _ports(4)
+        master, volume, filer, s3 = self.ports
         self.endpoint = f"http://127.0.0.1:{s3}"
         self.log = root / "weed.log"
         args = [
@@ -141,10 +143,16 @@ class SeaweedFS:
             return ""
 
     def stop(self) -> None:
+        """End the server: a graceful stop takes ~25 s, so it is killed after a short
+        grace, and the gRPC socket files a kill leaves in /tmp are removed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        for port in self.ports:
+            for name in (f"seaweedfs-*-{port}.sock", f"seaweedfs-*-grpc-{port + 10000}.sock"):
+                for sock in Path("/tmp").glob(name):
+                    sock.unlink(missing_ok=True)
