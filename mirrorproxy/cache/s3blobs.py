@@ -1,83 +1,36 @@
 """The S3 ``BlobStore``: blobs as objects ``<prefix>blobs/<alg>/<hex>`` in one bucket.
 
 A blob being written goes to a local temp file (followers read it there) and
-through the hash; ``commit`` verifies the digest and only then uploads it (one PUT,
-or a multipart upload completed only when every part is in, aborted otherwise), so
-nothing partial or unverified is ever visible under a blob's key. Reads are S3
-range requests. Content common to blobs and manifests lives in ``S3Content``.
+through the hash, and its full parts go to a multipart upload as they arrive;
+``commit`` verifies the digest and only then completes the upload (aborted
+otherwise; a one-part blob is a single PUT after verification), so nothing
+partial or unverified is ever visible under a blob's key. Reads are S3
+range requests. What blobs and manifests share is in ``s3content``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mirrorproxy.cache import BLOB, BlobInfo, CacheWriteError, Chunk, Content, DigestMismatch
+from mirrorproxy.cache import BlobInfo, CacheWriteError, Chunk, DigestMismatch
 from mirrorproxy.cache.publish import sweep_temp, temp_name
 from mirrorproxy.cache.s3client import S3Connection
-from mirrorproxy.core.oci import Digest, parse_digest
+from mirrorproxy.cache.s3content import S3Content
+from mirrorproxy.cache.s3read import RangeReader
+from mirrorproxy.cache.s3upload import Multipart, put_file
+from mirrorproxy.core.oci import Digest
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 
 READ_BUFFER = 1024 * 1024  # bytes a blob reader asks S3 for at a time
 STALE_UPLOAD = 24 * 3600.0  # seconds after which an unfinished multipart upload is orphaned
-
-
-class S3Content:
-    """What maintenance needs of either kind of content, over objects of one kind."""
-
-    kind = BLOB
-
-    def __init__(self, conn: S3Connection) -> None:
-        self.conn = conn
-
-    def key_of(self, digest: Digest) -> str:
-        return self.conn.key(f"{self.kind}s", digest.algorithm, digest.hex)
-
-    def contents(self) -> Iterator[Content]:
-        under = self.conn.key(f"{self.kind}s/")
-        for key, size, stored in self.conn.run(self.conn.listing(under)):
-            alg, _, hex_ = key[len(under) :].partition("/")
-            try:
-                digest = parse_digest(f"{alg}:{hex_}")
-            except ValueError:
-                continue  # not ours
-            yield Content(self.kind, digest, size, stored)
-
-    def size(self, digest: Digest) -> int | None:
-        found = self.conn.run(self.conn.head(self.key_of(digest)))
-        return None if found is None else found[0]
-
-    def check(self, digest: Digest) -> bool | None:
-        return self.conn.run(self._intact(digest))
-
-    async def _intact(self, digest: Digest) -> bool | None:
-        hasher = digest.hasher()
-        try:
-            async for chunk in self.conn.chunks(self.key_of(digest)):
-                hasher.update(chunk)
-        except KeyError:
-            return None
-        return hasher.hexdigest() == digest.hex
-
-    def delete(self, digest: Digest) -> bool:
-        return self.conn.run(self.conn.delete(self.key_of(digest)))
-
-    def quarantine(self, digest: Digest) -> str:
-        """Copy the object under ``quarantine/`` and remove it from its key."""
-        src = self.key_of(digest)
-        dst = self.conn.key(
-            "quarantine", self.kind, digest.algorithm, f"{digest.hex}-{uuid.uuid4().hex}"
-        )
-        self.conn.run(self.conn.copy(src, dst))
-        self.conn.run(self.conn.delete(src))
-        return f"s3://{self.conn.config.bucket}/{dst}"
 
 
 class S3BlobStore(S3Content):
@@ -125,7 +78,7 @@ class S3BlobStore(S3Content):
         found = self.conn.run(self.conn.head(key))
         if found is None:
             raise FileNotFoundError(f"s3://{self.conn.config.bucket}/{key}")
-        return io.BufferedReader(_RangeReader(self.conn, key, found[0]), READ_BUFFER)
+        return io.BufferedReader(RangeReader(self.conn, key, found[0]), READ_BUFFER)
 
     def stage(self, digest: Digest, chunks: Iterable[bytes]) -> S3StagedBlob:
         path = self.tmp / temp_name(digest.hex)
@@ -157,7 +110,7 @@ class S3StagedBlob:
     def publish(self) -> None:
         conn = self.store.conn
         try:
-            conn.run(conn.put_file(self.store.key_of(self.digest), self.path, self.size))
+            conn.run(put_file(conn, self.store.key_of(self.digest), self.path, self.size))
         finally:
             self.discard()
 
@@ -167,20 +120,30 @@ class S3StagedBlob:
 
 
 class S3BlobWriter:
-    """One blob being written: a local temp file and the hash, uploaded at commit."""
+    """One blob being written: a local temp file and the hash, its parts sent as it grows.
+
+    Every full part is handed to a multipart upload while the download goes on
+    (``s3upload``); ``commit`` verifies the digest, sends the tail and only then
+    completes the upload (a blob of one part is one PUT after verification).
+    """
 
     def __init__(
         self, store: S3BlobStore, digest: Digest, on_written: Callable[[], None] | None
     ) -> None:
         self.store = store
         self.digest = digest
+        self.key = store.key_of(digest)
         self.tmp_path = store.tmp / temp_name(digest.hex)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._hasher: Any = digest.hasher()
         self._on_written = on_written
         self._lock = asyncio.Lock()  # writes land in order
+        self._job: asyncio.Future[None] | None = None  # the write in a thread, if any
         self._failure: BaseException | None = None
         self._closed = False
+        self._upload = Multipart(store.conn, self.key)
+        self._sends: list[concurrent.futures.Future[None]] = []
+        self._sent = 0  # bytes handed to parts
         self.written = 0
 
     @property
@@ -203,16 +166,32 @@ class S3BlobWriter:
         if self._closed:
             return
         async with self._lock:
-            offset = self.written
+            if not self._open():  # aborted while waiting
+                return
+            self._job = asyncio.ensure_future(
+                asyncio.to_thread(self._write_job, chunks, self.written)
+            )
             try:
-                await asyncio.to_thread(self._write_job, chunks, offset)
+                await asyncio.shield(self._job)  # abort waits for it before closing the fd
             except OSError as err:
                 if self._failure is None:
                     self._failure = CacheWriteError(err.errno, err.strerror or str(err))
             else:
                 self.written += sum(len(c) for c in chunks)
+                self._ship(self.store.conn.part_size)
         if self._on_written is not None:
             self._on_written()
+
+    def _open(self) -> bool:
+        return not self._closed
+
+    def _ship(self, part: int) -> None:
+        """Hand every full part not yet sent to the upload (keeping a non-empty tail)."""
+        while self._failure is None and self.written - self._sent > part:
+            number = len(self._sends) + 1
+            send = self._upload.send(number, self.tmp_path, self._sent, part)
+            self._sends.append(self.store.conn.submit(send))
+            self._sent += part
 
     def _write_job(self, chunks: Sequence[Chunk], offset: int) -> None:
         for c in chunks:
@@ -235,100 +214,55 @@ class S3BlobWriter:
             raise DigestMismatch(f"expected {self.digest}, got {self.digest.algorithm}:{actual}")
 
     async def commit(self) -> BlobInfo:
-        """Verify, then upload; on any failure nothing is left behind.
+        """Verify, send the tail, then complete the upload; on failure nothing is left.
 
         Raises:
             DigestMismatch: the content is not what was asked for.
             CacheWriteError: the temp file or the bucket refused the write.
         """
-        conn, key = self.store.conn, self.store.key_of(self.digest)
+        conn = self.store.conn
         try:
             await self.verify()
             if self._failure is not None:
                 raise self._failure
             try:
-                await conn.call(conn.put_file(key, self.tmp_path, self.written))
+                if not self._sends:
+                    await conn.call(put_file(conn, self.key, self.tmp_path, self.written))
+                else:
+                    tail = self.written - self._sent
+                    last = self._upload.send(len(self._sends) + 1, self.tmp_path, self._sent, tail)
+                    self._sends.append(conn.submit(last))
+                    for send in self._sends:
+                        await asyncio.wrap_future(send)
+                    await conn.call(self._upload.complete())
             except Exception as err:
                 raise CacheWriteError(f"S3 upload failed: {type(err).__name__}") from err
-        finally:
+        except BaseException:
             await self.abort()
-        return BlobInfo(size=self.written, path=Path(key))
+            raise
+        await self._close()
+        return BlobInfo(size=self.written, path=Path(self.key))
 
     async def abort(self) -> None:
+        """Drop the parts sent and the temp file."""
         if self._closed:
             return
-        async with self._lock:
-            self._closed = True
-            os.close(self._fd)
-            with contextlib.suppress(OSError):
-                self.tmp_path.unlink()
+        for send in self._sends:
+            send.cancel()
+        for send in self._sends:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(send)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.store.conn.call(self._upload.abort()))
+        await self._close()
 
-
-class _RangeReader(io.RawIOBase):
-    """A seekable blocking reader over one object; each seek starts a new Range GET."""
-
-    def __init__(self, conn: S3Connection, key: str, size: int) -> None:
-        super().__init__()
-        self._conn, self._key, self._size = conn, key, size
-        self._pos = 0
-        self._body: AsyncIterator[bytes] | None = None
-        self._rest = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        pos = max(0, base + offset)
-        if pos != self._pos:
-            self._drop()
-            self._pos = pos
-        return pos
-
-    def readinto(self, buffer: Any) -> int:
-        if self._pos >= self._size:
-            return 0
-        if not self._rest:
-            if self._body is None:
-                self._body = self._conn.chunks(self._key, self._pos)
-            body = self._body
-            try:
-                self._rest = self._conn.run(_next(body))
-            except KeyError:
-                raise FileNotFoundError(self._key) from None
-            if not self._rest:
-                return 0
-        view = memoryview(buffer).cast("B")
-        n = min(len(view), len(self._rest))
-        view[:n] = self._rest[:n]
-        self._rest = self._rest[n:]
-        self._pos += n
-        return n
-
-    def _drop(self) -> None:
-        self._rest = b""
-        body, self._body = self._body, None
-        if body is not None:
-            with contextlib.suppress(Exception):
-                self._conn.run(_close(body))
-
-    def close(self) -> None:
-        if not self.closed:
-            self._drop()
-        super().close()
-
-
-async def _next(body: AsyncIterator[bytes]) -> bytes:
-    return await anext(body, b"")
-
-
-async def _close(body: AsyncIterator[bytes]) -> None:
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        await aclose()
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._job is not None:
+            with contextlib.suppress(BaseException):
+                await self._job  # a write still in its thread must not outlive the fd
+        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink()

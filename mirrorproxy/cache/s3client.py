@@ -10,6 +10,7 @@ client and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from collections.abc import AsyncIterator, Coroutine
@@ -87,6 +88,10 @@ class S3Connection:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the client's loop and wait (blocking; never from that loop)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the client's loop without waiting."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the client's loop, awaited from another loop."""
@@ -198,34 +203,3 @@ class S3Connection:
         except ClientError as err:
             if not missing(err):
                 raise
-
-    async def put_file(self, key: str, path: Path, size: int) -> None:
-        """Upload a local file as ``key``: visible only once whole (PUT, or a completed
-        multipart upload, aborted on any failure)."""
-        b = self.config.bucket
-        if size <= self.part_size:
-            data = await asyncio.to_thread(path.read_bytes)
-            await self.client.put_object(Bucket=b, Key=key, Body=data)
-            return
-        upload = await self.client.create_multipart_upload(Bucket=b, Key=key)
-        upload_id = upload["UploadId"]
-        try:
-            parts: list[dict[str, Any]] = []
-            f = await asyncio.to_thread(open, path, "rb")
-            with f:
-                number = 1
-                while data := await asyncio.to_thread(f.read, self.part_size):
-                    r = await self.client.upload_part(
-                        Bucket=b, Key=key, UploadId=upload_id, PartNumber=number, Body=data
-                    )
-                    parts.append({"PartNumber": number, "ETag": r["ETag"]})
-                    number += 1
-            await self.client.complete_multipart_upload(
-                Bucket=b,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-            )
-        except BaseException:
-            await asyncio.shield(self.abort_upload(key, upload_id))
-            raise

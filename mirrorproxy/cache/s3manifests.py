@@ -26,7 +26,7 @@ from mirrorproxy.cache import (
     TagRecord,
 )
 from mirrorproxy.cache.records import entry_from, entry_json
-from mirrorproxy.cache.s3blobs import S3Content
+from mirrorproxy.cache.s3content import S3Content
 from mirrorproxy.core.oci import Digest, parse_digest
 
 

@@ -97,3 +97,22 @@ async def test_wrong_bytes_over_several_parts_leave_no_upload(small_parts: S3Blo
     conn = small_parts.conn
     assert conn.run(conn.uploads()) == []
     assert conn.run(conn.listing(conn.key(""))) == []
+
+
+async def test_parts_go_up_during_the_download_and_an_abort_drops_them(
+    small_parts: S3BlobStore,
+) -> None:
+    data = pattern(11 * MIB)
+    digest = Digest.of(data)
+    conn = small_parts.conn
+    writer = small_parts.begin(digest)
+    await writer.write(data)  # two full parts are sent before any commit
+    for _ in range(200):  # bounded: 10 s
+        if conn.run(conn.uploads()):
+            break
+        await asyncio.sleep(0.05)
+    assert [key for key, _, _ in conn.run(conn.uploads())] == [small_parts.key_of(digest)]
+    assert await small_parts.lookup(digest) is None
+    await writer.abort()
+    assert conn.run(conn.uploads()) == []
+    assert await small_parts.lookup(digest) is None

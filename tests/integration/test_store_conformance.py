@@ -27,8 +27,8 @@ from mirrorproxy.cache import (
     TagEntry,
 )
 from mirrorproxy.cache.files import content_path
-from mirrorproxy.cache.s3blobs import S3Content
 from mirrorproxy.cache.s3client import S3Connection
+from mirrorproxy.cache.s3content import S3Content
 from mirrorproxy.cache.stores import Stores, open_stores
 from mirrorproxy.config import CacheConfig, StorageConfig
 from mirrorproxy.core.oci import OCI_INDEX, OCI_MANIFEST, Digest
