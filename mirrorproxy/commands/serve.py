@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from mirrorproxy.commands.errors import EXIT_OK, CliError
+from mirrorproxy.commands.errors import EXIT_OK, EXIT_USAGE, CliError
 from mirrorproxy.config import Config, load_config, with_overrides
 from mirrorproxy.http import listener
 from mirrorproxy.http.accesslog import AccessLogger
@@ -30,6 +30,14 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         offline=args.offline,
     )
+    if config.storage.backend != "filesystem":
+        # The S3 store passes the store conformance suite, but the request path does
+        # not serve from it yet: refuse rather than silently use the local disk.
+        raise CliError(
+            f"{config.source}: storage.backend = {config.storage.backend!r}: serving from "
+            'an S3 store is not available yet; use "filesystem"',
+            EXIT_USAGE,
+        )
     configure_logging(args.log_level, args.log_format)
     try:
         serve(config)

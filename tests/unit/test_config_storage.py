@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mirrorproxy.cli import main
 from mirrorproxy.config import ConfigError, S3Config, Secret, StorageConfig, load_config
 
 DOCKER = '[namespaces."docker.io"]\nupstreams = ["http://registry.internal:5000"]\n'
@@ -85,3 +86,20 @@ def test_bad_storage_settings_name_the_key(
 def test_the_secret_is_not_in_any_error(tmp_path: Path) -> None:
     message = error(tmp_path, S3 + 'secret_key = "hunter2-s3"\nendpoint_typo = 1\n')
     assert "hunter2-s3" not in message
+
+
+def test_serve_refuses_an_s3_backend_it_cannot_serve_from_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "mp.toml"
+    config.write_text(
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+        '[storage]\nbackend = "s3"\n'
+        '[storage.s3]\nendpoint = "http://127.0.0.1:9"\nbucket = "b"\n'
+        'access_key = "k"\nsecret_key = "s"\n'
+        '[namespaces."docker.io"]\nupstreams = ["http://127.0.0.1:9"]\n'
+    )
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "storage.backend = 's3'" in err
