@@ -38,11 +38,11 @@ from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, ManifestStore
 from mirrorproxy.cache.index import CacheIndex, Entry
 from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import Digest, parse_digest
+from mirrorproxy.core.tuning import DEFAULT_TUNING
 from mirrorproxy.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-FLUSH_INTERVAL = 10.0  # seconds between writes of last-use times to the index
 BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
 
@@ -82,8 +82,10 @@ class CacheBudget:
         manifests: ManifestStore,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        flush_interval: float = DEFAULT_TUNING.index_flush,
     ) -> None:
         self._config = config
+        self.flush_interval = flush_interval  # seconds between index flushes
         self._blobs = blobs
         self._manifests = manifests
         self._metrics = metrics
@@ -119,7 +121,7 @@ class CacheBudget:
     async def run_flusher(self) -> None:
         """Background task: persist last-use times, and pick up changes by the CLI."""
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
+            await asyncio.sleep(self.flush_interval)
             try:
                 await self.flush()
             except (OSError, sqlite3.Error) as err:  # a full disk, say: try again later

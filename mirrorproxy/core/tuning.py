@@ -39,6 +39,7 @@ class Tuning:
     # clients shared a 1 GiB download on two busy cores; 32 MiB kept it near 100 MiB.
     write_ahead: int = 32 * MIB
     write_ahead_min: int = 8 * MIB
+    index_flush: float = 10.0  # seconds between writes of last-use times to the index
 
     # -- sending to clients (http) --
     slice_time: float = 0.1  # seconds one sendfile slice should take

@@ -41,7 +41,11 @@ class Engine:
         self.manifests: ManifestStore = stores.manifests
         self.client = UpstreamClient(config, metrics)
         self.budget = CacheBudget(
-            config.cache, blobs=self.blobs, manifests=self.manifests, metrics=metrics
+            config.cache,
+            blobs=self.blobs,
+            manifests=self.manifests,
+            metrics=metrics,
+            flush_interval=tuning.index_flush,
         )
         self.pullthrough = PullThrough(
             config,

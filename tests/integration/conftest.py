@@ -22,6 +22,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
 from tests.support.downloads import Disk
@@ -68,6 +69,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -79,7 +81,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             cache=cache,
             server=server,
         )
-        client = await aiohttp_client(create_app(config))
+        client = await aiohttp_client(create_app(config, tuning=tuning))
         return Mirror(client, config)
 
     return start

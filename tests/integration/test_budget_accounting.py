@@ -19,17 +19,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB, CacheIndex
 from mirrorproxy.cache.manifests import FileManifestStore
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import DEFAULT_TUNING
 from mirrorproxy.observability.metrics import Metrics
 from tests.fakes.registry import payload
 from tests.support.downloads import status_and_body
@@ -310,7 +311,7 @@ async def test_flusher_survives_a_failed_flush(
         real_touch(self, used)
 
     monkeypatch.setattr(CacheIndex, "touch_many", touch_many)
-    monkeypatch.setattr(budget_module, "FLUSH_INTERVAL", 0.01)
+    budget.flush_interval = 0.01
     flusher = asyncio.create_task(budget.run_flusher())
     try:
         budget.touch(BLOB, digest)
@@ -337,8 +338,9 @@ async def test_mixed_load_keeps_disk_within_max_size_plus_one_reservation(
 ) -> None:
     """Six clients pull 150 times from 12 blobs (40-120 KiB) through a 300 KiB cache,
     with the index flushed every 10 ms; the disk is sampled every couple of ms."""
-    monkeypatch.setattr(budget_module, "FLUSH_INTERVAL", 0.01)
-    mirror = await start_mirror([fake.url], cache=BUDGET)
+    mirror = await start_mirror(
+        [fake.url], cache=BUDGET, tuning=replace(DEFAULT_TUNING, index_flush=0.01)
+    )
     rng = random.Random(14)  # noqa: S311 -- reproducible, not secret
     blobs = {}
     for i in range(12):

@@ -14,14 +14,14 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from mirrorproxy.cache import budget as budget_module
 from mirrorproxy.cli import main
+from mirrorproxy.core.tuning import DEFAULT_TUNING
 from mirrorproxy.core.units import parse_size
 from tests.fakes.registry import OCI_MANIFEST, payload
 from tests.support.downloads import status_and_body
@@ -368,15 +368,7 @@ async def size_becomes(mirror: Mirror, size: int) -> None:
             await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-def fast_flush(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Make a mirror started after this flush its index every 50 ms."""
-
-    def apply() -> None:
-        monkeypatch.setattr(budget_module, "FLUSH_INTERVAL", 0.05)
-
-    apply()
-    return apply
+FAST_FLUSH = replace(DEFAULT_TUNING, index_flush=0.05)  # the index flushed every 50 ms
 
 
 async def test_cache_commands_next_to_a_running_server(
@@ -384,9 +376,8 @@ async def test_cache_commands_next_to_a_running_server(
     start_mirror: MirrorFactory,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    fast_flush: Callable[[], None],
 ) -> None:
-    mirror = await start_mirror([fake.url], cache=BUDGET)
+    mirror = await start_mirror([fake.url], cache=BUDGET, tuning=FAST_FLUSH)
     config = cli_config(mirror, tmp_path)
     old, new = add_blobs(fake, 100 * KIB, "old", "new")
     await pull(mirror, old)

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
-from mirrorproxy.core.tuning import Tuning
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http import keys
 from tests.fakes.registry import FakeRegistry
 from tests.support.paths import NS
@@ -137,6 +137,7 @@ class MirrorFactory(Protocol):
         namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
         cache: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> Awaitable[Mirror]: ...
 
 
