@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument(
         "--ca", type=Path, help="CA file (on the node) that signed an https mirror's certificate"
     )
+    hosts.add_argument(
+        "--auth-user", help="k3s: the user the node logs in to the mirror as ([server.auth])"
+    )
+    hosts.add_argument(
+        "--auth-password-file",
+        type=Path,
+        help="k3s: file holding that user's password (kept off the command line)",
+    )
 
     health = sub.add_parser(
         "healthcheck",

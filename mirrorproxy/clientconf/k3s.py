@@ -16,11 +16,18 @@ from mirrorproxy.clientconf.hoststoml import registry_server
 from mirrorproxy.config import WILDCARD, Config
 
 
-def render_registries_yaml(config: Config, mirror_url: str, *, ca: str | None = None) -> str:
+def render_registries_yaml(
+    config: Config,
+    mirror_url: str,
+    *,
+    ca: str | None = None,
+    auth: tuple[str, str] | None = None,
+) -> str:
     """Return registries.yaml text with a ``mirrors`` entry per namespace.
 
     The wildcard namespace becomes k3s's ``"*"`` mirror. ``configs`` is written only
-    when there is something to say: the CA file of an https mirror. k3s tries the
+    when there is something to say: the CA file of an https mirror, and ``auth``
+    (user, password), the node's login to a mirror with ``[server.auth]``. k3s tries the
     registry itself (over https) after the endpoints, as containerd's ``server``; a
     registry the config reaches over plain http is listed after the mirror instead.
 
@@ -42,9 +49,18 @@ def render_registries_yaml(config: Config, mirror_url: str, *, ca: str | None = 
         server = registry_server(config.namespaces[name])
         if server is not None and server.startswith("http://"):
             lines.append(f"      - {_q(server)}")
-    if ca is not None:
+    if ca is not None or auth is not None:
         netloc = urlsplit(mirror_url).netloc  # k3s keys configs by host[:port]
-        lines += ["configs:", f"  {_q(netloc)}:", "    tls:", f"      ca_file: {_q(ca)}"]
+        lines += ["configs:", f"  {_q(netloc)}:"]
+        if auth is not None:
+            user, password = auth
+            lines += [
+                "    auth:",
+                f"      username: {_q(user)}",
+                f"      password: {_q(password)}",
+            ]
+        if ca is not None:
+            lines += ["    tls:", f"      ca_file: {_q(ca)}"]
     return "\n".join(lines) + "\n"
 
 

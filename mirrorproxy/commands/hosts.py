@@ -50,9 +50,29 @@ def run(args: argparse.Namespace) -> int:
             stdout=sys.stdout,
             stderr=sys.stderr,
             ca=str(args.ca.absolute()) if args.ca is not None else None,
+            auth=_credentials(args.auth_user, args.auth_password_file),
         )
     except HostsError as err:
         raise CliError(str(err), EXIT_USAGE if err.usage else EXIT_FAIL) from None
+
+
+def _credentials(user: str | None, password_file: Path | None) -> tuple[str, str] | None:
+    """The node's login to the mirror, from ``--auth-user`` and ``--auth-password-file``.
+
+    Raises:
+        HostsError: only one of the two given, or the file cannot be read.
+    """
+    if user is None and password_file is None:
+        return None
+    if user is None or password_file is None:
+        raise HostsError("--auth-user and --auth-password-file go together", usage=True)
+    try:
+        password = password_file.read_text().strip()
+    except OSError as err:
+        raise HostsError(f"--auth-password-file {password_file}: {err.strerror}") from None
+    if not password:
+        raise HostsError(f"--auth-password-file {password_file}: the file is empty", usage=True)
+    return user, password
 
 
 def hosts_command(
@@ -65,6 +85,7 @@ def hosts_command(
     stdout: TextIO,
     stderr: TextIO | None = None,
     ca: str | None = None,
+    auth: tuple[str, str] | None = None,
 ) -> int:
     """Run ``mirrorproxy hosts``: write (or print) the files that point clients here.
 
@@ -86,13 +107,19 @@ def hosts_command(
     if ca is not None and fmt in _CA_DIRS:
         where = f"{_CA_DIRS[fmt]}/{url.split('://', 1)[1]}/ca.crt"
         raise HostsError(f"--ca is not for --format {fmt}: put the CA in {where}", usage=True)
+    if auth is not None and fmt != "k3s":
+        raise HostsError(
+            f"--auth-user is for --format k3s; {fmt} clients log in themselves "
+            "(see the README's Client authentication)",
+            usage=True,
+        )
     if fmt == "containerd":
         _containerd(config, url, out_dir=out_dir, dry_run=dry_run, stdout=stdout, ca=ca)
     elif fmt == "k3s":
         _print_only(fmt, out_dir, "/etc/rancher/k3s/registries.yaml")
         from mirrorproxy.clientconf.k3s import render_registries_yaml
 
-        stdout.write(render_registries_yaml(config, url, ca=ca))
+        stdout.write(render_registries_yaml(config, url, ca=ca, auth=auth))
     elif fmt == "registries-conf":
         _registries_conf(config, url, out=out_dir, dry_run=dry_run, stdout=stdout)
     else:

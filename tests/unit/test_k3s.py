@@ -86,3 +86,28 @@ def test_cli_prints_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["hosts", "--config", str(cfg), "--format", "k3s"]) == 0
     parsed = yaml.safe_load(capsys.readouterr().out)
     assert parsed == {"mirrors": {"docker.io": {"endpoint": ["http://[::1]:5001"]}}}
+
+
+def test_the_nodes_login_to_the_mirror_goes_into_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """k3s has containerd answer a mirror's challenge with ``configs.<mirror>.auth``."""
+    cfg = tmp_path / "mirrorproxy.toml"
+    cfg.write_text(
+        '[server]\nlisten = "10.0.0.5:5000"\n'
+        '[namespaces."docker.io"]\nupstreams = ["https://registry-1.docker.io"]\n'
+    )
+    secret = tmp_path / "password"
+    secret.write_text('s3cr"et\n')
+    args = ["hosts", "--config", str(cfg), "--format", "k3s", "--auth-user", "node"]
+    assert main([*args, "--auth-password-file", str(secret)]) == 0
+    parsed = yaml.safe_load(capsys.readouterr().out)
+    assert parsed["configs"] == {
+        "10.0.0.5:5000": {"auth": {"username": "node", "password": 's3cr"et'}}
+    }
+
+    assert main(args) == 2  # the user without the password
+    assert "--auth-user and --auth-password-file go together" in capsys.readouterr().err
+    other = ["hosts", "--config", str(cfg), "--auth-user", "node"]
+    assert main([*other, "--auth-password-file", str(secret)]) == 2
+    assert "--auth-user is for --format k3s" in capsys.readouterr().err
