@@ -62,6 +62,28 @@ def cancelled_fetch(_key: object) -> Exception:
     return Unavailable("the request fetching this was cancelled; try again")
 
 
+async def keep(
+    manifests: ManifestStore,
+    budget: CacheBudget,
+    metrics: Metrics,
+    manifest: StoredManifest,
+    namespace: str,
+    what: str,
+) -> bool:
+    """Store a fetched manifest and count it in the budget; False if the disk refused.
+
+    A write error is logged and counted, never raised: the answer is already in hand.
+    """
+    try:
+        stored = await manifests.put(manifest)
+        budget.committed(MANIFEST, manifest.digest, stored, namespace)
+    except OSError as err:
+        metrics.cache_write_errors.inc()
+        logger.error("cannot cache %s: %s", what, err)
+        return False
+    return True
+
+
 class ManifestPolicy:
     """The manifest policy: when to trust the cache, when to ask, what to store.
 
@@ -267,12 +289,7 @@ class ManifestPolicy:
                 if manifest_digest(body, media_type, "sha512") == sha512:
                     digest = sha512
         manifest = StoredManifest(digest, media_type, body)
-        try:
-            stored = await self._manifests.put(manifest)
-            self._budget.committed(MANIFEST, digest, stored, t.ns_name)
-        except OSError as err:
-            self._metrics.cache_write_errors.inc()
-            logger.error("cannot cache %s: %s", what, err)
+        await keep(self._manifests, self._budget, self._metrics, manifest, t.ns_name, what)
         return ManifestAnswer(manifest, MISS, resp.upstream.url)
 
 

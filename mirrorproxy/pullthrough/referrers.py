@@ -12,11 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from yarl import URL
-
 from mirrorproxy.cache import ManifestStore, StoredManifest, TagEntry
 from mirrorproxy.cache.budget import CacheBudget
-from mirrorproxy.cache.index import MANIFEST
 from mirrorproxy.config import Config
 from mirrorproxy.core.errors import BadGateway, NotFound
 from mirrorproxy.core.oci import OCI_INDEX, Digest
@@ -31,8 +28,9 @@ from mirrorproxy.pullthrough.answers import (
     Target,
     count,
 )
-from mirrorproxy.pullthrough.manifests import cancelled_fetch
+from mirrorproxy.pullthrough.manifests import cancelled_fetch, keep
 from mirrorproxy.upstream.client import TooLarge, UpstreamClient, UpstreamError
+from mirrorproxy.upstream.response import next_page
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +124,7 @@ class ReferrerPolicy:
                 raise BadGateway(str(err)) from None
             upstream = resp.upstream.url
             descriptors += _index_manifests(resp.body, upstream)
-            query = _next_page(resp.headers.get("Link"))
+            query = next_page(resp.headers.get("Link"))
             if not query:
                 break
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
@@ -134,14 +132,14 @@ class ReferrerPolicy:
         if len(body) > limit:
             raise BadGateway(f"referrers of {t.repo}@{subject} exceed {limit} bytes")
         manifest = StoredManifest(Digest.of(body), OCI_INDEX, body)
-        try:
-            stored = await self._manifests.put(manifest)
-            self._budget.committed(MANIFEST, manifest.digest, stored, t.ns_name)
+        what = f"referrers of {t.repo}@{subject}"
+        if await keep(self._manifests, self._budget, self._metrics, manifest, t.ns_name, what):
             entry = TagEntry(manifest.digest, OCI_INDEX, len(body), self._clock())
-            await self._manifests.put_referrers(t.ns_name, t.repo, subject, entry)
-        except OSError as err:
-            self._metrics.cache_write_errors.inc()
-            logger.error("cannot cache referrers of %s@%s: %s", t.repo, subject, err)
+            try:
+                await self._manifests.put_referrers(t.ns_name, t.repo, subject, entry)
+            except OSError as err:
+                self._metrics.cache_write_errors.inc()
+                logger.error("cannot record %s: %s", what, err)
         return ManifestAnswer(manifest, MISS, upstream)
 
 
@@ -158,14 +156,3 @@ def _index_manifests(body: bytes, upstream: str) -> list[object]:
     if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
         raise BadGateway(f"{upstream} sent a referrers answer that is not an image index")
     return list(doc["manifests"])
-
-
-def _next_page(header: str | None) -> dict[str, str]:
-    """The query of a ``Link: <...>; rel="next"`` (only the upstream's own paging keys)."""
-    if not header or "<" not in header or ">" not in header:
-        return {}
-    try:
-        upstream_query = URL(header[header.index("<") + 1 : header.index(">")]).query
-    except ValueError:
-        return {}
-    return {k: v for k, v in upstream_query.items() if k in ("n", "last") and len(v) <= 512}

@@ -10,6 +10,7 @@ from mirrorproxy.config import Config
 from mirrorproxy.core.errors import BadGateway, NameUnknown, Unavailable
 from mirrorproxy.pullthrough.answers import OFFLINE, TagList, Target
 from mirrorproxy.upstream.client import TooLarge, UpstreamClient, UpstreamError
+from mirrorproxy.upstream.response import next_page
 
 
 class TagLists:
@@ -52,13 +53,8 @@ class TagLists:
 
 def _next_link(header: str | None, t: Target) -> str | None:
     """Point an upstream's pagination Link at this mirror (same n/last, our ns)."""
-    if not header or "<" not in header or ">" not in header:
+    page = next_page(header)
+    if not page:
         return None
-    inner = header[header.index("<") + 1 : header.index(">")]
-    try:
-        upstream_query = URL(inner).query
-    except ValueError:
-        return None
-    page = {k: upstream_query[k] for k in ("n", "last") if k in upstream_query}
     url = URL.build(path=f"/v2/{t.repo}/tags/list", query={**page, "ns": t.ns_name})
     return f'<{url}>; rel="next"'

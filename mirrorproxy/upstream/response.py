@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from mirrorproxy.config import Upstream
 from mirrorproxy.core.errors import BadGateway, GatewayTimeout, RegistryError, Relayed, Unavailable
@@ -225,3 +226,20 @@ def retry_after(value: str | None) -> float | None:
     if seconds.isascii() and seconds.isdigit() and len(seconds) <= 18:
         return float(seconds)
     return None  # HTTP-date form: fall back to the normal cooldown
+
+
+PAGING_KEYS = ("n", "last")  # what a registry's pagination Link carries that we pass on
+
+
+def next_page(link: str | None) -> dict[str, str]:
+    """The paging query of a ``Link: <...>; rel="next"`` header ({} when there is none).
+
+    Only ``n`` and ``last`` are kept: the rest of an upstream's URL is its own.
+    """
+    if not link or "<" not in link or ">" not in link:
+        return {}
+    try:
+        query = URL(link[link.index("<") + 1 : link.index(">")]).query
+    except ValueError:
+        return {}
+    return {k: query[k] for k in PAGING_KEYS if k in query and len(query[k]) <= 512}

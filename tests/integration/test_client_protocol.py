@@ -182,6 +182,11 @@ async def test_an_upstream_4xx_is_relayed_not_bridged_with_stale(
     assert stale.headers["Warning"].startswith("110 ")
     assert await stale.read() == img.manifest
 
+    fake.registry.faults.status = 429  # slowing down is an outage too
+    throttled = await mirror.client.get(manifest_path(REPO, "3"))
+    assert throttled.status == 200
+    assert throttled.headers["Warning"].startswith("110 ")
+
 
 async def test_a_stale_answer_never_crosses_accept_variants(
     fake: RunningFake, start_mirror: MirrorFactory

@@ -87,3 +87,14 @@ async def test_an_empty_list_is_an_answer(fake: RunningFake, start_mirror: Mirro
     resp = await mirror.client.get(referrers_path(f"sha256:{'2' * 64}"))
     assert resp.status == 200
     assert (await resp.json(content_type=None))["manifests"] == []
+
+
+async def test_a_dead_upstream_beside_one_without_the_api_is_still_a_404(
+    fake: RunningFake, start_mirror: MirrorFactory, closed_port_url: str
+) -> None:
+    fake.registry.referrers_api = False
+    mirror = await start_mirror([closed_port_url, fake.url])
+    img = fake.registry.add_image(REPO, "1")
+    resp = await mirror.client.get(referrers_path(img.digest))
+    assert resp.status == 404  # the reachable registry answered: fall back to tags
+    assert "referrers API" in (await resp.json())["errors"][0]["message"]
