@@ -177,6 +177,23 @@ async def test_export_of_a_list_is_exact_and_a_missing_reference_writes_nothing(
     assert _files(tmp_path, "*.tar") == _files(tmp_path, ".*.partial") == []
 
 
+async def test_export_takes_the_images_of_kubernetes_manifests(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--images`` may name Kubernetes YAML, as for preload: its images are exported."""
+    manifests = tmp_path / "deploy.yaml"
+    manifests.write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n"
+        "  template:\n    spec:\n      containers:\n      - {name: app, image: app:1}\n"
+    )
+    out = tmp_path / "app.tar"
+    args = ["export", "--config", str(site.config), "--out", str(out), "--images", str(manifests)]
+    assert await _cli(*args) == 0
+    capsys.readouterr()
+    index = json.loads(_members(out)["index.json"])
+    assert [m["annotations"]["io.containerd.image.name"] for m in index["manifests"]] == [APP_REF]
+
+
 @pytest.fixture
 async def bundle(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     out = tmp_path / "site.tar"
