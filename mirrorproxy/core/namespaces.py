@@ -7,15 +7,9 @@ names.
 
 from __future__ import annotations
 
-import re
-
 from mirrorproxy.config import Config, Namespace
+from mirrorproxy.config.values import NS_RE
 from mirrorproxy.core.errors import NameInvalid, NameUnknown
-
-_NS_RE = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
-)
 
 
 def resolve(config: Config, ns_param: str | None) -> tuple[Namespace, str]:
@@ -34,7 +28,7 @@ def resolve(config: Config, ns_param: str | None) -> tuple[Namespace, str]:
         name = config.server.default_namespace or ""
         if not name:
             raise NameUnknown("this mirror needs ?ns=<registry> (no default_namespace set)")
-    if len(name) > 255 or not _NS_RE.fullmatch(name):
+    if len(name) > 255 or not NS_RE.fullmatch(name):
         raise NameInvalid(f"invalid ns {name[:100]!r}: not a registry host name")
     ns = config.namespace(name)
     if ns is None:
@@ -58,7 +52,7 @@ def route(config: Config, ns_param: str | None, name: str) -> tuple[Namespace, s
     """
     if not (ns_param or "").strip():
         first, sep, rest = name.partition("/")
-        if sep and rest and _looks_like_registry(first) and _NS_RE.fullmatch(first):
+        if sep and rest and _looks_like_registry(first) and NS_RE.fullmatch(first):
             ns = config.namespace(first)
             if ns is not None:
                 return ns, first, rest

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mirrorproxy.cache import StoredManifest
 from mirrorproxy.config import Namespace
+from mirrorproxy.core.errors import Unavailable
 from mirrorproxy.observability.metrics import Metrics
 
 HIT, MISS, STALE = "hit", "miss", "stale"
@@ -51,3 +52,8 @@ class TagList:
 def count(metrics: Metrics, t: Target, kind: str, result: str) -> None:
     """Count a cache request by namespace, kind and result."""
     metrics.child(metrics.cache_requests, t.ns.name, kind, result).inc()
+
+
+def cancelled_fetch(_key: object) -> Exception:
+    """What requests sharing a fetch get when the request making it was cancelled."""
+    return Unavailable("the request fetching this was cancelled; try again")

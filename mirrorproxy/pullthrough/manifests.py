@@ -24,7 +24,6 @@ from mirrorproxy.core.errors import (
     BadGateway,
     ManifestInvalid,
     ManifestUnknown,
-    Unavailable,
 )
 from mirrorproxy.core.oci import (
     MANIFEST_TYPES,
@@ -44,6 +43,7 @@ from mirrorproxy.pullthrough.answers import (
     STALE,
     ManifestAnswer,
     Target,
+    cancelled_fetch,
     count,
 )
 from mirrorproxy.pullthrough.isolation import Isolation
@@ -57,11 +57,6 @@ from mirrorproxy.upstream.client import (
 logger = logging.getLogger(__name__)
 
 
-def cancelled_fetch(_key: object) -> Exception:
-    """What requests sharing a fetch get when the request making it was cancelled."""
-    return Unavailable("the request fetching this was cancelled; try again")
-
-
 async def keep(
     manifests: ManifestStore,
     budget: CacheBudget,
@@ -70,10 +65,7 @@ async def keep(
     namespace: str,
     what: str,
 ) -> bool:
-    """Store a fetched manifest and count it in the budget; False if the disk refused.
-
-    A write error is logged and counted, never raised: the answer is already in hand.
-    """
+    """Store a fetched manifest in the cache and budget; False (logged) if the disk refused."""
     try:
         stored = await manifests.put(manifest)
         budget.committed(MANIFEST, manifest.digest, stored, namespace)

@@ -26,9 +26,10 @@ from mirrorproxy.pullthrough.answers import (
     STALE,
     ManifestAnswer,
     Target,
+    cancelled_fetch,
     count,
 )
-from mirrorproxy.pullthrough.manifests import cancelled_fetch, keep
+from mirrorproxy.pullthrough.manifests import keep
 from mirrorproxy.upstream.client import TooLarge, UpstreamClient, UpstreamError
 from mirrorproxy.upstream.response import next_page
 
