@@ -98,6 +98,7 @@ class BlobFill:
         self.received = 0  # bytes taken from upstream: on disk, in flight or in memory
         self._streaming = False  # the disk failed: followers are served from memory
         self._finishing = False  # streaming and verified: waiting for followers to finish
+        self.verified = False  # every byte arrived and matched the digest
         self.failed: asyncio.Future[None] = loop.create_future()  # resolves when it fails
         # The followers, and the chunks not yet on disk (once streaming: not yet sent
         # to every follower) with the live clients written from them.
@@ -266,6 +267,7 @@ class BlobFill:
             # fsync and rename follow while clients finish (this fill stays
             # registered until then: a request meanwhile joins it).
             await self._writer.verify()
+            self.verified = True
             self._client.mark_verified(self.ns, resp.upstream)
             self.clients.verified()
             if not self._streaming:

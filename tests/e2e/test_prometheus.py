@@ -71,8 +71,16 @@ def start_prometheus(
         prom.stop()
 
 
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    """Poll ``probe`` until it returns something other than None (bounded)."""
+def eventually(
+    probe: Callable[[], T | None],
+    what: str,
+    timeout: float = WAIT,
+    seen: Callable[[], object] = lambda: None,
+) -> T:
+    """Poll ``probe`` until it returns something other than None (bounded).
+
+    ``seen`` tells what the probe last found, for the failure message.
+    """
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
@@ -83,7 +91,9 @@ def eventually(probe: Callable[[], T | None], what: str, timeout: float = WAIT) 
         if got is not None:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout}s (last: {last})")
+            raise AssertionError(
+                f"{what} not seen within {timeout}s (last error: {last}; last seen: {seen()})"
+            )
         time.sleep(0.2)
 
 
@@ -145,14 +155,17 @@ def test_prometheus_sees_hit_ratio_rules_and_dashboard_queries(
     pull(mirror.url, "registry.k8s.io", "pause", "3.9", pause)
     expected = {"docker.io": 2 / 3, "registry.k8s.io": 0.0}
 
+    last_ratio: list[dict[str, float]] = []
+
     def ratio_as_expected() -> dict[str, float] | None:
         got = by_namespace(prom.query(HIT_RATIO))
+        last_ratio[:] = [got]
         same = got.keys() == expected.keys() and all(
             abs(got[k] - v) < 1e-9 for k, v in expected.items()
         )
         return got if same else None
 
-    eventually(ratio_as_expected, f"hit ratio {expected}")
+    eventually(ratio_as_expected, f"hit ratio {expected}", seen=lambda: last_ratio)
     misses = prom.query('sum(mirrorproxy_cache_requests_total{result="miss"})')
     assert float(misses[0]["value"][1]) == (1 + len(app.blobs)) + (1 + len(pause.blobs))
     saved = by_namespace(

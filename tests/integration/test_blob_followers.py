@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache import blobs as blobs_module
@@ -168,6 +169,50 @@ async def test_follower_racing_the_commit_rename_gets_the_whole_blob(
     await mirror.settled()
     assert mirror.blob_path(digest).read_bytes() == layer
     assert errors_logged(caplog) == []
+
+
+async def test_a_client_joining_a_verified_download_that_is_committing_is_a_hit(
+    start_fake: FakeFactory, start_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every byte is verified the blob costs no upstream byte: a request joining the
+    download while it fsyncs and renames counts as a hit, as a lookup a moment later would.
+
+    (A node pulls again right after a pull; the hit ratio must not depend on the disk.)
+    """
+    fake = await start_fake()
+    img = fake.registry.add_image(REPO, "4", layer_sizes=(200_000,))
+    layer, digest = img.layers[0], img.layer_digests[0]
+    mirror = await start_mirror([fake.url])
+    in_publish, release = threading.Event(), threading.Event()
+    publish = blobs_module._publish
+
+    def held_publish(fd: int, tmp_path: Path, final: Path) -> None:  # a worker thread
+        in_publish.set()
+        release.wait(WAIT)
+        publish(fd, tmp_path, final)
+
+    monkeypatch.setattr(blobs_module, "_publish", held_publish)
+    counts = "mirrorproxy_cache_requests_total"
+    try:
+        async with asyncio.timeout(WAIT):
+            first = await mirror.client.get(blob_path(REPO, digest))
+            assert await first.read() == layer  # the last byte goes out before the rename
+            await wait_for(in_publish.is_set)
+            assert fill_of(mirror, digest).verified
+            second = await mirror.client.get(blob_path(REPO, digest))
+            assert await second.read() == layer
+    finally:
+        release.set()
+    await mirror.settled()
+    text = await (await mirror.client.get("/metrics")).text()
+    got = {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == counts and s.labels["kind"] == "blob" and s.labels["namespace"] == NS
+    }
+    assert (got["miss"], got["hit"]) == (1.0, 1.0)
+    assert len(fake.registry.calls("GET", "blobs")) == 1
 
 
 async def test_a_live_client_that_goes_away_does_not_disturb_the_others(
