@@ -107,6 +107,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
         "mirrorproxy.core.units",
         "mirrorproxy.core.singleflight",
         "mirrorproxy.core.tuning",
+        "mirrorproxy.core.rendezvous",
         "mirrorproxy.cache.blobs",
         "mirrorproxy.cache.manifests",
         "mirrorproxy.cache.stores",
