@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mirrorproxy.config.auth import load_access, load_client_auth
+from mirrorproxy.config.cluster import load_cluster
 from mirrorproxy.config.model import (
     WILDCARD,
     CacheConfig,
@@ -107,8 +108,9 @@ def parse_config(
     server = replace(_load_server(server_t, namespaces), auth=auth)
     metrics = _load_metrics(root.table("metrics"))
     storage = load_storage(root.table("storage"))
+    cluster = load_cluster(root.table("cluster"))
     root.done()
-    return Config(server, cache, defaults, namespaces, source, metrics, storage)
+    return Config(server, cache, defaults, namespaces, source, metrics, storage, cluster)
 
 
 def with_overrides(

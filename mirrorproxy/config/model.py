@@ -205,6 +205,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """[cluster]: mirrors that fetch each blob and tag once between them.
+
+    Exactly one of ``members`` (a static list) and ``members_dns`` (host and port
+    whose A/AAAA records are the members, re-resolved every ``refresh``) is set.
+    """
+
+    self_url: str  # how the other members reach this one (``self``), normalised
+    members: tuple[str, ...] = ()  # normalised http(s)://host:port of every member
+    members_dns: tuple[str, int] | None = None  # e.g. a headless Service's name and port
+    refresh: float = 10.0  # seconds between lookups of members_dns
+    peer_timeout: float = 2.0  # connect timeout to a member; it then cools down
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     cache: CacheConfig
@@ -213,6 +228,7 @@ class Config:
     source: str = "<config>"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig | None = None  # [cluster]; None: a mirror on its own
 
     def namespace(self, name: str) -> Namespace | None:
         """The namespace serving registry ``name``: an exact match, else an allowing wildcard."""
