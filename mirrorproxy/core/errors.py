@@ -130,6 +130,13 @@ class GatewayTimeout(RegistryError):
     code, status = "UNAVAILABLE", 504
 
 
+class LoopDetected(RegistryError):
+    """A request forwarded by a cluster member reached a member that is forwarding
+    the same blob itself (their member lists disagree): the sender asks the next one."""
+
+    code, status = "UNAVAILABLE", 508
+
+
 class Relayed(RegistryError):
     """An upstream's answer to this very request (400 MANIFEST_INVALID for an Accept
     it cannot satisfy, say), passed on with its status and error codes: it is the

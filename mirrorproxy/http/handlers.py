@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +32,7 @@ from mirrorproxy.core.oci import (
     parse_reference,
     parse_tags_query,
 )
+from mirrorproxy.core.rendezvous import FORWARDED_HEADER
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
 from mirrorproxy.http.blobrules import (
@@ -56,6 +58,14 @@ def _target(request: web.Request) -> Target:
     )
     note_ns(request, ns_name)
     target = Target(ns=ns, ns_name=ns_name, repo=parse_name(repo))
+    if request.app[keys.CONFIG].cluster is not None:
+        # From a member: serve it here, never forward it again. To a member: the
+        # client's own credentials go along, for the owner to check them again.
+        target = replace(
+            target,
+            forwarded=FORWARDED_HEADER in request.headers,
+            authorization=request.headers.get("Authorization"),
+        )
     authorize_target(request, ns, ns_name, target.repo)  # [server.auth]: 401/403/429
     return target
 

@@ -134,6 +134,37 @@ class Metrics:
             ["namespace", "result"],
             registry=r,
         )
+        # [cluster]: per member; a dashboard sums them over the members.
+        self.cluster_members = Gauge(
+            "mirrorproxy_cluster_members",
+            "Members of this mirror's cluster as it sees them (itself included).",
+            registry=r,
+        )
+        self.cluster_forwarded = Counter(
+            "mirrorproxy_cluster_forwarded",
+            "Requests sent to the member owning a blob or manifest, by how it answered"
+            " (ok, not_found, refused, loop, error).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.cluster_owned_fills = Counter(
+            "mirrorproxy_cluster_owned_fills",
+            "Upstream fetches this member ran as the owner (for itself or for a member).",
+            ["kind"],
+            registry=r,
+        )
+        self.cluster_fallbacks = Counter(
+            "mirrorproxy_cluster_fallbacks",
+            "Upstream fetches this member ran because no member ahead of it could answer.",
+            ["kind"],
+            registry=r,
+        )
+        self.cluster_peer_failures = Counter(
+            "mirrorproxy_cluster_peer_failures",
+            "Members that failed a request and cooled down, by reason.",
+            ["reason"],
+            registry=r,
+        )
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once: labels() locks and rebuilds its

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirrorproxy.cache import StoredManifest
 from mirrorproxy.config import Namespace
 from mirrorproxy.core.errors import Unavailable
 from mirrorproxy.observability.metrics import Metrics
+from mirrorproxy.upstream.peers import PeerRoute
 
 HIT, MISS, STALE = "hit", "miss", "stale"
 OFFLINE = "the mirror is offline"
@@ -20,6 +21,13 @@ class Target:
     ns: Namespace
     ns_name: str  # the registry the client asked for (ns=), may differ under a wildcard
     repo: str
+    forwarded: bool = False  # sent by a cluster member: serve it here, never forward it
+    # The client's Authorization, passed on to the owning member (only in a cluster).
+    authorization: str | None = field(default=None, repr=False)
+
+    def route(self, key: str, kind: str) -> PeerRoute:
+        """How a fetch of ``key`` (``core.rendezvous``) goes through the cluster, if any."""
+        return PeerRoute(key, kind, self.forwarded, self.authorization)
 
 
 @dataclass(frozen=True, slots=True)

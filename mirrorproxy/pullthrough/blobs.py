@@ -4,7 +4,10 @@ A cached blob is a ``CachedBlob``; a miss joins the running download of the dige
 (``BlobFill``) or starts one, and the client gets a ``FillSource`` over it. A blob
 that cannot be cached is relayed from upstream to the client (``DirectStream``),
 verified when whole. HEAD learns the size from the cache, a running download or the
-upstream.
+upstream. In a [cluster] a download asks the blob's owner first (see ``BlobFill``).
+
+Over 300 lines because the running downloads' registry (start, join, refusing a
+cluster loop, shutdown) and the HEAD probes share the policy's state.
 """
 
 from __future__ import annotations
@@ -19,12 +22,9 @@ from mirrorproxy.cache import BlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Config
-from mirrorproxy.core.errors import (
-    BadGateway,
-    BlobUnknown,
-    ResumeRefused,
-)
+from mirrorproxy.core.errors import BadGateway, BlobUnknown, LoopDetected, ResumeRefused
 from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.rendezvous import blob_key
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import HIT, MISS, OFFLINE, BlobHead, Target, count
@@ -126,6 +126,7 @@ class BlobPolicy:
         # Every download until its task ends: a failed one leaves ``fills`` at once
         # (new requests start afresh) but still cleans up for a moment.
         self.running: set[BlobFill] = set()
+        self._forwarding: set[BlobFill] = set()  # started by asking another cluster member
 
     async def settled(self) -> None:
         """Wait until every running download is in place (or failed and cleaned up)."""
@@ -181,6 +182,9 @@ class BlobPolicy:
     async def _fill(self, t: Target, digest: Digest) -> BlobFill:
         """The running download of ``digest`` for this namespace, or a new one; once ready."""
         fill = self.fills.get(digest)
+        if t.forwarded and fill in self._forwarding and self._forwards_now(fill):
+            # Members that disagree on the owner: joining would wait on ourselves.
+            raise LoopDetected(f"blob {digest} is being forwarded from here too")
         while fill is not None and (fill.ns_name, fill.repo) != (t.ns_name, t.repo):
             # Bytes are shared across repositories (they are verified by digest), but
             # not failures: another namespace's upstreams may lack what ours have.
@@ -192,6 +196,7 @@ class BlobPolicy:
                 newer = self.fills.get(digest)  # another waiter may have started one
                 fill = newer if newer is not fill else None
         if fill is None:
+            route = t.route(blob_key(str(digest)), "blob")
             fill = BlobFill(
                 ns=t.ns,
                 ns_name=t.ns_name,
@@ -204,12 +209,20 @@ class BlobPolicy:
                 corrupt=self.corrupt,
                 tuning=self.tuning,
                 on_done=self._fill_done,
+                route=route,
             )
             self.fills[digest] = fill
             self.running.add(fill)
             fill.task.add_done_callback(partial(_discard, self.running, fill))
+            if self._client.forwards(route):
+                self._forwarding.add(fill)
+                fill.task.add_done_callback(partial(_discard, self._forwarding, fill))
         await asyncio.shield(fill.ready)
         return fill
+
+    def _forwards_now(self, fill: BlobFill) -> bool:
+        """Whether ``fill`` is asking another member still (not yet its upstreams)."""
+        return fill.upstream is None or self._client.is_peer(fill.upstream)
 
     def _fill_done(self, fill: BlobFill) -> None:
         if self.fills.get(fill.digest) is fill:

@@ -5,20 +5,18 @@ the cache gets the blob) even when the client that started it goes away. Each
 client joins as a ``Follower`` (``followers.py``) and reads the temp file as it
 grows, at its own pace; the few that keep up with the download are "live": each
 chunk goes to the sink they brought (their socket) straight from memory, so they do
-not wait for the disk. A live client that falls behind goes back to the file.
+not wait for the disk. A live client that falls behind goes back to the file. In a
+[cluster] the blob's owner is asked first (``route``), like one more upstream.
 
 Integrity: the last byte of every response (whole blob or range) is held back
 until the digest is verified, so a corrupt download never reaches a client whole.
 When a download fails, its followers learn it at once (they check between bounded
 sends). On a digest mismatch the endpoints that sent the bytes cool down (only a
-verified body clears that), and ``CorruptBlobs`` remembers them so the next
-download of the blob tries them last.
+verified body clears that), and ``CorruptBlobs`` has the next download try them last.
 
-Faults: a connection cut mid-blob resumes with ``Range`` on the next usable
-endpoint. A disk that fails mid-download (ENOSPC, EIO) turns the download into
-stream-through for its followers: the bytes not on disk stay in memory (bounded;
-the download then goes at the pace of the slowest follower), are verified the
-same way, and nothing is cached.
+Faults: a cut mid-blob resumes with ``Range`` on the next usable endpoint. A disk
+failing mid-download (ENOSPC, EIO) turns it into stream-through for its followers:
+the bytes not on disk stay in memory (bounded; verified the same way).
 
 Over 300 lines: the download's steps (open, reserve, pump, resume, verify, commit,
 degrade, fail) share its state and read best top to bottom in one class.
@@ -28,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import BinaryIO
 
 import aiohttp
@@ -51,7 +49,7 @@ from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from mirrorproxy.pullthrough.fillerrors import client_error, describe, log_failure
 from mirrorproxy.pullthrough.followers import FillClients
 from mirrorproxy.pullthrough.source import BlobFailed
-from mirrorproxy.upstream.client import UpstreamClient, UpstreamResponse
+from mirrorproxy.upstream.client import PeerRoute, UpstreamClient, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +77,11 @@ class BlobFill:
         corrupt: CorruptBlobs,
         tuning: Tuning,
         on_done: Callable[[BlobFill], None],
+        route: PeerRoute | None = None,
     ) -> None:
         self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
         self._client, self._store, self._metrics, self._on_done = client, store, metrics, on_done
-        self._budget, self._corrupt, self._tuning = budget, corrupt, tuning
+        self._budget, self._corrupt, self._tuning, self._route = budget, corrupt, tuning, route
         # Set instead of a writer when the blob cannot be cached: the upstream
         # response itself, for the one client that claims it.
         self.direct: UpstreamResponse | None = None
@@ -198,13 +197,10 @@ class BlobFill:
 
     async def _run(self) -> None:
         resp: UpstreamResponse | None = None
-        path = f"{self.repo}/blobs/{self.digest}"
         what = f"blob {self.digest}"
         avoid = self._corrupt.avoid(self.digest)
         try:
-            resp = await self._client.open(
-                self.ns, self.ns_name, "GET", path, what=what, stream=True, avoid=avoid
-            )
+            resp = await self._open(0, avoid)
             self._sources.append(resp.upstream)
             self.size = resp.content_length
             self.upstream = resp.upstream.url
@@ -247,16 +243,7 @@ class BlobFill:
                     self._client.mark_failed(self.ns, resp.upstream)
                     if resumes > self._tuning.max_resumes:
                         raise
-                    resp = await self._client.open(
-                        self.ns,
-                        self.ns_name,
-                        "GET",
-                        path,
-                        what=what,
-                        stream=True,
-                        start=self.received,
-                        avoid=avoid,
-                    )
+                    resp = await self._open(self.received, avoid)
                     self._sources.append(resp.upstream)
                     self.upstream = resp.upstream.url
                     self._check_resumed(resp)
@@ -317,6 +304,20 @@ class BlobFill:
                 self._budget.unpin(self.digest)
             self.clients.release()
             self._on_done(self)
+
+    async def _open(self, start: int, avoid: Collection[str]) -> UpstreamResponse:
+        """The blob from byte ``start`` (in a cluster: its owner first, then upstream)."""
+        return await self._client.open(
+            self.ns,
+            self.ns_name,
+            "GET",
+            f"{self.repo}/blobs/{self.digest}",
+            what=f"blob {self.digest}",
+            stream=True,
+            start=start,
+            avoid=avoid,
+            route=self._route,
+        )
 
     async def _stream_out(self) -> None:
         """Verified but not cached: let the followers finish from memory, then clean up."""

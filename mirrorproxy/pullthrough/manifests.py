@@ -7,7 +7,8 @@
   refused); when every upstream is out, the last answer for the same Accept set
   (or the same variant) is served, marked stale. A registry that answered (404,
   400, ...) is believed, never bridged.
-- Concurrent misses for the same thing share one upstream request.
+- Concurrent misses for the same thing share one upstream request. In a [cluster]
+  the owner of the digest or tag is asked first (``upstream.peers``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ from mirrorproxy.cache import ManifestStore, StoredManifest, TagEntry
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import MANIFEST
 from mirrorproxy.config import Config
-from mirrorproxy.core.errors import (
-    BadGateway,
-    ManifestInvalid,
-    ManifestUnknown,
-)
+from mirrorproxy.core.errors import BadGateway, ManifestInvalid, ManifestUnknown
 from mirrorproxy.core.oci import (
     MANIFEST_TYPES,
     Digest,
@@ -34,6 +31,7 @@ from mirrorproxy.core.oci import (
     parse_digest,
     same_variant,
 )
+from mirrorproxy.core.rendezvous import manifest_key, tag_key
 from mirrorproxy.core.singleflight import SingleFlight
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import (
@@ -47,12 +45,7 @@ from mirrorproxy.pullthrough.answers import (
     count,
 )
 from mirrorproxy.pullthrough.isolation import Isolation
-from mirrorproxy.upstream.client import (
-    TooLarge,
-    UpstreamClient,
-    UpstreamError,
-    UpstreamResponse,
-)
+from mirrorproxy.upstream.client import TooLarge, UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +126,12 @@ class ManifestPolicy:
         # Ask for every manifest type: content by digest is fixed, and some
         # registries refuse an index to a client whose Accept lacks it.
         wanted = ", ".join(dict.fromkeys([*accept_types(accept), *MANIFEST_TYPES]))
+        # A request forwarded by a member never joins one this member forwards: in
+        # a cluster whose members disagree on the owner, that would wait on itself.
+        route = t.route(manifest_key(str(digest)), "manifest")
         try:
             answer = await self._fetching.run(
-                ("m", t.ns_name, t.repo, digest),
+                ("m", t.ns_name, t.repo, digest, self._client.forwards(route)),
                 lambda: self._fetch_by_digest(t, digest, wanted),
             )
         except UpstreamError as err:
@@ -166,9 +162,10 @@ class ManifestPolicy:
             if stale is None:
                 raise ManifestUnknown(f"manifest {t.repo}:{tag} is not cached and {OFFLINE}")
             return ManifestAnswer(stale, STALE)
+        route = t.route(tag_key(t.ns_name, t.repo, tag), "manifest")
         try:
             return await self._fetching.run(
-                ("t", t.ns_name, t.repo, tag, key),
+                ("t", t.ns_name, t.repo, tag, key, self._client.forwards(route)),
                 lambda: self._refresh_tag(t, tag, accept, key, cached),
             )
         except UpstreamError as err:
@@ -196,6 +193,7 @@ class ManifestPolicy:
                     path,
                     what=f"manifest {t.repo}:{tag}",
                     headers=headers,
+                    route=t.route(tag_key(t.ns_name, t.repo, tag), "manifest"),
                 )
             except UpstreamError as err:
                 if not _refused_head(err):
@@ -245,6 +243,7 @@ class ManifestPolicy:
     ) -> ManifestAnswer:
         """GET a manifest upstream, check size and digest, store it (a miss)."""
         what = f"manifest {t.repo}:{ref}" if expect is None else f"manifest {t.repo}@{ref}"
+        key = tag_key(t.ns_name, t.repo, ref) if expect is None else manifest_key(ref)
         try:
             resp = await self._client.fetch(
                 t.ns,
@@ -253,6 +252,7 @@ class ManifestPolicy:
                 what=what,
                 limit=self._config.cache.max_manifest_size,
                 headers={"Accept": accept} if accept else {},
+                route=t.route(key, "manifest"),
             )
         except TooLarge as err:
             raise ManifestInvalid(str(err)) from None

@@ -2,9 +2,14 @@
 
 It knows endpoints, timeouts, sessions and HTTP; it knows nothing of the cache.
 A request goes to the first endpoint not in cooldown and moves on when one fails
-(connection error, timeout, any status but 200/206). Cooldowns are ``health``'s;
+(connection error, timeout, any status but 200/206). In a [cluster], a request
+given a ``PeerRoute`` first goes to the members ahead of this one for its key
+(``peers``), then to the upstreams. Cooldowns are ``health``'s;
 the answers it gives back (open responses, small bodies, the attempts of a failed
 request) are ``response``'s, and this module is where callers import them from.
+
+Over 300 lines because the one failover walk (members, then endpoints; streamed
+and small bodies; authentication retries) reads best in one class.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from mirrorproxy.config import Config, Namespace, Upstream
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.upstream.auth import Authenticator, AuthError, parse_www_authenticate, scope_for
 from mirrorproxy.upstream.health import EndpointHealth
+from mirrorproxy.upstream.peers import Peer, PeerRoute, Peers
 from mirrorproxy.upstream.response import (
     Attempt,
     Fetched,
@@ -36,6 +42,7 @@ from mirrorproxy.upstream.sessions import new_session
 __all__ = [
     "Attempt",
     "Fetched",
+    "PeerRoute",
     "TooLarge",
     "UpstreamClient",
     "UpstreamError",
@@ -66,8 +73,12 @@ class UpstreamClient:
         self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
         self._health = EndpointHealth(config.defaults, metrics, clock)
         self._auth = Authenticator(clock=clock)
+        cluster = config.cluster
+        self._peers = Peers(cluster, config.defaults, metrics, clock) if cluster else None
 
     async def start(self) -> None:
+        if self._peers is not None:
+            await self._peers.start()
         for ns in self._config.namespaces.values():
             for up in ns.upstreams:
                 if up not in self._sessions:
@@ -75,6 +86,8 @@ class UpstreamClient:
                 self._metrics.upstream_up.labels(ns.name, up.url).set(1)
 
     async def close(self) -> None:
+        if self._peers is not None:
+            await self._peers.close()
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
@@ -86,12 +99,26 @@ class UpstreamClient:
         retry_after: float | None = None,
         corrupt: bool = False,
     ) -> None:
-        """Cool ``up`` down (see ``EndpointHealth.mark_failed``)."""
+        """Cool ``up`` down (see ``EndpointHealth.mark_failed``; a member: ``Peers``)."""
+        if isinstance(up, Peer) and self._peers is not None:
+            self._peers.mark_failed(up, "corrupt" if corrupt else "body")
+            return
         self._health.mark_failed(ns, up, retry_after=retry_after, corrupt=corrupt)
 
     def mark_verified(self, ns: Namespace, up: Upstream) -> None:
         """A body from ``up`` matched its digest: whatever it failed before, it is healthy."""
+        if isinstance(up, Peer) and self._peers is not None:
+            self._peers.mark_ok(up)
+            return
         self._health.mark_verified(ns, up)
+
+    def forwards(self, route: PeerRoute | None) -> bool:
+        """Whether a request for ``route`` would go to another cluster member first."""
+        return self._peers is not None and self._peers.forwards(route)
+
+    def is_peer(self, url: str | None) -> bool:
+        """Whether ``url`` is a cluster member's (an answer came from a member)."""
+        return self._peers is not None and self._peers.is_peer(url)
 
     def url_for(self, up: Upstream, ns_name: str, path: str) -> URL:
         url = URL(up.origin + up.path + "/" + path, encoded=True)
@@ -111,6 +138,7 @@ class UpstreamClient:
         end: int | None = None,
         stream: bool = False,
         avoid: Collection[str] = (),
+        route: PeerRoute | None = None,
     ) -> UpstreamResponse:
         """Send a request to the first endpoint that answers 200 (or 206 for a range).
 
@@ -122,15 +150,31 @@ class UpstreamClient:
             end: with ``start``, the last byte wanted (``Range: bytes=start-end``).
             stream: a blob body (no total timeout, only connect and read timeouts).
             avoid: endpoint URLs to try last (they sent this blob corrupt lately).
+            route: in a cluster, which members to ask first (see ``peers``).
 
         Raises:
-            UpstreamError: every candidate endpoint failed.
+            UpstreamError: every candidate endpoint failed, or a member gave a
+                definite answer (a 404, say).
         """
         attempts: list[Attempt] = []
         req_headers = dict(headers or {})
         if start or end is not None:
             req_headers["Range"] = f"bytes={start}-{'' if end is None else end}"
         ranged = "Range" in req_headers
+        if self._peers is not None:
+            got = await self._peers.open(
+                route,
+                ns_name,
+                method,
+                path,
+                what=what,
+                headers=req_headers,
+                start=start,
+                stream=stream,
+                attempts=attempts,
+            )
+            if got is not None:
+                return got
         for i, up in enumerate(self._health.candidates(ns, avoid)):
             if i:
                 self._metrics.upstream_failovers.labels(ns.name).inc()
@@ -152,6 +196,7 @@ class UpstreamClient:
         limit: int,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
+        route: PeerRoute | None = None,
     ) -> Fetched:
         """GET a small body (manifest, tag list) with failover that covers the body too.
 
@@ -163,6 +208,24 @@ class UpstreamClient:
             TooLarge: an endpoint sent more than ``limit`` bytes.
         """
         attempts: list[Attempt] = []
+        for _ in range(len(self._peers.members.current) if self._peers else 0):
+            assert self._peers is not None  # noqa: S101 - the loop runs only then
+            resp = await self._peers.open(
+                route,
+                ns_name,
+                "GET",
+                path,
+                what=what,
+                headers=dict(headers or {}),
+                start=0,
+                stream=False,
+                attempts=attempts,
+            )
+            if resp is None:
+                break
+            fetched = await self._read_small(ns, resp, limit, what, attempts)
+            if fetched is not None:
+                return fetched
         for i, up in enumerate(self._health.candidates(ns)):
             if i:
                 self._metrics.upstream_failovers.labels(ns.name).inc()
@@ -172,18 +235,32 @@ class UpstreamClient:
             if not isinstance(attempt, UpstreamResponse):
                 attempts.append(attempt)
                 continue
-            try:
-                body = await attempt.read_limited(limit, what)
-            except (aiohttp.ClientError, TimeoutError) as err:
-                attempt.close()
-                self.mark_failed(ns, up)
-                outcome = "timeout" if isinstance(err, TimeoutError) else "body cut short"
-                attempts.append(Attempt(up.url, outcome))
-                continue
-            finally:
-                attempt.release()
-            return Fetched(up, attempt.status, attempt.headers, body)
+            fetched = await self._read_small(ns, attempt, limit, what, attempts)
+            if fetched is not None:
+                return fetched
         raise UpstreamError(what, attempts)
+
+    async def _read_small(
+        self,
+        ns: Namespace,
+        resp: UpstreamResponse,
+        limit: int,
+        what: str,
+        attempts: list[Attempt],
+    ) -> Fetched | None:
+        """Read a small body; None (the endpoint cooled down) when it was cut short."""
+        up = resp.upstream
+        try:
+            body = await resp.read_limited(limit, what)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            resp.close()
+            self.mark_failed(ns, up)
+            outcome = "timeout" if isinstance(err, TimeoutError) else "body cut short"
+            attempts.append(Attempt(up.url, outcome))
+            return None
+        finally:
+            resp.release()
+        return Fetched(up, resp.status, resp.headers, body)
 
     async def _try(
         self,
