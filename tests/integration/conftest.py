@@ -25,6 +25,7 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
+from tests.support.cluster import ClusterFactory, member_ports
 from tests.support.downloads import Disk
 from tests.support.mirror import (
     FakeFactory,
@@ -83,6 +84,41 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         )
         client = await aiohttp_client(create_app(config, tuning=tuning))
         return Mirror(client, config)
+
+    return start
+
+
+@pytest.fixture
+def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFactory:
+    """Start a cluster of mirrors, each with its own cache, on fixed loopback ports."""
+
+    async def start(
+        upstreams: Sequence[str],
+        n: int = 3,
+        *,
+        members: Mapping[int, Sequence[str | int]] | None = None,
+        cluster: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
+    ) -> list[Mirror]:
+        ports = member_ports(n)
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        started = []
+        for i, port in enumerate(ports):
+            listed = (members or {}).get(i, range(n))
+            table = {
+                "self": urls[i],
+                "members": [urls[m] if isinstance(m, int) else m.format(*ports) for m in listed],
+                "peer_timeout": "1s",
+                **(cluster or {}),
+            }
+            config = mirror_config(
+                tmp_path / f"member{i}" / "cache", upstreams, cluster=table, server=server
+            )
+            client = await aiohttp_client(
+                create_app(config), server_kwargs={"host": "127.0.0.1", "port": port}
+            )
+            started.append(Mirror(client, config))
+        return started
 
     return start
 

@@ -151,16 +151,19 @@ def mirror_config(
     namespaces: Mapping[str, Sequence[UpstreamSpec]] | None = None,
     cache: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
+    cluster: Mapping[str, Any] | None = None,
 ) -> Config:
     """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``.
 
     ``cache`` adds keys to the ``[cache]`` table as the TOML file would give them,
     e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``; ``server``
-    likewise to ``[server]`` (``{"client_timeout": "500ms"}``).
+    likewise to ``[server]`` (``{"client_timeout": "500ms"}``); ``cluster`` is the
+    ``[cluster]`` table.
     """
     nss = {NS: upstreams} if namespaces is None else namespaces
     data = {
         **({"server": dict(server)} if server else {}),
+        **({"cluster": dict(cluster)} if cluster else {}),
         "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl, **(cache or {})},
         "defaults": {
             "connect_timeout": "1s",
