@@ -27,6 +27,10 @@ class Stores:
     blobs: BlobStore
     manifests: ManifestStore
     close: Callable[[], None] = _nothing  # releases what the backend holds open
+    # Every member of a [cluster] sees the same content (one bucket): what the owner
+    # committed is there already, and a forwarding member need not write it again.
+    # False for the filesystem (each member keeps its own copy).
+    shared: bool = False
 
     def of(self, kind: str) -> ContentStore:
         """The store holding content of ``kind`` (BLOB or MANIFEST)."""

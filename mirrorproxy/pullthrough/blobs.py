@@ -195,7 +195,7 @@ class BlobPolicy:
             except Exception:
                 newer = self.fills.get(digest)  # another waiter may have started one
                 fill = newer if newer is not fill else None
-        if fill is None:
+        if fill is None:  # (with Stores.shared, the owner's copy would do: not yet used)
             route = t.route(blob_key(str(digest)), "blob")
             fill = BlobFill(
                 ns=t.ns,
