@@ -118,6 +118,7 @@ async def test_when_the_owner_is_down_the_next_member_takes_over(
         assert status == 200
         assert sha256(body) == d
     assert await third.metric_sum("mirrorproxy_cluster_peer_failures_total") == failures
+    assert (await third.client.get("/readyz")).status == 200  # a dead member is no concern
 
 
 async def test_the_owners_404_is_relayed_not_failed_over(
