@@ -67,7 +67,9 @@ def _load_s3(t: Table) -> S3Config:
         raise t.error("prefix", "must not start with '/'")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    access_key = t.take("access_key", str, "") or None
+    # Not a secret, but Kubernetes keeps it in the same Secret as the secret key.
+    access = load_secret(t, "access_key")
+    access_key = access.reveal() if access is not None else None
     secret = load_secret(t, "secret_key")
     if (access_key is None) != (secret is None):
         raise t.error(

@@ -59,6 +59,9 @@ def test_an_s3_store_with_each_way_of_giving_the_secret(
     monkeypatch.setenv("MP_S3_SECRET", "s3cr3t")
     assert load(tmp_path, S3 + extra + 'secret_key_env = "MP_S3_SECRET"\n').s3 == want
     assert "s3cr3t" not in repr(want)
+    monkeypatch.setenv("MP_S3_ACCESS", "AK")
+    keyless = S3.replace('access_key = "AK"\n', 'access_key_env = "MP_S3_ACCESS"\n')
+    assert load(tmp_path, keyless + extra + 'secret_key_env = "MP_S3_SECRET"\n').s3 == want
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ CONFIG_PATH = "/etc/mirrorproxy/config.toml"  # where every deployment keeps the
 UID = 10001
 EXE = "/opt/mirrorproxy/bin/mirrorproxy"  # the venv the image and the unit both use
 # The oldest schema kubernetes-validate ships, and its newest.
+OVERLAYS = ("node-local", "site", "site-cluster")
 KUBERNETES_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 
 
@@ -197,7 +198,7 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     """Both overlays, as `kubectl kustomize` renders them."""
     kubectl = _kubectl()
     out = {}
-    for overlay in ("node-local", "site"):
+    for overlay in OVERLAYS:
         proc = subprocess.run(
             [kubectl, "kustomize", str(KUBE / overlay)],
             capture_output=True,
@@ -217,7 +218,7 @@ def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {doc["kind"]: doc for doc in docs}
 
 
-@pytest.mark.parametrize("overlay", ["node-local", "site"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_overlay_validates_strictly(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, version: str
@@ -361,6 +362,56 @@ def test_site_deployment_service_and_budget(
     budget = docs["PodDisruptionBudget"]["spec"]
     assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
     assert 0 < budget["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_site_cluster_shares_a_bucket_and_finds_its_members(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = rendered["site-cluster"]
+    kinds = sorted(doc["kind"] for doc in docs)
+    want = "ConfigMap Deployment Namespace PodDisruptionBudget Secret Service Service"
+    assert kinds == want.split()
+    one = {d["kind"]: d for d in docs if d["kind"] != "Service"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    deployment, namespace = one["Deployment"], one["Namespace"]["metadata"]["name"]
+    assert deployment["spec"]["replicas"] >= 3
+    assert 1 <= one["PodDisruptionBudget"]["spec"]["minAvailable"] < 3
+    pod = _pod(deployment)
+    [main] = pod["containers"]
+    env = {e["name"]: e["valueFrom"] for e in main["env"]}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    secret = one["Secret"]
+    for var in ("S3_ACCESS_KEY", "S3_SECRET_KEY"):
+        ref = env[var]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"]  # the generated name, hash included
+        assert ref["key"] in secret["data"]
+    assert _volume(pod, "config")["configMap"]["name"] == one["ConfigMap"]["metadata"]["name"]
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+    # The config the pods get loads, with what the pod's environment supplies.
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    monkeypatch.setenv("S3_ACCESS_KEY", "ak")
+    monkeypatch.setenv("S3_SECRET_KEY", "sk")
+    path = tmp_path / "config.toml"
+    path.write_text(one["ConfigMap"]["data"]["config.toml"])
+    config = load_config(path)
+    assert config.storage.backend == "s3"
+    cluster = config.cluster
+    assert cluster is not None
+    assert cluster.self_url == f"http://10.1.2.3:{config.server.port}"
+    # members_dns names the headless Service in the overlay's namespace, on the port.
+    assert cluster.members_dns is not None
+    host, port = cluster.members_dns
+    headless = services["mirrorproxy-members"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert host == f"{headless['metadata']['name']}.{namespace}.svc.cluster.local"
+    assert int(port) == config.server.port == headless["spec"]["ports"][0]["port"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert services["mirrorproxy"]["spec"]["type"] == "ClusterIP"
+    args = build_parser().parse_args(main["args"])
+    assert args.listen == f"0.0.0.0:{config.server.port}"
 
 
 # --- systemd unit
