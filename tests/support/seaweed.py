@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -96,8 +97,32 @@ class SeaweedFS:
             "-master.electionTimeout=2s",
             f"-s3.config={identities}",
         ]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._args = args
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        """Start a stopped server again on the same data and ports, and wait until it
+        serves (after a restart it answers 500 for some seconds: that is waited out)."""
+        if self.proc.poll() is None:
+            return
+        self.proc = self._spawn()
+        self.wait_ready()
+
+    def storage(self, prefix: str = "", *, redirect: bool = False) -> dict[str, Any]:
+        """The ``[storage]`` table of a config using this server's bucket."""
+        s3: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "bucket": BUCKET,
+            "prefix": prefix,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "redirect": redirect,
+        }
+        return {"backend": "s3", "s3": s3}
 
     def config(self, prefix: str = "", secret: str = SECRET_KEY) -> S3Config:
         return S3Config(
