@@ -7,21 +7,27 @@ store); the outage test gets a SeaweedFS of its own, which it stops and starts.
 from __future__ import annotations
 
 import asyncio
+import io
+import re
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from mirrorproxy.cache.s3blobs import S3BlobStore
+from mirrorproxy.commands.cache import cmd_du, cmd_ls, cmd_prune, cmd_verify
 from mirrorproxy.core.oci import OCI_MANIFEST, parse_digest
 from mirrorproxy.http import keys
+from mirrorproxy.pullthrough.answers import Target
+from mirrorproxy.pullthrough.source import FileRange
 from tests.fakes.registry import payload
 from tests.support.mirror import Mirror, MirrorFactory, RunningFake
-from tests.support.paths import REPO, blob_path, manifest_path
+from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.seaweed import SECRET_KEY, SeaweedFS
 
 KIB = 1024
@@ -272,3 +278,54 @@ async def test_a_client_that_follows_a_redirect_gets_the_same_bytes_as_one_that_
         assert len(resp.history) == 1
         assert resp.history[0].status == 307
         assert await resp.read() == data
+
+
+async def test_the_cache_commands_work_on_the_bucket(
+    seaweedfs: SeaweedFS, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    image = fake.registry.add_image(REPO, "7", layer_sizes=(100 * KIB,))
+    mirror = await start_mirror([fake.url], storage=storage(seaweedfs))
+    accept = {"Accept": OCI_MANIFEST}
+    assert (await mirror.client.get(manifest_path(REPO, "7"), headers=accept)).status == 200
+    for digest in (image.config_digest, *image.layer_digests):
+        await (await mirror.client.get(blob_path(REPO, digest))).read()
+    await mirror.settled()
+    config = mirror.config
+
+    def run(command: Callable[..., int], *args: Any, **kwargs: Any) -> str:
+        out = io.StringIO()
+        assert command(config, *args, out=out, **kwargs) in (0, 1)
+        return out.getvalue()
+
+    listing = await asyncio.to_thread(run, cmd_ls, None)
+    assert re.search(rf"docker\.io\s+{REPO}\s+7\s+{image.digest[:19]}", listing), listing
+    assert "total" in await asyncio.to_thread(run, cmd_du)
+    assert "verified 3 entries, 0 bad" in await asyncio.to_thread(run, cmd_verify)
+    pruned = await asyncio.to_thread(run, cmd_prune, older_than=None, to_size=0)
+    assert pruned.startswith("pruned 3 entries")
+    assert not await mirror.stored(image.layer_digests[0])  # deleted from the bucket
+
+
+async def test_a_client_joining_a_download_once_it_is_in_the_bucket_reads_it_there(
+    seaweedfs: SeaweedFS, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    data = payload(MIB, "s3 late follower")
+    digest = fake.registry.add_blob(data)
+    mirror = await start_mirror([fake.url], storage=storage(seaweedfs))
+    config = mirror.config
+    ns = config.namespace(NS)
+    assert ns is not None
+    pt = mirror.client.app[keys.PULLTHROUGH]
+    source = await pt.blob(Target(ns, NS, REPO), parse_digest(digest))  # joins the download
+    assert source.result == "miss"
+    await mirror.settled()  # committed to the bucket: its temp file is gone
+    stream = await source.open((1000, 200_000))
+    assert stream is not None
+    got = bytearray()
+    with stream:
+        while (part := await stream.next()) is not None:
+            assert not isinstance(part, FileRange)
+            got += part
+            stream.advance(stream.pos + len(part))
+    assert bytes(got) == data[1000:200_001]
+    assert blob_gets(fake) == 1  # from the bucket, not another upstream GET
