@@ -131,7 +131,7 @@ def import_bundle(config: Config, bundle: Path, *, warn: Warn, batch: int = BATC
         for registry, n in unserved.items():
             more = f" and {n - 1} more references" if n > 1 else ""
             warn(f"{first[registry]}{more}: no namespace in {config.source} serves {registry}")
-        stores = open_stores(config.cache)
+        stores = open_stores(config.cache, config.storage)
         stores.blobs.prepare()
         stores.manifests.prepare()
         staged: dict[Digest, StagedBlob] = {}
@@ -141,6 +141,7 @@ def import_bundle(config: Config, bundle: Path, *, warn: Warn, batch: int = BATC
         finally:
             for blob in staged.values():
                 blob.discard()
+            stores.close()
     return result
 
 

@@ -14,11 +14,13 @@ The contract every backend keeps:
   the budget's eviction call them; a server coroutine calls a bulk one in a thread.
 - Manifests are verified on every read from the backend (a corrupt one reads as
   absent); blobs are verified when written and by ``check``.
+- A backend that cannot reach its storage raises ``StoreUnavailable`` (the server
+  answers 503 and recovers by itself when the storage is back).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -38,6 +40,11 @@ class DigestMismatch(Exception):
     """The bytes written do not hash to the digest they were fetched for."""
 
 
+class StoreUnavailable(OSError):
+    """The storage behind a store cannot be reached, or failed a request (a bucket
+    that is down or answers 5xx): nothing is known about the content asked for."""
+
+
 class CacheWriteError(OSError):
     """The cache's storage failed a write, fsync or rename.
 
@@ -48,8 +55,15 @@ class CacheWriteError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
+    """A stored blob: its size and where it is.
+
+    ``local``: ``path`` is a file on this machine the server can ``sendfile`` from;
+    otherwise it names the object in the store, read through ``BlobStore.read``.
+    """
+
     size: int
-    path: Path  # a local file the server can sendfile from
+    path: Path
+    local: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +189,25 @@ class BlobStore(ContentStore, Protocol):
 
     def open(self, digest: Digest) -> BinaryIO:
         """Read a stored blob from its start. Raises FileNotFoundError when absent."""
+        ...
+
+    def read(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of a stored blob, streamed in bounded chunks (for a
+        blob that is not a local file; never the whole blob in memory).
+
+        Raises:
+            FileNotFoundError: the blob is not stored (any more).
+            StoreUnavailable: the storage failed.
+        """
+        ...
+
+    async def url(self, digest: Digest, *, expires: float) -> str | None:
+        """A URL a client may GET the stored blob from directly for ``expires``
+        seconds (a redirect), or None when the store has none (local files)."""
+        ...
+
+    async def probe(self) -> str | None:
+        """Whether the storage can be used now (readiness): None, or why not."""
         ...
 
     def stage(self, digest: Digest, chunks: Iterable[bytes]) -> StagedBlob:

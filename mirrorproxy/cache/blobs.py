@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 logger = logging.getLogger(__name__)
 
 IOV_MAX = 1024  # buffers per pwritev on Linux
+READ_CHUNK = 1024 * 1024  # bytes per read when a blob is streamed instead of sent by file
 
 
 class WriteSkipped(CacheWriteError):
@@ -88,6 +89,28 @@ class FileBlobStore(FileContent):
 
     def open(self, digest: Digest) -> BinaryIO:
         return open(self.path_of(digest), "rb")
+
+    async def read(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        """The file's bytes in bounded chunks (the server sends local files by sendfile)."""
+        fd = await asyncio.to_thread(os.open, self.path_of(digest), os.O_RDONLY)
+        try:
+            while start < end:
+                n = min(READ_CHUNK, end - start)
+                chunk = await asyncio.to_thread(os.pread, fd, n, start)
+                if not chunk:
+                    raise EOFError(f"blob {digest} ends before byte {start}")
+                start += len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def url(self, digest: Digest, *, expires: float) -> str | None:
+        return None  # local files are served by the mirror itself
+
+    async def probe(self) -> str | None:
+        if not os.access(self.tmp, os.W_OK):
+            return f"cache directory {self.root} is not writable"
+        return None
 
     def stage(self, digest: Digest, chunks: Iterable[bytes]) -> StagedFile:
         return stage_file(self.tmp, self.path_of(digest), digest, chunks)

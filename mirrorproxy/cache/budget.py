@@ -18,6 +18,16 @@ a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
 plus what running fills have reserved. Last use is tracked in memory and written
 to the index in batches, off the hot path.
 
+With a remote store (S3) the same holds for the bucket: the index is local (in
+``[cache] dir``), rebuilt from the bucket's listing at start, and eviction deletes
+objects through the store. Objects deleted behind the budget's back (a bucket
+lifecycle rule) are noticed when a lookup misses (``vanished``). The statvfs
+check then guards the local disk, which holds every blob's temp file.
+
+Seam for a cluster sharing one bucket: ``owns`` (which digests this member
+accounts for, default all) and ``share`` (its part of ``max_size``, default 1.0).
+Only owned content is counted and evicted, against ``share * max_size``.
+
 Over 300 lines because admission, accounting and eviction share one total, the
 pins and the reservations: split apart, each part would reach into the others'
 state. It reaches content only through the store Protocols and the index.
@@ -45,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
+
+
+def _everything(digest: Digest) -> bool:
+    return True
 
 
 class Reservation:
@@ -83,8 +97,12 @@ class CacheBudget:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         flush_interval: float = DEFAULT_TUNING.index_flush,
+        owns: Callable[[Digest], bool] = _everything,
+        share: float = 1.0,
     ) -> None:
         self._config = config
+        self._owns = owns  # the digests this member accounts for (a cluster's share)
+        self.limit = int(config.max_size * share)  # bytes this member may keep; 0: no limit
         self.flush_interval = flush_interval  # seconds between index flushes
         self._blobs = blobs
         self._manifests = manifests
@@ -102,9 +120,8 @@ class CacheBudget:
     def open(self) -> None:
         """Open the index and make it agree with the stores (run once at start)."""
         self.index = CacheIndex.of_cache(self._config.dir)
-        added, dropped = self.index.reconcile_with(
-            chain(self._blobs.contents(), self._manifests.contents())
-        )
+        stored = chain(self._blobs.contents(), self._manifests.contents())
+        added, dropped = self.index.reconcile_with(c for c in stored if self._owns(c.digest))
         if added or dropped:
             logger.info("cache index reconciled: %d entries added, %d dropped", added, dropped)
         self.total = self.index.total_size()
@@ -145,6 +162,32 @@ class CacheBudget:
         self._metrics.cache_size_bytes.set(self.total)
 
     # -- use -------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The budget's clock (wall-clock seconds), for ``vanished``'s ``since``."""
+        return self._clock()
+
+    def vanished(self, kind: str, digest: Digest, *, since: float) -> None:
+        """A lookup begun at ``since`` found no ``digest``: if the index still counts
+        it (a bucket lifecycle rule deleted it, say), forget it.
+
+        An entry recorded or used since then is kept: it was committed again while
+        the lookup ran.
+        """
+        key = str(digest)
+        if self.index is None or key in self._pins:
+            return
+        entry = self.index.get(kind, key)
+        if entry is None or max(entry.last_used, self._used.get((kind, key), 0.0)) >= since:
+            return
+        try:
+            removed = self.index.remove(kind, key)
+        except sqlite3.Error as err:
+            logger.error("cannot update the cache index: %s", err)
+            return
+        self.total -= removed
+        self._metrics.cache_size_bytes.set(self.total)
+        logger.info("%s %s left the store behind the index's back: forgotten", kind, digest)
 
     def touch(self, kind: str, digest: Digest) -> None:
         self._used[(kind, str(digest))] = self._clock()
@@ -194,7 +237,7 @@ class CacheBudget:
         if self._clock() < self._blocked_until:
             return Reservation(key, 0, refused=WRITE_ERROR)
         need = size or 0
-        limit = self._config.max_size
+        limit = self.limit
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
             return Reservation(key, 0, refused=BUDGET)
@@ -223,7 +266,7 @@ class CacheBudget:
         """
         if reservation is not None:
             reservation.release()
-        if self.index is None:
+        if self.index is None or not self._owns(digest):
             return
         try:
             change = self.index.add(kind, str(digest), size, namespace)
@@ -250,7 +293,7 @@ class CacheBudget:
         """
         reserved = self._reserved()
         short = 0
-        limit = self._config.max_size
+        limit = self.limit
         if limit:
             short = self.total + reserved + need - limit
         try:

@@ -28,13 +28,13 @@ from mirrorproxy.cache import (
 )
 from mirrorproxy.cache import records as rec
 from mirrorproxy.cache.files import FileContent
+from mirrorproxy.cache.hotset import MAX_TAGS_IN_MEMORY, HotManifests
 from mirrorproxy.cache.publish import write_atomic, write_atomic_many
 from mirrorproxy.core.oci import Digest, manifest_digest
 
 logger = logging.getLogger(__name__)
 
 TAG_RECHECK = 1.0  # seconds a remembered tag record is trusted without a stat
-MAX_TAGS_IN_MEMORY = 100_000
 
 
 class FileManifestStore(FileContent):
@@ -48,9 +48,7 @@ class FileManifestStore(FileContent):
 
     def __init__(self, root: Path, *, memory_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(root)
-        self._memory_bytes = memory_bytes
-        self._hot: OrderedDict[Digest, StoredManifest] = OrderedDict()
-        self._hot_size = 0
+        self._hot = HotManifests(memory_bytes)
         # Tag records in memory: entries, the file's mtime, when that was last checked.
         self._tags: OrderedDict[TagKey, tuple[dict[str, TagEntry], int, float]] = OrderedDict()
         self._tag_locks: dict[TagKey, tuple[asyncio.Lock, list[int]]] = {}
@@ -64,7 +62,6 @@ class FileManifestStore(FileContent):
     async def get(self, digest: Digest) -> StoredManifest | None:
         hot = self._hot.get(digest)
         if hot is not None:
-            self._hot.move_to_end(digest)
             return hot
         try:
             raw = await asyncio.to_thread(self.path_of(digest).read_bytes)
@@ -76,7 +73,7 @@ class FileManifestStore(FileContent):
             with contextlib.suppress(OSError):
                 self.path_of(digest).unlink()
             return None
-        self._remember(manifest)
+        self._hot.remember(manifest)
         return manifest
 
     def load(self, digest: Digest) -> StoredManifest | None:
@@ -95,7 +92,7 @@ class FileManifestStore(FileContent):
         await asyncio.to_thread(
             write_atomic, self.path_of(manifest.digest), data, tmp_dir=self.tmp
         )
-        self._remember(manifest)
+        self._hot.remember(manifest)
         return len(data)
 
     def put_many(self, manifests: Iterable[StoredManifest]) -> list[int]:
@@ -117,18 +114,7 @@ class FileManifestStore(FileContent):
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (it left the disk)."""
-        old = self._hot.pop(digest, None)
-        if old is not None:
-            self._hot_size -= len(old.body)
-
-    def _remember(self, manifest: StoredManifest) -> None:
-        if manifest.digest in self._hot or len(manifest.body) > self._memory_bytes // 4:
-            return
-        self._hot[manifest.digest] = manifest
-        self._hot_size += len(manifest.body)
-        while self._hot_size > self._memory_bytes:
-            _, old = self._hot.popitem(last=False)
-            self._hot_size -= len(old.body)
+        self._hot.forget(digest)
 
     # -- tags --------------------------------------------------------------------
 

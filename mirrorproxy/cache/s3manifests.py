@@ -7,8 +7,11 @@ recording different Accept keys of one tag never overwrite each other's; a
 referrers record is ``referrers/<ns>/<repo>/<alg>/<hex>``. A PUT is atomic, so a
 reader sees a whole object or none.
 
-Not yet here: the in-memory hot set of the filesystem store (every ``get`` asks
-the bucket).
+Hot manifests are kept in memory like the filesystem store's (``[cache]
+memory_manifests``), so they are served without a request, even while the bucket
+is down. A tag record read or written is trusted for ``TAG_RECHECK`` seconds (other
+members and ``import`` write them too), and served as last known while the bucket
+cannot be asked; its ``fetched`` time still decides freshness, as on disk.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ from mirrorproxy.cache import (
     MANIFEST,
     ReferrersRecord,
     StoredManifest,
+    StoreUnavailable,
     TagEntry,
     TagKey,
     TagRecord,
 )
+from mirrorproxy.cache.hotset import HotManifests, RecentTags
 from mirrorproxy.cache.records import entry_from, entry_json
+from mirrorproxy.cache.s3client import S3Connection
 from mirrorproxy.cache.s3content import S3Content
 from mirrorproxy.core.oci import Digest, parse_digest
+
+TAG_RECHECK = 1.0  # seconds a remembered tag record is trusted without asking the bucket
 
 
 def _q(part: str) -> str:
@@ -38,6 +46,11 @@ class S3ManifestStore(S3Content):
     """Manifests (stored as a media-type line, then the body) and records in a bucket."""
 
     kind = MANIFEST
+
+    def __init__(self, conn: S3Connection, *, memory_bytes: int = 64 * 1024 * 1024) -> None:
+        super().__init__(conn)
+        self._hot = HotManifests(memory_bytes)
+        self._tags = RecentTags(fresh=TAG_RECHECK)
 
     def prepare(self) -> None:
         self.conn.run(self.conn.check_bucket())
@@ -54,9 +67,14 @@ class S3ManifestStore(S3Content):
         return StoredManifest(digest, media_type.decode("utf-8", "replace"), body)
 
     async def get(self, digest: Digest) -> StoredManifest | None:
+        hot = self._hot.get(digest)
+        if hot is not None:
+            return hot
         found = await self.conn.call(self._read(digest))
         if found is None:
             await self.conn.call(self._drop_damaged(digest))
+        else:
+            self._hot.remember(found)
         return found
 
     async def _drop_damaged(self, digest: Digest) -> None:
@@ -77,7 +95,17 @@ class S3ManifestStore(S3Content):
         return len(data)
 
     async def put(self, manifest: StoredManifest) -> int:
-        return await self.conn.call(self._put(manifest))
+        size = await self.conn.call(self._put(manifest))
+        self._hot.remember(manifest)
+        return size
+
+    def delete(self, digest: Digest) -> bool:
+        self._hot.forget(digest)
+        return super().delete(digest)
+
+    def quarantine(self, digest: Digest) -> str:
+        self._hot.forget(digest)
+        return super().quarantine(digest)
 
     def put_many(self, manifests: Iterable[StoredManifest]) -> list[int]:
         return [self.conn.run(self._put(m)) for m in manifests]
@@ -97,13 +125,29 @@ class S3ManifestStore(S3Content):
         return out
 
     async def get_tag(self, ns: str, repo: str, tag: str) -> dict[str, TagEntry]:
-        return await self.conn.call(self._get_tag(ns, repo, tag))
+        key = (ns, repo, tag)
+        known = self._tags.get(key)
+        if known is not None:
+            return known
+        try:
+            entries = await self.conn.call(self._get_tag(ns, repo, tag))
+        except StoreUnavailable:
+            last = self._tags.get(key, stale=True)
+            if last is None:
+                raise
+            return last  # the bucket is down: what was last known, judged by its age
+        if entries:  # no negative caching: another member may write it any time
+            self._tags.remember(key, entries)
+        return entries
 
     async def _put_tag(self, ns: str, repo: str, tag: str, accept: str, entry: TagEntry) -> None:
         key = self._tag_dir(ns, repo, tag) + _q(accept)
         await self.conn.put_bytes(key, json.dumps(entry_json(entry)).encode())
 
     async def put_tag(self, ns: str, repo: str, tag: str, accept: str, entry: TagEntry) -> None:
+        key = (ns, repo, tag)
+        known = self._tags.get(key, stale=True) or {}
+        self._tags.remember(key, {**known, accept: entry})  # the answer holds anyway
         await self.conn.call(self._put_tag(ns, repo, tag, accept, entry))
 
     def put_tags(self, items: Iterable[tuple[TagKey, str, TagEntry]]) -> int:

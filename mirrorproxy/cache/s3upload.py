@@ -35,9 +35,10 @@ class Multipart:
         return await asyncio.shield(self._create)
 
     async def _start(self) -> str:
-        r = await self.conn.client.create_multipart_upload(
-            Bucket=self.conn.config.bucket, Key=self.key
-        )
+        async with self.conn.op("create_upload"):
+            r = await self.conn.client.create_multipart_upload(
+                Bucket=self.conn.config.bucket, Key=self.key
+            )
         return r["UploadId"]
 
     async def send(self, number: int, path: Path, start: int, length: int) -> None:
@@ -49,25 +50,27 @@ class Multipart:
             data = await asyncio.to_thread(_read, path, start, length)
             if len(data) != length:
                 raise OSError(f"short read of part {number}: {len(data)} of {length} bytes")
-            r = await self.conn.client.upload_part(
-                Bucket=self.conn.config.bucket,
-                Key=self.key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-            )
+            async with self.conn.op("upload_part"):
+                r = await self.conn.client.upload_part(
+                    Bucket=self.conn.config.bucket,
+                    Key=self.key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data,
+                )
         self._etags[number] = r["ETag"]
 
     async def complete(self) -> None:
         """Publish the parts sent, in order: the object appears whole, at once."""
         upload_id = await self._upload_id()
         parts: list[Any] = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
-        await self.conn.client.complete_multipart_upload(
-            Bucket=self.conn.config.bucket,
-            Key=self.key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-        )
+        async with self.conn.op("complete_upload"):
+            await self.conn.client.complete_multipart_upload(
+                Bucket=self.conn.config.bucket,
+                Key=self.key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
 
     async def abort(self) -> None:
         """Drop the upload and its parts (nothing to do if it was never created)."""

@@ -37,16 +37,31 @@ class Stores:
         return self.blobs if kind == BLOB else self.manifests
 
 
-def open_stores(cache: CacheConfig, storage: StorageConfig | None = None) -> Stores:
+def _unobserved(op: str, seconds: float, failed: bool) -> None:
+    return None
+
+
+def open_stores(
+    cache: CacheConfig,
+    storage: StorageConfig | None = None,
+    *,
+    observe: Callable[[str, float, bool], None] = _unobserved,
+) -> Stores:
     """The configured backend's stores: the filesystem under ``[cache] dir`` unless
-    ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files)."""
+    ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files and the index).
+
+    Args:
+        observe: told (operation, seconds, failed) of every request a remote
+            backend makes (its metrics); a local backend makes none.
+    """
     if storage is not None and storage.s3 is not None:
         from mirrorproxy.cache.s3blobs import S3BlobStore
         from mirrorproxy.cache.s3client import S3Connection
         from mirrorproxy.cache.s3manifests import S3ManifestStore
 
-        conn = S3Connection(storage.s3)
-        return Stores(S3BlobStore(conn, cache.dir), S3ManifestStore(conn), conn.close)
+        conn = S3Connection(storage.s3, observe=observe)
+        manifests = S3ManifestStore(conn, memory_bytes=cache.memory_manifests)
+        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close)
     return Stores(
         blobs=FileBlobStore(cache.dir),
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),

@@ -6,8 +6,9 @@ does that, at start: next to a running server a reconcile would record blobs jus
 renamed into place or just evicted). ``verify`` and ``prune`` remove an entry and
 its file under the index's write lock, and only if the entry is still the one they
 looked at; the server picks up the new totals within seconds. Content is reached
-only through the configured stores (listing, checking, deleting, quarantining),
-and the index through ``CacheIndex``.
+only through the configured stores (listing, checking, deleting, quarantining:
+the filesystem, or the S3 bucket ``[storage]`` names), and the index (always
+local, in ``[cache] dir``) through ``CacheIndex``.
 """
 
 from __future__ import annotations
@@ -122,10 +123,12 @@ def _quarantine(store: ContentStore, digest: Digest, moved: list[str]) -> Callab
 
 def cmd_ls(config: Config, namespace: str | None, out: TextIO) -> int:
     index = open_index(config, read_only=True)
+    stores = open_stores(config.cache, config.storage)
     try:
-        rows = tag_rows(open_stores(config.cache), index, namespace)
+        rows = tag_rows(stores, index, namespace)
     finally:
         index.close()
+        stores.close()
     out.write(
         f"{'NAMESPACE':<20} {'REPOSITORY':<32} {'TAG':<16} {'DIGEST':<19} {'SIZE':>10} LAST USED\n"
     )
@@ -173,7 +176,7 @@ def cmd_du(config: Config, out: TextIO) -> int:
 
 def cmd_verify(config: Config, out: TextIO) -> int:
     """Re-hash every entry; move mismatches to quarantine. Exit 1 if any."""
-    stores = open_stores(config.cache)
+    stores = open_stores(config.cache, config.storage)
     index = open_index(config, read_only=False)
     bad = checked = 0
     try:
@@ -193,6 +196,7 @@ def cmd_verify(config: Config, out: TextIO) -> int:
             out.write(f"MISMATCH {e.kind} {e.digest}: moved to {moved[0]}\n")
     finally:
         index.close()
+        stores.close()
     out.write(f"verified {checked} entries, {bad} bad\n")
     return 1 if bad else 0
 
@@ -200,7 +204,7 @@ def cmd_verify(config: Config, out: TextIO) -> int:
 def cmd_prune(
     config: Config, *, older_than: float | None, to_size: int | None, out: TextIO
 ) -> int:
-    stores = open_stores(config.cache)
+    stores = open_stores(config.cache, config.storage)
     index = open_index(config, read_only=False)
     removed = freed = 0
     try:
@@ -223,6 +227,7 @@ def cmd_prune(
             total -= e.size
     finally:
         index.close()
+        stores.close()
     out.write(f"pruned {removed} entries, freed {format_size(freed)}, {format_size(total)} left\n")
     return 0
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 
-from mirrorproxy.commands.errors import EXIT_OK, EXIT_USAGE, CliError
+from mirrorproxy.cache import StoreUnavailable
+from mirrorproxy.commands.errors import EXIT_OK, CliError
 from mirrorproxy.config import Config, load_config, with_overrides
 from mirrorproxy.http import listener
 from mirrorproxy.http.accesslog import AccessLogger
@@ -30,14 +31,6 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         offline=args.offline,
     )
-    if config.storage.backend != "filesystem":
-        # The S3 store passes the store conformance suite, but the request path does
-        # not serve from it yet: refuse rather than silently use the local disk.
-        raise CliError(
-            f"{config.source}: storage.backend = {config.storage.backend!r}: serving from "
-            'an S3 store is not available yet; use "filesystem"',
-            EXIT_USAGE,
-        )
     configure_logging(args.log_level, args.log_format)
     try:
         serve(config)
@@ -57,18 +50,28 @@ def check_cache_dir(config: Config) -> None:
         raise ServeError(f"cache directory {path} is not writable by this user")
 
 
+def store_problem(config: Config, err: StoreUnavailable) -> str:
+    """One line for a content store that cannot be used at start, naming the file
+    and the ``[storage.s3]`` key to look at."""
+    key = getattr(err, "key", None)
+    where = f"storage.s3.{key}" if config.storage.s3 is not None and key else "storage"
+    return f"{config.source}: {where}: {err}"
+
+
 def serve(config: Config) -> None:
     """Serve until SIGINT/SIGTERM.
 
     Raises:
-        ServeError: the cache directory is unusable or the address cannot be bound.
+        ServeError: the cache directory or the content store is unusable, or the
+            address cannot be bound.
     """
     check_cache_dir(config)
     app = create_app(config)
+    s3 = config.storage.s3
     logger.info(
         "mirrorproxy starting on %s, cache %s, namespaces %s%s",
         config.server.listen,
-        config.cache.dir,
+        config.cache.dir if s3 is None else f"s3 bucket {s3.bucket!r} at {s3.endpoint}",
         ", ".join(config.namespaces),
         "; OFFLINE: serving only what is cached, never contacting upstreams"
         if config.cache.offline
@@ -84,6 +87,8 @@ def serve(config: Config) -> None:
         )
     except MetricsListenError as err:
         raise ServeError(str(err)) from None
+    except StoreUnavailable as err:
+        raise ServeError(store_problem(config, err)) from None
     except OSError as err:
         raise ServeError(
             f"cannot listen on {config.server.listen}: {err.strerror or err}"

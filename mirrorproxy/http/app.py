@@ -45,6 +45,7 @@ def create_app(
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
     app[keys.PULLTHROUGH] = engine.pullthrough
+    app[keys.ENGINE] = engine
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with engine:

@@ -2,7 +2,7 @@
 
 ``error_middleware`` turns a RegistryError (and anything unexpected) into an OCI
 error body with the right status, so no traceback ever reaches a client; a client
-that went away is not an error.
+that went away is not an error; a content store that cannot be reached is a 503.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from mirrorproxy.core.errors import API_VERSION_HEADER, NotFound, RegistryError, Unsupported
+from mirrorproxy.cache import StoreUnavailable
+from mirrorproxy.core.errors import (
+    API_VERSION_HEADER,
+    NotFound,
+    RegistryError,
+    Unavailable,
+    Unsupported,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(NotFound(f"no such endpoint {request.path[:200]!r}"), head=head)
     except web.HTTPException:
         raise
+    except StoreUnavailable as err:
+        # Nothing known about the content asked for: a retry may succeed.
+        logger.warning("%s %s: content store unavailable: %s", request.method, request.path, err)
+        return error_response(Unavailable(f"the content store is unreachable: {err}"), head=head)
     except Exception as err:
         if client_gone(request, err):
             # Ordinary (a pull cancelled, a client timing out): nothing to answer.

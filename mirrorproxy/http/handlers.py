@@ -6,7 +6,6 @@ No policy and no I/O of its own beyond writing the response body.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 
 import aiohttp
@@ -112,6 +111,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return _with_length(resp, head.size)
     for _ in range(2):  # a hit evicted before it could be opened is asked again
         source = await pt.blob(target, digest, first_byte=first_byte(request.headers, digest))
+        location = await source.location()
+        if location is not None:  # [storage.s3] redirect: the client fetches it itself
+            note_cache(request, source.result, None)
+            headers = {"Location": location, "Docker-Content-Digest": str(digest)}
+            return web.Response(status=307, headers=headers)
         served = await _serve(request, target, source, pt.tuning)
         if served is not None:
             return served
@@ -247,7 +251,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    cache_dir = request.app[keys.CONFIG].cache.dir
-    if not os.access(cache_dir / "tmp", os.W_OK):
-        raise Unavailable(f"cache directory {cache_dir} is not writable")
+    """Ready when the content store can be used (the cache directory is writable; an
+    S3 bucket answers): the probe is the store's, remembered for a moment."""
+    problem = await request.app[keys.ENGINE].ready()
+    if problem is not None:
+        raise Unavailable(problem)
     return web.json_response({"status": "ready"}, headers=API_VERSION_HEADER)

@@ -12,11 +12,13 @@ if TYPE_CHECKING:
     from mirrorproxy.config import Config
     from mirrorproxy.http.requestctx import RequestInfo
     from mirrorproxy.observability.metrics import Metrics
+    from mirrorproxy.pullthrough.engine import Engine
     from mirrorproxy.pullthrough.policy import PullThrough
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
+ENGINE: web.AppKey[Engine] = web.AppKey("engine")  # readiness of the store
 CLIENT_AUTH: web.AppKey[Authenticator] = web.AppKey("client_auth")  # only with [server.auth]
 
 # Per request: id, namespace, cache result, upstream used (read by the access log).

@@ -116,6 +116,20 @@ class Metrics:
             "Cache writes that failed (disk full, read-only, I/O error).",
             registry=r,
         )
+        # A remote store ([storage] backend = "s3"): every request it makes, by operation.
+        self.store_request_seconds = Histogram(
+            "mirrorproxy_store_request_seconds",
+            "Time of one request to the content store (S3), by operation.",
+            ["op"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.store_errors = Counter(
+            "mirrorproxy_store_errors",
+            "Requests to the content store (S3) that failed, by operation.",
+            ["op"],
+            registry=r,
+        )
         # Client authentication ([server.auth]) and namespace isolation.
         self.client_auth_failures = Counter(
             "mirrorproxy_client_auth_failures",
@@ -165,6 +179,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def observe_store(self, op: str, seconds: float, failed: bool) -> None:
+        """One request to the content store (called from the store's own thread)."""
+        self.child(self.store_request_seconds, op).observe(seconds)
+        if failed:
+            self.child(self.store_errors, op).inc()
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once: labels() locks and rebuilds its

@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from functools import partial
 
-from mirrorproxy.cache import BlobStore
+from mirrorproxy.cache import BlobInfo, BlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.index import BLOB
 from mirrorproxy.config import Config
@@ -32,66 +31,14 @@ from mirrorproxy.pullthrough.cachedblob import CachedBlob
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from mirrorproxy.pullthrough.direct import DirectStream, open_direct
 from mirrorproxy.pullthrough.fill import BlobFill
+from mirrorproxy.pullthrough.fillsource import FillSource
 from mirrorproxy.pullthrough.isolation import Isolation
-from mirrorproxy.pullthrough.source import BlobFailed, BlobSource, BlobStream, NotCacheable
+from mirrorproxy.pullthrough.source import BlobSource, BlobStream
 from mirrorproxy.upstream.client import UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-Opener = Callable[[tuple[int, int] | None], Awaitable[BlobStream]]
-
-
-class FillSource:
-    """A miss: the blob as its shared download offers it to one client.
-
-    It hands out followers of the download, or, when the download cannot serve a
-    client (uncached, failed, moved on), a relay straight from upstream. It must not
-    expose the download itself.
-    """
-
-    def __init__(self, fill: BlobFill, direct: Opener) -> None:
-        self._fill, self._direct = fill, direct
-        # Joining a download whose bytes are all here and verified (it is committing)
-        # costs no upstream byte: a hit, as a lookup a moment later would be.
-        self.result = HIT if fill.verified else MISS
-
-    @property
-    def digest(self) -> Digest:
-        return self._fill.digest
-
-    @property
-    def size(self) -> int | None:
-        return self._fill.size
-
-    @property
-    def upstream(self) -> str | None:
-        return self._fill.upstream
-
-    def small(self, limit: int) -> bytes | None:
-        return None
-
-    async def open(self, rng: tuple[int, int] | None) -> BlobStream:
-        start = rng[0] if rng is not None else 0
-        end = self._fill.size if rng is None else rng[1] + 1
-        follower = self._fill.clients.join(start, end)
-        if follower is not None:
-            return follower
-        return await self._direct(rng)
-
-    async def cached(self, progress: Callable[[int], None], *, every: float = 0.25) -> int:
-        """Wait for the download to be committed, telling ``progress`` every ``every`` s."""
-        fill = self._fill
-        if not fill.caching:
-            resp = fill.claim_direct()
-            if resp is not None:
-                resp.release()
-            raise NotCacheable(f"blob {fill.digest} cannot be cached")
-        while not fill.task.done():
-            progress(fill.received)
-            await asyncio.wait({fill.task}, timeout=every)
-        if fill.result is None:
-            raise BlobFailed(f"blob {fill.digest}: {fill.error or 'download failed'}")
-        return fill.result.size
+REDIRECT_EXPIRES = 20 * 60.0  # seconds a presigned blob URL handed to a client is valid
 
 
 class BlobPolicy:
@@ -122,6 +69,8 @@ class BlobPolicy:
         self._isolation = isolation
         self.corrupt = corrupt
         self.tuning = tuning  # for downloads started from now on
+        s3 = config.storage.s3
+        self._redirect = REDIRECT_EXPIRES if s3 is not None and s3.redirect else None
         self.fills: dict[Digest, BlobFill] = {}  # the download a request joins, by digest
         # Every download until its task ends: a failed one leaves ``fills`` at once
         # (new requests start afresh) but still cleans up for a moment.
@@ -166,16 +115,20 @@ class BlobPolicy:
                 f" verification {ago:.0f}s ago, so the bytes before it may be corrupt;"
                 " fetch it again from byte 0"
             )
+        asked = self._budget.now()
         info = await self._blobs.lookup(digest)
         if info is not None:
             await self._isolation.check(t, BLOB, digest)  # cached via a private namespace?
             count(self._metrics, t, "blob", HIT)
             self._budget.touch(BLOB, digest)
-            return CachedBlob(digest, info, self._budget)
+            return CachedBlob(digest, info, self._budget, self._blobs, redirect=self._redirect)
+        self._budget.vanished(BLOB, digest, since=asked)  # a lifecycle rule deleted it?
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         fill = await self._fill(t, digest)
-        source = FillSource(fill, partial(self._stream_through, t, digest, fill))
+        source = FillSource(
+            fill, partial(self._stream_through, t, digest, fill), partial(self._stored, digest)
+        )
         count(self._metrics, t, "blob", source.result)
         return source
 
@@ -227,6 +180,12 @@ class BlobPolicy:
     def _fill_done(self, fill: BlobFill) -> None:
         if self.fills.get(fill.digest) is fill:
             del self.fills[fill.digest]
+
+    async def _stored(
+        self, digest: Digest, info: BlobInfo, rng: tuple[int, int] | None
+    ) -> BlobStream | None:
+        """A blob committed a moment ago, read from the store."""
+        return await CachedBlob(digest, info, self._budget, self._blobs).open(rng)
 
     async def _stream_through(
         self, t: Target, digest: Digest, fill: BlobFill, rng: tuple[int, int] | None

@@ -1,4 +1,9 @@
-"""A cached blob as a ``BlobSource``: a verified file, pinned while it is read."""
+"""A cached blob as a ``BlobSource``: verified content, pinned while it is read.
+
+A local file is sent as it is (``sendfile``); content in a remote store is streamed
+from it (``StoredStream``) or, with ``[storage.s3] redirect``, the client is sent
+to a presigned URL of it.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from mirrorproxy.cache import BlobInfo
+from mirrorproxy.cache import BlobInfo, BlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.pullthrough.answers import HIT
 from mirrorproxy.pullthrough.source import ByteSink, FileRange, Part
+from mirrorproxy.pullthrough.storedstream import StoredStream
 
 
 class CachedBlob:
-    """A hit: the committed file of a blob (its bytes were verified when it was cached).
+    """A hit: the committed blob (its bytes were verified when it was cached).
 
-    It owns opening that file and pinning it in the budget while a client reads it;
-    it must not write to the file, nor keep it pinned past ``close``.
+    It owns opening it (the file, or a ranged read of the store) and pinning it in
+    the budget while a client reads it; it must not write to it, nor keep it pinned
+    past ``close``.
+
+    Args:
+        redirect: seconds a presigned URL handed out by ``location`` stays valid;
+            None: never redirect.
     """
 
     result = HIT
     upstream: str | None = None
 
-    def __init__(self, digest: Digest, info: BlobInfo, budget: CacheBudget) -> None:
-        self.digest, self._info, self._budget = digest, info, budget
+    def __init__(
+        self,
+        digest: Digest,
+        info: BlobInfo,
+        budget: CacheBudget,
+        store: BlobStore,
+        *,
+        redirect: float | None = None,
+    ) -> None:
+        self.digest, self._info, self._budget, self._store = digest, info, budget, store
+        self._redirect = redirect
 
     @property
     def size(self) -> int:
@@ -34,7 +54,7 @@ class CachedBlob:
 
     def small(self, limit: int) -> bytes | None:
         """A small blob in one read on the loop (page cache): cheaper than a sendfile set-up."""
-        if self._info.size > limit:
+        if self._info.size > limit or not self._info.local:
             return None
         try:
             with open(self._info.path, "rb", buffering=0) as f:
@@ -43,13 +63,21 @@ class CachedBlob:
             return None  # evicted meanwhile, say: the sendfile path reports it properly
         return data if len(data) == self._info.size else None
 
-    async def open(self, rng: tuple[int, int] | None) -> CachedStream | None:
+    async def location(self) -> str | None:
+        if self._redirect is None or self._info.local:
+            return None
+        return await self._store.url(self.digest, expires=self._redirect)
+
+    async def open(self, rng: tuple[int, int] | None) -> CachedStream | StoredStream | None:
+        start, end = (0, self._info.size) if rng is None else (rng[0], rng[1] + 1)
         self._budget.pin(self.digest)  # never evicted while being sent
+        if not self._info.local:
+            chunks = self._store.read(self.digest, start, end)
+            return StoredStream(chunks, start, end, size=self._info.size, release=self._release)
         f = _open(self._info.path)
         if f is None:
             self._budget.unpin(self.digest)
             return None
-        start, end = (0, self._info.size) if rng is None else (rng[0], rng[1] + 1)
         return CachedStream(self, f, start, end)
 
     async def cached(self, progress: Callable[[int], None]) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from types import TracebackType
 
 from mirrorproxy.cache import BlobStore, ManifestStore
@@ -24,6 +25,8 @@ from mirrorproxy.upstream.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
+READY_FOR = 1.5  # seconds a readiness answer of the store is reused
+
 
 class Engine:
     """The pull-through machinery for one cache directory: stores, budget, client, policy.
@@ -36,7 +39,8 @@ class Engine:
         self, config: Config, metrics: Metrics, *, tuning: Tuning = DEFAULT_TUNING
     ) -> None:
         self.config = config
-        stores = open_stores(config.cache)
+        stores = open_stores(config.cache, config.storage, observe=metrics.observe_store)
+        self._stores = stores
         self.blobs: BlobStore = stores.blobs
         self.manifests: ManifestStore = stores.manifests
         self.client = UpstreamClient(config, metrics)
@@ -57,13 +61,26 @@ class Engine:
             tuning=tuning,
         )
         self._flusher: asyncio.Task[None] | None = None
+        self._ready: tuple[float, str | None] | None = None  # (when, answer) of the last probe
 
     async def start(self) -> None:
-        swept = self.blobs.prepare()
-        self.manifests.prepare()
-        if swept:
-            logger.info("removed %d temp files left by an interrupted run", swept)
-        self.budget.open()
+        """Make the stores usable, open the index, start the client.
+
+        Raises:
+            StoreUnavailable: the content store cannot be used (the S3 bucket is
+                missing, refuses our keys or cannot be reached).
+        """
+        # Blocking calls (a bucket check and listing, say) in a thread: the
+        # loop may already serve another app (tests) or a metrics listener.
+        try:
+            swept = await asyncio.to_thread(self.blobs.prepare)
+            await asyncio.to_thread(self.manifests.prepare)
+            if swept:
+                logger.info("removed %d temp files or uploads left by an interrupted run", swept)
+            await asyncio.to_thread(self.budget.open)
+        except BaseException:
+            await asyncio.to_thread(self._stores.close)
+            raise
         self._flusher = asyncio.create_task(self.budget.run_flusher(), name="index flusher")
         await self.client.start()
 
@@ -81,6 +98,20 @@ class Engine:
                 logger.error("cannot save the cache index on shutdown: %s", err)
         finally:
             await self.client.close()
+            await asyncio.to_thread(self._stores.close)
+
+    async def ready(self) -> str | None:
+        """Whether the content store can be used now: None, or why not.
+
+        The answer is remembered for ``READY_FOR`` seconds, so probes hammering
+        /readyz cost the store one request a second or two.
+        """
+        now = time.monotonic()
+        if self._ready is not None and now - self._ready[0] < READY_FOR:
+            return self._ready[1]
+        answer = await self.blobs.probe()
+        self._ready = (time.monotonic(), answer)
+        return answer
 
     async def __aenter__(self) -> Engine:
         await self.start()

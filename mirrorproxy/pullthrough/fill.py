@@ -150,8 +150,8 @@ class BlobFill:
             return None
         file = self._writer.reader()
         if file is None:  # committed: the writer let go of the file
-            if self.result is None:
-                return None
+            if self.result is None or not self.result.local:
+                return None  # a remote store's object: read from the store instead
             file = open(self.result.path, "rb", buffering=0)  # noqa: SIM115 - the follower owns it
         return file
 

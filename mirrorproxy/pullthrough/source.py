@@ -139,6 +139,10 @@ class BlobSource(Protocol):
     def small(self, limit: int) -> bytes | None:
         """The whole blob in one read, if it is cached and at most ``limit`` bytes."""
 
+    async def location(self) -> str | None:
+        """A URL the client may fetch the cached blob from itself (a 307 redirect),
+        or None: the mirror sends the bytes."""
+
     async def open(self, rng: tuple[int, int] | None) -> BlobStream | None:
         """Start reading the inclusive byte range ``rng`` (None: the whole blob).
 

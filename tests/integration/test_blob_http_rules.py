@@ -1,7 +1,8 @@
 """One set of HTTP rules for blob answers, whichever way the blob is served.
 
 The same request must get the same answer from a cached blob (large: sendfile;
-small: one read), a blob still downloading, and a blob streamed through uncached:
+small: one read), a blob still downloading, and a blob streamed through uncached,
+with the cache on the local disk or in an S3 bucket (a real SeaweedFS):
 RFC 9110 ranges (200 for an unusable or multi-range header, 416 only when nothing
 overlaps), the quoted digest as ETag (so ``If-None-Match`` gives 304), and
 ``Accept-Ranges: bytes`` on every answer, HEAD included.
@@ -10,6 +11,7 @@ overlaps), the quoted digest as ETag (so ``If-None-Match`` gives 304), and
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -17,14 +19,17 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from mirrorproxy.core.oci import parse_digest
+from mirrorproxy.http import keys
 from tests.fakes.registry import payload, sha256
 from tests.support.mirror import Mirror, MirrorFactory, RunningFake
 from tests.support.paths import REPO, blob_path
+from tests.support.seaweed import SeaweedFS
 from tests.support.waiting import WAIT, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
-PATHS = ["cached", "cached-small", "downloading", "streamed"]
+PATHS = ["cached", "cached-small", "downloading", "streamed", "s3-cached", "s3-downloading"]
 
 Get = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
 
@@ -39,18 +44,27 @@ async def served(
     data = payload(size, f"rules {path}")
     digest = fake.registry.add_blob(data)
     cache = {"max_size": "64KiB"} if path == "streamed" else None
-    mirror = await start_mirror([fake.url], cache=cache)
-    if path.startswith("cached"):
+    storage = None
+    if path.startswith("s3-"):  # the same rules with the blob in an S3 bucket
+        server: SeaweedFS = request.getfixturevalue("seaweedfs")
+        storage = server.storage(prefix=f"t-{uuid.uuid4().hex}/")
+    mirror = await start_mirror([fake.url], cache=cache, storage=storage)
+    if path.endswith("cached"):
         resp = await mirror.client.get(blob_path(REPO, digest))
         assert await resp.read() == data
-        await wait_for(mirror.blob_path(digest).exists)
+        await mirror.settled()
+        assert await mirror.stored(digest)
     feeder: list[asyncio.Task[bytes]] = []
 
     async def get(headers: dict[str, str]) -> aiohttp.ClientResponse:
-        if path == "downloading":
+        if path.endswith("downloading"):
             await mirror.settled()
-            for f in mirror.blob_files():
-                f.unlink()  # forget it: each request joins a fresh, slow download
+            if storage is None:
+                for f in mirror.blob_files():
+                    f.unlink()  # forget it: each request joins a fresh, slow download
+            else:
+                blobs = mirror.client.app[keys.ENGINE].blobs
+                await asyncio.to_thread(blobs.delete, parse_digest(digest))
             fake.registry.faults.chunk_size = 64 * KIB
             fake.registry.faults.chunk_delay = 0.02
             sent = fake.registry.blob_bytes_sent

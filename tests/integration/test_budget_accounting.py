@@ -389,3 +389,37 @@ async def test_mixed_load_keeps_disk_within_max_size_plus_one_reservation(
     on_disk = disk_bytes(mirror)
     assert 0 < on_disk <= MAX
     assert await mirror.metric(SIZE) == on_disk == index_total(mirror)
+
+
+async def test_a_member_accounts_only_for_the_digests_it_owns_within_its_share(
+    tmp_path: Path,
+) -> None:
+    """The cluster seam: ``owns`` limits what is counted and evicted, ``share`` the budget."""
+    config = mirror_config(tmp_path / "cache", ["http://127.0.0.1:9"], cache={"max_size": "10KiB"})
+    blobs = FileBlobStore(config.cache.dir)
+    manifests = FileManifestStore(config.cache.dir)
+    blobs.prepare()
+    manifests.prepare()
+    mine, theirs = payload(KIB, "mine"), payload(2 * KIB, "theirs")
+    for data in (mine, theirs):
+        writer = blobs.begin(Digest.of(data))
+        await writer.write(data)
+        await writer.commit()
+    owned = {Digest.of(mine)}
+    budget = CacheBudget(
+        config.cache,
+        blobs=blobs,
+        manifests=manifests,
+        metrics=Metrics(),
+        owns=owned.__contains__,
+        share=0.5,
+    )
+    budget.open()
+    try:
+        assert budget.total == KIB  # the other member's blob is not counted
+        assert budget.limit == 5 * KIB
+        assert budget.reserve(Digest.of(b"big"), 6 * KIB).refused == "budget"
+        budget.committed(BLOB, Digest.of(theirs), 2 * KIB, NS)
+        assert budget.total == KIB
+    finally:
+        await budget.close()

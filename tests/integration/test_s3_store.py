@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from mirrorproxy.cache import DigestMismatch
 from mirrorproxy.cache.s3blobs import S3BlobStore
 from mirrorproxy.cache.s3client import S3Connection, S3StoreError
 from mirrorproxy.cache.stores import open_stores
-from mirrorproxy.config import CacheConfig, StorageConfig
+from mirrorproxy.config import CacheConfig, S3Config, StorageConfig
 from mirrorproxy.core.oci import Digest
 from tests.support.seaweed import SECRET_KEY, SeaweedFS
 
@@ -55,6 +57,7 @@ def test_a_wrong_secret_is_refused_and_never_shown(
         stores.close()
     shown = "".join(traceback.format_exception(caught.value)) + caplog.text + repr(storage)
     assert "refused" in str(caught.value)
+    assert caught.value.key == "secret_key"
     assert wrong not in shown
     assert SECRET_KEY not in shown
 
@@ -63,8 +66,9 @@ def test_a_missing_bucket_is_a_clear_error(seaweedfs: SeaweedFS, tmp_path: Path)
     storage = StorageConfig("s3", replace(seaweedfs.config(), bucket="no-such-bucket"))
     stores = open_stores(CacheConfig(dir=tmp_path), storage)
     try:
-        with pytest.raises(S3StoreError, match="no-such-bucket"):
+        with pytest.raises(S3StoreError, match="no-such-bucket") as caught:
             stores.blobs.prepare()
+        assert caught.value.key == "bucket"
     finally:
         stores.close()
 
@@ -116,3 +120,58 @@ async def test_parts_go_up_during_the_download_and_an_abort_drops_them(
     await writer.abort()
     assert conn.run(conn.uploads()) == []
     assert await small_parts.lookup(digest) is None
+
+
+async def test_a_presigned_url_gets_the_blob_without_credentials(
+    small_parts: S3BlobStore,
+) -> None:
+    data = pattern(MIB + 7)
+    digest = Digest.of(data)
+    writer = small_parts.begin(digest)
+    await writer.write(data)
+    await writer.commit()
+    url = await small_parts.url(digest, expires=60)
+    assert url is not None
+    assert SECRET_KEY not in url
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200
+            assert await resp.read() == data
+        async with session.get(url, headers={"Range": "bytes=10-19"}) as resp:
+            assert resp.status == 206
+            assert await resp.read() == data[10:20]
+
+
+def test_orphaned_uploads_are_aborted_at_start_and_young_ones_kept(
+    seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    conn = S3Connection(seaweedfs.config(prefix=f"t-{uuid.uuid4().hex}/"))
+    try:
+        store = S3BlobStore(conn, tmp_path, stale_upload=3600.0)
+        store.prepare()
+        started = conn.run(
+            conn.client.create_multipart_upload(Bucket=conn.config.bucket, Key=conn.key("blobs/x"))
+        )
+        assert store.prepare() == 0  # young: it may be a running member's
+        assert [u[1] for u in conn.run(conn.uploads())] == [started["UploadId"]]
+        store.stale_upload = 0.0
+        assert store.prepare() == 1
+        assert conn.run(conn.uploads()) == []
+    finally:
+        conn.close()
+
+
+def test_an_unreachable_endpoint_fails_fast_naming_the_endpoint(
+    closed_port_url: str, tmp_path: Path
+) -> None:
+    storage = StorageConfig("s3", S3Config(endpoint=closed_port_url, bucket="b"))
+    stores = open_stores(CacheConfig(dir=tmp_path), storage)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3StoreError) as caught:
+            stores.blobs.prepare()
+        assert time.monotonic() - began < 10
+    finally:
+        stores.close()
+    assert caught.value.key == "endpoint"
+    assert "unreachable" in str(caught.value)

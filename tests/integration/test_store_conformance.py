@@ -190,6 +190,24 @@ async def test_an_absent_blob_is_absent_everywhere(backend: Backend) -> None:
     assert listed(backend.stores) == set()
 
 
+async def test_a_stored_blob_is_streamed_by_range(backend: Backend) -> None:
+    data = blob(300 * KIB)
+    digest = Digest.of(data)
+    await put_blob(backend.stores, data)
+    blobs = backend.stores.blobs
+    part = [c async for c in blobs.read(digest, 1000, 200_000)]
+    assert b"".join(part) == data[1000:200_000]
+    assert max(len(c) for c in part) <= 1024 * KIB  # bounded chunks, never the whole blob
+    assert b"".join([c async for c in blobs.read(digest, 0, len(data))]) == data
+    with pytest.raises(FileNotFoundError):
+        async for _ in blobs.read(Digest.of(b"never stored"), 0, 10):
+            pass
+
+
+async def test_a_usable_store_says_it_is_ready(backend: Backend) -> None:
+    assert await backend.stores.blobs.probe() is None
+
+
 async def test_a_blob_being_written_is_invisible_until_committed(backend: Backend) -> None:
     data = blob(256 * KIB)
     digest = Digest.of(data)

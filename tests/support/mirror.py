@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config, parse_config
+from mirrorproxy.core.oci import parse_digest
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http import keys
 from tests.fakes.registry import FakeRegistry
@@ -53,6 +54,11 @@ class Mirror:
     @property
     def cache_dir(self) -> Path:
         return self.config.cache.dir
+
+    async def stored(self, digest: str) -> bool:
+        """Whether the mirror's blob store holds ``digest`` (a file or an object)."""
+        found = await self.client.app[keys.ENGINE].blobs.lookup(parse_digest(digest))
+        return found is not None
 
     async def settled(self) -> None:
         """Wait until downloads are in place: a client gets its last byte when the
@@ -138,6 +144,7 @@ class MirrorFactory(Protocol):
         cache: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         tuning: Tuning = DEFAULT_TUNING,
+        storage: Mapping[str, Any] | None = None,
     ) -> Awaitable[Mirror]: ...
 
 
@@ -152,18 +159,21 @@ def mirror_config(
     cache: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
     cluster: Mapping[str, Any] | None = None,
+    storage: Mapping[str, Any] | None = None,
 ) -> Config:
     """The mirror's config: ``docker.io`` (or ``namespaces``) served by ``upstreams``.
 
     ``cache`` adds keys to the ``[cache]`` table as the TOML file would give them,
     e.g. ``{"max_size": "300KiB", "min_free": "10%", "offline": True}``; ``server``
     likewise to ``[server]`` (``{"client_timeout": "500ms"}``); ``cluster`` is the
-    ``[cluster]`` table.
+    ``[cluster]`` table; ``storage`` is the ``[storage]`` table
+    (``SeaweedFS.storage()`` gives one for the test bucket).
     """
     nss = {NS: upstreams} if namespaces is None else namespaces
     data = {
         **({"server": dict(server)} if server else {}),
         **({"cluster": dict(cluster)} if cluster else {}),
+        **({"storage": dict(storage)} if storage else {}),
         "cache": {"dir": str(cache_dir), "tag_ttl": tag_ttl, **(cache or {})},
         "defaults": {
             "connect_timeout": "1s",

