@@ -28,6 +28,13 @@ class Tuning:
     # Once the disk failed: bytes kept in memory for the followers; past this the
     # download waits for the slowest of them.
     stream_buffer: int = 16 * MIB
+    # Upstream body reads: the kernel writes into buffers of read_piece bytes (each
+    # filled by several reads, handed on as views); past read_ahead unread bytes
+    # the socket is paused.
+    # 1 MiB pieces saved a little more CPU, but held memory in coarser steps (a
+    # download degraded to memory-only briefly held over twice stream_buffer).
+    read_piece: int = 256 * KIB
+    read_ahead: int = 8 * MIB
     max_resumes: int = 3
     unclaimed_timeout: float = 30.0  # a direct response nobody picked up is closed after this
     shutdown_grace: float = 10.0  # seconds running downloads get to finish at shutdown

@@ -42,7 +42,8 @@ class ChunkWindow:
 
     def __init__(self, *, live_max: int, live_buffer: int) -> None:
         self._live_max, self._live_buffer = live_max, live_buffer
-        self._chunks: deque[tuple[int, bytes]] = deque()
+        # Chunks are never changed once held: a live client's transport may keep a view.
+        self._chunks: deque[tuple[int, bytes | memoryview]] = deque()
         self.bytes = 0  # held in memory
         self.live: list[LiveFollower] = []
         self.verified = False  # set by ``release_end``: last bytes may go out
@@ -51,7 +52,7 @@ class ChunkWindow:
         """Offset of the first byte held (``default`` when nothing is)."""
         return self._chunks[0][0] if self._chunks else default
 
-    def add(self, offset: int, chunk: bytes) -> None:
+    def add(self, offset: int, chunk: bytes | memoryview) -> None:
         """Hold ``chunk`` and write it to the live clients."""
         self._chunks.append((offset, chunk))
         self.bytes += len(chunk)
@@ -116,7 +117,7 @@ class ChunkWindow:
                     self._send(live, offset, chunk)
             self.leave(live)
 
-    def _send(self, live: LiveFollower, offset: int, chunk: bytes) -> None:
+    def _send(self, live: LiveFollower, offset: int, chunk: bytes | memoryview) -> None:
         """Write what ``live`` lacks of ``chunk``; its last byte only once verified."""
         sink = live.sink
         last = live.end if self.verified else live.end - 1

@@ -366,12 +366,13 @@ class BlobFill:
 
     async def _pump(self, resp: UpstreamResponse, writer: BlobWriterProto) -> None:
         """Copy the body to live clients and the writer; after a resume from 0, skip."""
-        skip = self.received - resp.offset
-        batch: list[bytes] = []
+        skip, t = self.received - resp.offset, self._tuning
+        batch: list[bytes | memoryview] = []
         batched = 0
         try:
             while True:
-                chunk = await resp.readany()
+                part = t.stream_buffer // 8 if self._streaming else t.read_piece
+                chunk = await resp.read_chunk(part, piece=t.read_piece, limit=t.read_ahead)
                 if not chunk:
                     break
                 if skip:
@@ -389,12 +390,12 @@ class BlobFill:
                 self.clients.arrived(offset, chunk)
                 batch.append(chunk)
                 batched += len(chunk)
-                if batched >= self._tuning.write_batch or self._streaming:
+                if batched >= t.write_batch or self._streaming:
                     queued, batch, batched = batch, [], 0  # queued once, even if cancelled
                     await writer.write(*queued)
                 if self._streaming:
                     self.clients.notify()
-                    await self.clients.room(self._tuning.stream_buffer)
+                    await self.clients.room(t.stream_buffer)
         finally:
             if batch:  # good bytes before a cut still count: resume after them
                 await writer.write(*batch)

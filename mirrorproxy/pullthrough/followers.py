@@ -247,7 +247,7 @@ class FillClients:
 
     # -- what the download reports ---------------------------------------------------
 
-    def arrived(self, offset: int, chunk: bytes) -> None:
+    def arrived(self, offset: int, chunk: bytes | memoryview) -> None:
         """Hold a chunk from upstream (and write it to the live clients)."""
         self.memory.add(offset, chunk)
 

@@ -2,13 +2,15 @@
 the attempts of every endpoint that failed and the error the client gets for them.
 
 These types carry no aiohttp object out of ``upstream``: an open response offers
-the reads its callers need (``readany``, ``iter_chunked``, ``read``, ``read_limited``)
-and nothing of the connection beneath. Reading may raise ``aiohttp.ClientError`` or
-``TimeoutError`` (a cut or stalled upstream), as the client's own requests do.
+the reads its callers need (``readany``, ``read_chunk``, ``iter_chunked``, ``read``,
+``read_limited``) and nothing of the connection beneath. Reading may raise
+``aiohttp.ClientError`` or ``TimeoutError`` (a cut or stalled upstream), as the
+client's own requests do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from yarl import URL
 
 from mirrorproxy.config import Upstream
 from mirrorproxy.core.errors import BadGateway, GatewayTimeout, RegistryError, Relayed, Unavailable
+from mirrorproxy.upstream.bodyreader import BodyReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class UpstreamResponse:
         self.upstream = upstream
         self._resp = resp
         self.offset = offset  # byte position of the first body byte (Range resumes)
+        self._body: BodyReader | None = None  # reads the body once taken over
 
     @property
     def status(self) -> int:
@@ -140,6 +144,43 @@ class UpstreamResponse:
     async def readany(self) -> bytes:
         """The next bytes of the body as they come (any amount); ``b""`` at its end."""
         return await self._resp.content.readany()
+
+    async def read_chunk(self, at_most: int, *, piece: int, limit: int) -> bytes | memoryview:
+        """The next bytes of a body read for relaying, at most ``at_most`` once taken
+        over (below); ``b""`` at its end.
+
+        Once aiohttp's buffer is drained, a body of known length with at least
+        ``piece`` bytes to come is read by a ``BodyReader``: into buffers of
+        ``piece`` bytes, at most ``limit`` of them unread, and no copy on the way
+        (the connection is then closed on release, not reused). Otherwise as
+        aiohttp reads it, piece by piece as received (``readany`` would join them
+        into a new copy).
+        """
+        if self._body is not None:
+            return await self._body.read(at_most)
+        content = self._resp.content
+        data = content.read_nowait()
+        if data:
+            return data
+        remaining = (self.content_length or 0) - content.total_bytes
+        conn = self._resp.connection
+        if remaining >= piece and not content.is_eof() and conn is not None:
+            transport = conn.transport
+            previous = transport.get_protocol() if transport is not None else None
+            if isinstance(transport, asyncio.Transport) and previous is not None:
+                self._body = BodyReader(
+                    transport,
+                    previous,
+                    remaining=remaining,
+                    piece=piece,
+                    limit=limit,
+                    stall=self.upstream.read_timeout,
+                )
+                return await self._body.read(at_most)
+        while True:
+            data, end_of_http_chunk = await content.readchunk()
+            if data or not end_of_http_chunk:
+                return data
 
     def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         """The rest of the body in chunks of at most ``n`` bytes."""

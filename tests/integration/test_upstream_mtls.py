@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from mirrorproxy.config import parse_config
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
-from tests.support.paths import REPO, manifest_path
+from tests.support.paths import REPO, blob_path, manifest_path
 from tests.support.tls import CertKey, issue_server_cert, make_ca
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -78,6 +78,13 @@ async def test_mutual_tls_upstream(
     if with_client_cert:
         assert resp.status == 200
         assert await resp.read() == img.manifest
+        # A blob big enough for the mirror to read its body off the TLS connection
+        # into its own buffers (BodyReader), cached and served whole.
+        data = bytes(range(256)) * (12 * 1024 + 7)
+        digest = registry.add_blob(data)
+        blob = await mirror.get(blob_path(REPO, digest))
+        assert blob.status == 200
+        assert await blob.read() == data
     else:
         assert resp.status in (502, 503)
         detail = (await resp.json())["errors"][0]["detail"]["upstreams"][0]

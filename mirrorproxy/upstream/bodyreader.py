@@ -1,0 +1,149 @@
+"""Reading the rest of a large response body straight from the socket into our buffers.
+
+aiohttp hands a body over as one new ``bytes`` object per socket read and copies
+each of them once more in its parser, into freshly allocated memory: for a blob
+that is a copy and a round of page faults per byte, on the event loop. Once
+aiohttp has handed over what it already buffered, ``BodyReader`` becomes the
+connection's protocol (an ``asyncio.BufferedProtocol``): the kernel writes the
+body straight into pieces of our own (``recv_into``; through the TLS layer alike),
+each piece filled by several reads and handed out as views, never copied.
+
+It owns the body's bytes from that point and the connection's reads; it must not
+parse HTTP (the headers and the framing are aiohttp's: only a body of known length
+is taken over) nor reuse a piece once part of it was handed out (the views go to
+the disk, the hash and client sockets). The connection is not reused after it
+(aiohttp sees an unfinished body and closes it on release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import aiohttp
+
+
+class BodyReader(asyncio.BufferedProtocol):
+    """The last ``remaining`` bytes of a body, read into ``piece``-sized buffers.
+
+    At most ``limit`` bytes wait unread before the socket is paused. A read that
+    brings nothing for ``stall`` seconds raises ``aiohttp.ServerTimeoutError``; a
+    connection that ends early raises ``aiohttp.ClientPayloadError``, as aiohttp's
+    own body reads do, so callers handle both alike.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        previous: asyncio.BaseProtocol,
+        *,
+        remaining: int,
+        piece: int,
+        limit: int,
+        stall: float,
+    ) -> None:
+        self._transport, self._previous = transport, previous
+        self._remaining, self._piece, self._limit, self._stall = remaining, piece, limit, stall
+        self._buf = bytearray()  # the piece being filled
+        self._filled = 0  # bytes of ``_buf`` received
+        self._handed = 0  # bytes of ``_buf`` handed out
+        self._ready: deque[memoryview] = deque()  # full pieces' parts not handed out yet
+        self._unread = 0  # bytes received and not handed out
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        transport.set_protocol(self)
+
+    # -- the protocol (called by the transport) ------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._filled == len(self._buf):
+            if self._handed < self._filled:
+                self._ready.append(memoryview(self._buf)[self._handed :])
+            # A new piece, never the old one: its views may still be in use.
+            self._buf = bytearray(max(1, min(self._piece, self._remaining)))
+            self._filled = self._handed = 0
+        return memoryview(self._buf)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes > self._remaining:
+            self._fail(aiohttp.ClientPayloadError("upstream sent more than the body's length"))
+            self._transport.abort()
+            return
+        self._filled += nbytes
+        self._remaining -= nbytes
+        self._unread += nbytes
+        if self._remaining == 0:
+            # Every byte is here: give the connection back, still paused (it is
+            # closed on release; aiohttp never saw the end of this body).
+            self._pause()
+            self._transport.set_protocol(self._previous)
+        elif self._unread >= self._limit:
+            self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._fail(aiohttp.ClientPayloadError("upstream closed the body before its end"))
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiohttp.ClientPayloadError(f"upstream connection lost: {exc or 'closed'}"))
+        self._previous.connection_lost(exc)  # aiohttp's bookkeeping of the connection
+
+    # -- the reader's side ----------------------------------------------------------
+
+    async def read(self, at_most: int) -> memoryview | bytes:
+        """The next bytes received, at most ``at_most`` (a view on a piece); ``b""``
+        after the last.
+
+        Raises:
+            aiohttp.ClientPayloadError: the connection ended before the body did.
+            aiohttp.ServerTimeoutError: nothing came for ``stall`` seconds.
+        """
+        while True:
+            if self._ready:
+                view = self._ready.popleft()
+                if len(view) > at_most:
+                    view, rest = view[:at_most], view[at_most:]
+                    self._ready.appendleft(rest)
+                return self._took(view)
+            if self._handed < self._filled:
+                stop = min(self._filled, self._handed + at_most)
+                view = memoryview(self._buf)[self._handed : stop]
+                self._handed = stop
+                return self._took(view)
+            if self._error is not None:
+                raise self._error
+            if self._remaining == 0:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._stall):
+                    await self._waiter
+            except TimeoutError:
+                raise aiohttp.ServerTimeoutError(
+                    f"no body bytes from upstream for {self._stall:g}s"
+                ) from None
+            finally:
+                self._waiter = None
+
+    def _took(self, view: memoryview) -> memoryview:
+        self._unread -= len(view)
+        if self._paused and self._remaining and self._unread < self._limit // 2:
+            self._paused = False
+            self._transport.resume_reading()
+        return view
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _fail(self, err: BaseException) -> None:
+        if self._error is None and self._remaining:
+            self._error = err
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
