@@ -3,10 +3,9 @@
 The download runs as its own task, detached from any client, so it completes (and
 the cache gets the blob) even when the client that started it goes away. Each
 client joins as a ``Follower`` (``followers.py``) and reads the temp file as it
-grows, at its own pace; the few that keep up with the download are "live": each
-chunk goes to the sink they brought (their socket) straight from memory, so they do
-not wait for the disk. A live client that falls behind goes back to the file. In a
-[cluster] the blob's owner is asked first (``route``), like one more upstream.
+grows, at its own pace; the few that keep up are "live": each chunk goes to their
+socket straight from memory, not waiting for the disk (one that falls behind goes
+back to the file). In a [cluster] the owner is asked first (``route``).
 
 Integrity: the last byte of every response (whole blob or range) is held back
 until the digest is verified, so a corrupt download never reaches a client whole.

@@ -117,11 +117,9 @@ def test_mistakes_name_file_and_key(tmp_path: Path, text: str, want: str) -> Non
     assert error(tmp_path, "[cluster]\n" + text).startswith(want)
 
 
-def test_every_example_config_loads() -> None:
-    examples = sorted((Path(__file__).resolve().parents[2] / "config").glob("*.toml"))
-    assert len(examples) >= 2
-    for path in examples:
-        load_config(path)
-    cluster = load_config(examples[0].parent / "mirrorproxy-cluster.toml").cluster
+def test_the_cluster_example_lists_itself_among_the_members() -> None:
+    # (every example loads: tests/unit/test_config_examples.py)
+    example = Path(__file__).resolve().parents[2] / "config" / "mirrorproxy-cluster.toml"
+    cluster = load_config(example).cluster
     assert cluster is not None
     assert cluster.self_url in cluster.members
