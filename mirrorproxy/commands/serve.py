@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         cache_dir=args.cache_dir,
         offline=args.offline,
+        workers=args.workers,
     )
     if config.storage.backend != "filesystem":
         # The S3 store passes the store conformance suite, but the request path does
