@@ -18,6 +18,13 @@ a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
 plus what running fills have reserved. Last use is tracked in memory and written
 to the index in batches, off the hot path.
 
+Several processes serving one cache (``[server] workers``) each run a budget with
+``owns`` and ``share``: a worker accounts for, and evicts, only the entries whose
+digest it owns (whoever wrote them), within ``share`` of ``max_size``. So no worker
+believes it has the whole budget, and none evicts what another one accounts for;
+what a worker serves of another's entries reaches the index as use (last_used)
+at its next flush, which keeps it from being the owner's least recently used.
+
 Over 300 lines because admission, accounting and eviction share one total, the
 pins and the reservations: split apart, each part would reach into the others'
 state. It reaches content only through the store Protocols and the index.
@@ -83,8 +90,14 @@ class CacheBudget:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         flush_interval: float = DEFAULT_TUNING.index_flush,
+        owns: Callable[[Digest], bool] | None = None,
+        share: float = 1.0,
     ) -> None:
+        """``owns``: the digests this budget accounts for and may evict (None: all);
+        ``share``: its part of ``max_size`` (0 < share <= 1)."""
         self._config = config
+        self._owns = owns
+        self._limit = int(config.max_size * share)
         self.flush_interval = flush_interval  # seconds between index flushes
         self._blobs = blobs
         self._manifests = manifests
@@ -101,7 +114,9 @@ class CacheBudget:
 
     def open(self) -> None:
         """Open the index and make it agree with the stores (run once at start)."""
-        self.index = CacheIndex.of_cache(self._config.dir)
+        self.index = CacheIndex.of_cache(
+            self._config.dir, owns=None if self._owns is None else _Owned(self._owns)
+        )
         added, dropped = self.index.reconcile_with(
             chain(self._blobs.contents(), self._manifests.contents())
         )
@@ -194,7 +209,7 @@ class CacheBudget:
         if self._clock() < self._blocked_until:
             return Reservation(key, 0, refused=WRITE_ERROR)
         need = size or 0
-        limit = self._config.max_size
+        limit = self._limit
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
             return Reservation(key, 0, refused=BUDGET)
@@ -232,7 +247,7 @@ class CacheBudget:
             # and record it when the index can be written again (flush).
             logger.error("cannot record %s %s in the cache index: %s", kind, digest, err)
             self._unindexed[(kind, str(digest))] = (size, namespace)
-            change = size
+            change = size if self.index.accounts_for(str(digest)) else 0
         self.total += change
         self._metrics.cache_size_bytes.set(self.total)
         self._make_room(0)  # its size was not known up front (or a manifest)
@@ -250,7 +265,7 @@ class CacheBudget:
         """
         reserved = self._reserved()
         short = 0
-        limit = self._config.max_size
+        limit = self._limit
         if limit:
             short = self.total + reserved + need - limit
         try:
@@ -270,10 +285,16 @@ class CacheBudget:
         held = set(self._pins) | {r.digest for r in self._reservations}
         in_use = 0
         for digest in held:
+            if not self.index.accounts_for(digest):
+                continue
             for kind in (BLOB, MANIFEST):
                 entry = self.index.get(kind, digest)
                 in_use += entry.size if entry is not None else 0
-        unindexed = sum(size for size, _ in self._unindexed.values())
+        unindexed = sum(
+            size
+            for (_, digest), (size, _) in self._unindexed.items()
+            if self.index.accounts_for(digest)
+        )
         return self.total - unindexed - in_use
 
     def _make_room(self, need: int) -> bool:
@@ -342,3 +363,23 @@ class CacheBudget:
         self._metrics.cache_evictions.labels(entry.kind).inc()
         logger.info("evicted %s %s (%d bytes)", entry.kind, entry.digest, entry.size)
         return True
+
+
+class _Owned:
+    """``owns`` over the index's digest strings, remembered: recounting a share asks
+    it of every entry, and rendezvous hashing costs a hash per worker."""
+
+    LIMIT = 1 << 18  # entries remembered (then forgotten at once, and relearnt)
+
+    def __init__(self, owns: Callable[[Digest], bool]) -> None:
+        self._owns = owns
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, text: str) -> bool:
+        known = self._known.get(text)
+        if known is None:
+            if len(self._known) >= self.LIMIT:
+                self._known.clear()
+            algorithm, _, hex_ = text.partition(":")  # the index holds valid digests only
+            known = self._known[text] = self._owns(Digest(algorithm, hex_))
+        return known
