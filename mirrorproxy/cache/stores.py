@@ -27,9 +27,10 @@ class Stores:
     blobs: BlobStore
     manifests: ManifestStore
     close: Callable[[], None] = _nothing  # releases what the backend holds open
-    # Every member of a [cluster] sees the same content (one bucket): what the owner
-    # committed is there already, and a forwarding member need not write it again.
-    # False for the filesystem (each member keeps its own copy).
+    # Every member of a cluster sees the same content (one bucket, or the one cache
+    # directory of a server's workers): what the owner committed is there already,
+    # so a member that gets a blob from its owner relays it and writes nothing.
+    # False for a filesystem cache of its own (each member keeps its own copy).
     shared: bool = False
 
     def of(self, kind: str) -> ContentStore:
@@ -37,17 +38,24 @@ class Stores:
         return self.blobs if kind == BLOB else self.manifests
 
 
-def open_stores(cache: CacheConfig, storage: StorageConfig | None = None) -> Stores:
+def open_stores(
+    cache: CacheConfig, storage: StorageConfig | None = None, *, shared: bool = False
+) -> Stores:
     """The configured backend's stores: the filesystem under ``[cache] dir`` unless
-    ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files)."""
+    ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files).
+
+    ``shared``: other cluster members (a server's workers) use this same directory.
+    A bucket is shared by every member that names it.
+    """
     if storage is not None and storage.s3 is not None:
         from mirrorproxy.cache.s3blobs import S3BlobStore
         from mirrorproxy.cache.s3client import S3Connection
         from mirrorproxy.cache.s3manifests import S3ManifestStore
 
         conn = S3Connection(storage.s3)
-        return Stores(S3BlobStore(conn, cache.dir), S3ManifestStore(conn), conn.close)
+        return Stores(S3BlobStore(conn, cache.dir), S3ManifestStore(conn), conn.close, shared=True)
     return Stores(
         blobs=FileBlobStore(cache.dir),
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),
+        shared=shared,
     )

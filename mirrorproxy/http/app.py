@@ -23,15 +23,20 @@ from mirrorproxy.http.observability import setup_observability
 from mirrorproxy.http.requestctx import request_context_middleware
 from mirrorproxy.http.routes import setup_routes
 from mirrorproxy.observability.metrics import Metrics
-from mirrorproxy.pullthrough.engine import Engine
+from mirrorproxy.pullthrough.engine import Engine, Sharing
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, tuning: Tuning = DEFAULT_TUNING
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    tuning: Tuning = DEFAULT_TUNING,
+    sharing: Sharing | None = None,
 ) -> web.Application:
-    """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it)."""
+    """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it);
+    ``sharing``: one of a server's workers over the same cache (``serve --workers``)."""
     app = web.Application(
         middlewares=[
             request_context_middleware,
@@ -41,7 +46,7 @@ def create_app(
         ]
     )
     metrics = metrics or Metrics()
-    engine = Engine(config, metrics, tuning=tuning)
+    engine = Engine(config, metrics, tuning=tuning, sharing=sharing)
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
     app[keys.PULLTHROUGH] = engine.pullthrough

@@ -11,18 +11,34 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 from mirrorproxy.cache import BlobStore, ManifestStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.stores import open_stores
 from mirrorproxy.config import Config
+from mirrorproxy.core.oci import Digest
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.policy import PullThrough
 from mirrorproxy.upstream.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """This engine is one of several over the same cache directory (a server's workers).
+
+    The stores are then shared (a blob another worker owns is relayed from it, not
+    written again), and the budget accounts for and evicts only what ``owns`` says,
+    within ``share`` of ``max_size``.
+    """
+
+    owns: Callable[[Digest], bool]
+    share: float
 
 
 class Engine:
@@ -33,10 +49,15 @@ class Engine:
     """
 
     def __init__(
-        self, config: Config, metrics: Metrics, *, tuning: Tuning = DEFAULT_TUNING
+        self,
+        config: Config,
+        metrics: Metrics,
+        *,
+        tuning: Tuning = DEFAULT_TUNING,
+        sharing: Sharing | None = None,
     ) -> None:
         self.config = config
-        stores = open_stores(config.cache)
+        stores = open_stores(config.cache, shared=sharing is not None)
         self.blobs: BlobStore = stores.blobs
         self.manifests: ManifestStore = stores.manifests
         self.client = UpstreamClient(config, metrics)
@@ -46,6 +67,8 @@ class Engine:
             manifests=self.manifests,
             metrics=metrics,
             flush_interval=tuning.index_flush,
+            owns=sharing.owns if sharing is not None else None,
+            share=sharing.share if sharing is not None else 1.0,
         )
         self.pullthrough = PullThrough(
             config,
@@ -55,6 +78,7 @@ class Engine:
             client=self.client,
             metrics=metrics,
             tuning=tuning,
+            shared=stores.shared,
         )
         self._flusher: asyncio.Task[None] | None = None
 
