@@ -112,14 +112,17 @@ class CacheBudget:
         self._unindexed: dict[tuple[str, str], tuple[int, str]] = {}  # retried by flush
         self.write_retry = WRITE_RETRY
 
-    def open(self) -> None:
-        """Open the index and make it agree with the stores (run once at start)."""
+    def open(self, *, reconcile: bool = True) -> None:
+        """Open the index and make it agree with the stores (run once at start;
+        ``reconcile=False``: another process serving this cache did that)."""
         self.index = CacheIndex.of_cache(
             self._config.dir, owns=None if self._owns is None else _Owned(self._owns)
         )
-        added, dropped = self.index.reconcile_with(
-            chain(self._blobs.contents(), self._manifests.contents())
-        )
+        added = dropped = 0
+        if reconcile:
+            added, dropped = self.index.reconcile_with(
+                chain(self._blobs.contents(), self._manifests.contents())
+            )
         if added or dropped:
             logger.info("cache index reconciled: %d entries added, %d dropped", added, dropped)
         self.total = self.index.total_size()

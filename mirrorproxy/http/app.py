@@ -34,9 +34,11 @@ def create_app(
     metrics: Metrics | None = None,
     tuning: Tuning = DEFAULT_TUNING,
     sharing: Sharing | None = None,
+    metrics_listener: bool = True,
 ) -> web.Application:
     """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it);
-    ``sharing``: one of a server's workers over the same cache (``serve --workers``)."""
+    ``sharing``: one of a server's workers over the same cache (``serve --workers``);
+    ``metrics_listener``: False in the workers that leave ``[metrics] listen`` to one."""
     app = web.Application(
         middlewares=[
             request_context_middleware,
@@ -57,7 +59,7 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_registry_headers)
-    setup_observability(app, config, metrics)
+    setup_observability(app, config, metrics, listener=metrics_listener)
     setup_routes(app, metrics_route=config.metrics.listen is None)
     setup_client_auth(app, config, metrics)  # innermost middleware; only with [server.auth]
     return app

@@ -39,6 +39,7 @@ class Sharing:
 
     owns: Callable[[Digest], bool]
     share: float
+    reconcile: bool = False  # this one makes the index agree with the files at start
 
 
 class Engine:
@@ -57,6 +58,7 @@ class Engine:
         sharing: Sharing | None = None,
     ) -> None:
         self.config = config
+        self._sharing = sharing
         stores = open_stores(config.cache, shared=sharing is not None)
         self.blobs: BlobStore = stores.blobs
         self.manifests: ManifestStore = stores.manifests
@@ -87,7 +89,7 @@ class Engine:
         self.manifests.prepare()
         if swept:
             logger.info("removed %d temp files left by an interrupted run", swept)
-        self.budget.open()
+        self.budget.open(reconcile=self._sharing is None or self._sharing.reconcile)
         self._flusher = asyncio.create_task(self.budget.run_flusher(), name="index flusher")
         await self.client.start()
 
