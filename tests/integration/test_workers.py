@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.registry import payload
+from tests.support.cluster import member_ports
 from tests.support.mirror import FakeFactory, RunningFake
 from tests.support.paths import NS, REPO, blob_path
-from tests.support.cluster import member_ports
 from tests.support.procs import MirrorProcess, mirror_config
 from tests.support.waiting import WAIT, wait_for
 
