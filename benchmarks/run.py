@@ -22,7 +22,15 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import blob_scenarios, data, machine, profiling, pull_scenarios, rate_scenarios
+from benchmarks import (
+    blob_scenarios,
+    data,
+    machine,
+    profiling,
+    pull_scenarios,
+    rate_scenarios,
+    worker_scenarios,
+)
 from benchmarks.measure import Background
 from benchmarks.plan import Context, KiB, Plan
 from benchmarks.report import Outcome, render
@@ -31,7 +39,7 @@ from benchmarks.stack import running_stack
 RESULTS = Path(__file__).resolve().parent / "results.md"
 BEGIN = "<!-- BEGIN LATEST RUN (written by benchmarks/run.py) -->"
 END = "<!-- END LATEST RUN -->"
-ALL = (1, 2, 3, 4, 5, 6, 7)
+ALL = (1, 2, 3, 4, 5, 6, 7, 8)
 TOOLS = {"docker-registry": "docker-registry", "nginx": "nginx-light", "wrk": "wrk"}
 CTR_TOOLS = {"containerd": "containerd", "ctr": "containerd"}
 
@@ -135,6 +143,14 @@ def run_scenarios(ctx: Context, chosen: Sequence[int]) -> list[Outcome]:
             up, storage, "bench/small", plan.small_count, plan.small_size
         )
         steps.append((7, lambda: rate_scenarios.small_blobs(ctx, small)))
+    if 8 in chosen:
+        ctx.log("pushing an image, small blobs and a blob for the workers scenario")
+        w_app = data.push_image(up, "bench/wapp", "v1", [KiB] * plan.image_layers, seed=8)
+        w_small = data.push_small_blobs(
+            up, storage, "bench/wsmall", plan.small_count, plan.small_size
+        )
+        w_herd = data.push_random_blob(up, storage, "bench/wherd", plan.herd_blob)
+        steps.append((8, lambda: worker_scenarios.workers(ctx, w_app, w_small, w_herd)))
     ctx.log("flushing the pushed data to disk (os.sync)")
     os.sync()  # so no scenario pays for writing back what the pushes left dirty
     outcomes = []

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="never contact upstreams; serve only what is cached (overrides [cache] offline)",
     )
     serve.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help='serving processes on the one address ("auto": one per core; overrides'
+        " [server] workers)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     serve.add_argument("--log-format", default="text", choices=["text", "json"])

@@ -18,15 +18,14 @@ a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
 plus what running fills have reserved. Last use is tracked in memory and written
 to the index in batches, off the hot path.
 
-With a remote store (S3) the same holds for the bucket: the index is local (in
-``[cache] dir``), rebuilt from the bucket's listing at start, and eviction deletes
-objects through the store. Objects deleted behind the budget's back (a bucket
-lifecycle rule) are noticed when a lookup misses (``vanished``). The statvfs
-check then guards the local disk, which holds every blob's temp file.
+With S3 the index stays local, is rebuilt from the bucket's listing at start, and
+eviction deletes objects; objects a lifecycle rule deleted are forgotten when a
+lookup misses (``vanished``). statvfs then guards the local disk (temp files).
 
-Seam for a cluster sharing one bucket: ``owns`` (which digests this member
-accounts for, default all) and ``share`` (its part of ``max_size``, default 1.0).
-Only owned content is counted and evicted, against ``share * max_size``.
+Budgets splitting one cache (``[server] workers``; a static [cluster] over one
+bucket) get ``owns`` and ``share``: each accounts for, and evicts, only the entries
+whose digest it owns (whoever wrote them), within ``share`` of ``max_size``; use by
+the others reaches the index (last_used) at their next flush.
 
 Over 300 lines because admission, accounting and eviction share one total, the
 pins and the reservations: split apart, each part would reach into the others'
@@ -46,6 +45,7 @@ from itertools import chain
 
 from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, ManifestStore
 from mirrorproxy.cache.index import CacheIndex, Entry
+from mirrorproxy.cache.ownership import OwnedDigests
 from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.core.tuning import DEFAULT_TUNING
@@ -55,10 +55,6 @@ logger = logging.getLogger(__name__)
 
 BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
-
-
-def _everything(digest: Digest) -> bool:
-    return True
 
 
 class Reservation:
@@ -97,12 +93,14 @@ class CacheBudget:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         flush_interval: float = DEFAULT_TUNING.index_flush,
-        owns: Callable[[Digest], bool] = _everything,
+        owns: Callable[[Digest], bool] | None = None,
         share: float = 1.0,
     ) -> None:
+        """``owns``: the digests this budget accounts for and may evict (None: all);
+        ``share``: its part of ``max_size`` (0 < share <= 1)."""
         self._config = config
-        self._owns = owns  # the digests this member accounts for (a cluster's share)
-        self.limit = int(config.max_size * share)  # bytes this member may keep; 0: no limit
+        self._owns = owns
+        self.limit = int(config.max_size * share)
         self.flush_interval = flush_interval  # seconds between index flushes
         self._blobs = blobs
         self._manifests = manifests
@@ -117,11 +115,17 @@ class CacheBudget:
         self._unindexed: dict[tuple[str, str], tuple[int, str]] = {}  # retried by flush
         self.write_retry = WRITE_RETRY
 
-    def open(self) -> None:
-        """Open the index and make it agree with the stores (run once at start)."""
-        self.index = CacheIndex.of_cache(self._config.dir)
-        stored = chain(self._blobs.contents(), self._manifests.contents())
-        added, dropped = self.index.reconcile_with(c for c in stored if self._owns(c.digest))
+    def open(self, *, reconcile: bool = True) -> None:
+        """Open the index and make it agree with the stores (run once at start;
+        ``reconcile=False``: another process serving this cache did that)."""
+        self.index = CacheIndex.of_cache(
+            self._config.dir, owns=None if self._owns is None else OwnedDigests(self._owns)
+        )
+        added = dropped = 0
+        if reconcile:
+            added, dropped = self.index.reconcile_with(
+                chain(self._blobs.contents(), self._manifests.contents())
+            )
         if added or dropped:
             logger.info("cache index reconciled: %d entries added, %d dropped", added, dropped)
         self.total = self.index.total_size()
@@ -266,7 +270,7 @@ class CacheBudget:
         """
         if reservation is not None:
             reservation.release()
-        if self.index is None or not self._owns(digest):
+        if self.index is None:
             return
         try:
             change = self.index.add(kind, str(digest), size, namespace)
@@ -275,7 +279,7 @@ class CacheBudget:
             # and record it when the index can be written again (flush).
             logger.error("cannot record %s %s in the cache index: %s", kind, digest, err)
             self._unindexed[(kind, str(digest))] = (size, namespace)
-            change = size
+            change = size if self.index.accounts_for(str(digest)) else 0
         self.total += change
         self._metrics.cache_size_bytes.set(self.total)
         self._make_room(0)  # its size was not known up front (or a manifest)
@@ -313,10 +317,16 @@ class CacheBudget:
         held = set(self._pins) | {r.digest for r in self._reservations}
         in_use = 0
         for digest in held:
+            if not self.index.accounts_for(digest):
+                continue
             for kind in (BLOB, MANIFEST):
                 entry = self.index.get(kind, digest)
                 in_use += entry.size if entry is not None else 0
-        unindexed = sum(size for size, _ in self._unindexed.values())
+        unindexed = sum(
+            size
+            for (_, digest), (size, _) in self._unindexed.items()
+            if self.index.accounts_for(digest)
+        )
         return self.total - unindexed - in_use
 
     def _make_room(self, need: int) -> bool:

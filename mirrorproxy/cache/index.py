@@ -10,6 +10,10 @@ Several processes write the index (the server; ``cache prune``/``verify`` and
 ``import`` from the command line). Each connection knows the total size it has
 seen plus its own changes, so ``external_change`` tells the server exactly what
 the others did, however its own writes interleave with that read.
+
+A connection given ``owns`` (a serving worker, which accounts for a share of the
+cache) sees only the entries whose digest it owns in every total, change and
+eviction candidate; the table itself stays whole for everyone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used);
 """
 
+_SUM = "SELECT coalesce(sum(size), 0) FROM entries"
+_OLDEST = "SELECT * FROM entries ORDER BY kind = 'manifest', last_used LIMIT ?"
+# The same, over the entries a connection given ``owns`` accounts for.
+_SUM_MINE = "SELECT coalesce(sum(size), 0) FROM entries WHERE mp_owns(digest)"
+_OLDEST_MINE = (
+    "SELECT * FROM entries WHERE mp_owns(digest) ORDER BY kind = 'manifest', last_used LIMIT ?"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -60,14 +72,18 @@ class CacheIndex:
     Args:
         read_only: open without the right to write (and without creating the file):
             what ``cache ls``/``du`` use, so they cannot change a live server's index.
+        owns: which digests (``sha256:<hex>``) this connection accounts for; None: all.
 
     Raises:
         sqlite3.OperationalError: ``read_only`` and there is no index file.
     """
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, read_only: bool = False, owns: Callable[[str], bool] | None = None
+    ) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._owns = owns
         if read_only:
             uri = f"file:{path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10.0)
@@ -76,24 +92,42 @@ class CacheIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable to the last checkpoint
             self._db.executescript(_SCHEMA)
+        self._sum_sql, self._oldest_sql = _SUM, _OLDEST
+        if owns is not None:
+            self._db.create_function(
+                "mp_owns", 1, lambda digest: 1 if owns(digest) else 0, deterministic=True
+            )
+            self._sum_sql, self._oldest_sql = _SUM_MINE, _OLDEST_MINE
         # The total size as this connection last read it, plus its own changes since.
         self._seen_total = 0 if read_only else self.total_size()
+        # The same for every entry, to skip recounting ours when nobody else wrote.
+        self._seen_all = 0 if read_only else self._sum(_SUM)
 
     @classmethod
-    def of_cache(cls, cache_dir: Path, *, read_only: bool = False) -> CacheIndex:
+    def of_cache(
+        cls, cache_dir: Path, *, read_only: bool = False, owns: Callable[[str], bool] | None = None
+    ) -> CacheIndex:
         """The index of the cache at ``cache_dir`` (its ``index.db``)."""
-        return cls(cache_dir / INDEX_FILE, read_only=read_only)
+        return cls(cache_dir / INDEX_FILE, read_only=read_only, owns=owns)
+
+    def accounts_for(self, digest: str) -> bool:
+        """Whether ``digest`` counts in this connection's totals (see ``owns``)."""
+        return self._owns is None or self._owns(digest)
+
+    def _sum(self, sql: str) -> int:
+        return int(self._db.execute(sql).fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextlib.contextmanager
-    def _write(self, change: list[int]) -> Iterator[sqlite3.Connection]:
+    def _write(self, change: list[int], digest: str) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding SQLite's write lock from its first read.
 
         The block puts by how much it changes the total size in ``change``; this
-        connection's account takes it only once the transaction is committed.
+        connection's account takes it only once the transaction is committed (its
+        own total only for a ``digest`` it accounts for).
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -103,7 +137,9 @@ class CacheIndex:
             except BaseException:
                 self._db.rollback()
                 raise
-            self._seen_total += sum(change)
+            self._seen_all += sum(change)
+            if self.accounts_for(digest):
+                self._seen_total += sum(change)
 
     def _size_of(self, kind: str, digest: str) -> int:
         row = self._db.execute(
@@ -115,22 +151,22 @@ class CacheIndex:
         """Record an entry (again); return by how much the total size changed."""
         now = time.time()
         change: list[int] = []
-        with self._write(change) as db:
+        with self._write(change, digest) as db:
             change.append(size - self._size_of(kind, digest))
             db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, digest) "
                 "DO UPDATE SET size = excluded.size, last_used = excluded.last_used",
                 (kind, digest, size, namespace, now, now),
             )
-        return change[0]
+        return change[0] if self.accounts_for(digest) else 0
 
     def remove(self, kind: str, digest: str) -> int:
-        """Forget an entry; return its size (0: it was not recorded)."""
+        """Forget an entry; return its size (0: not recorded, or not accounted for here)."""
         change: list[int] = []
-        with self._write(change) as db:
+        with self._write(change, digest) as db:
             change.append(-self._size_of(kind, digest))
             db.execute("DELETE FROM entries WHERE kind = ? AND digest = ?", (kind, digest))
-        return -change[0]
+        return -change[0] if self.accounts_for(digest) else 0
 
     def drop(self, entry: Entry, *, then: Callable[[], object]) -> bool:
         """Remove ``entry`` and run ``then`` (delete its file), if nobody changed it.
@@ -142,7 +178,7 @@ class CacheIndex:
             False (nothing done) when the entry is gone or was recorded anew.
         """
         change: list[int] = []
-        with self._write(change) as db:
+        with self._write(change, entry.digest) as db:
             row = db.execute(
                 "SELECT size, added FROM entries WHERE kind = ? AND digest = ?",
                 (entry.kind, entry.digest),
@@ -164,9 +200,13 @@ class CacheIndex:
         mistaken for someone else's.
         """
         with self._lock:
-            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
-            change = int(row[0]) - self._seen_total
-            self._seen_total = int(row[0])
+            every = self._sum(_SUM)
+            if every == self._seen_all:
+                return 0  # nobody else wrote: no need to recount our share
+            self._seen_all = every
+            mine = every if self._owns is None else self._sum(self._sum_sql)
+            change = mine - self._seen_total
+            self._seen_total = mine
         return change
 
     def touch_many(self, used: dict[tuple[str, str], float]) -> None:
@@ -177,16 +217,16 @@ class CacheIndex:
             )
 
     def total_size(self) -> int:
+        """Bytes of the entries this connection accounts for (all, without ``owns``)."""
         with self._lock:
-            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
+            row = self._db.execute(self._sum_sql).fetchone()
         return int(row[0])
 
     def oldest(self, limit: int = 256) -> list[Entry]:
-        """Eviction candidates: blobs before manifests, least recently used first."""
+        """Eviction candidates: blobs before manifests, least recently used first
+        (only those this connection accounts for)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM entries ORDER BY kind = 'manifest', last_used LIMIT ?", (limit,)
-            ).fetchall()
+            rows = self._db.execute(self._oldest_sql, (limit,)).fetchall()
         return [Entry(*row) for row in rows]
 
     def entries(self, namespace: str | None = None) -> list[Entry]:
@@ -236,6 +276,6 @@ class CacheIndex:
             self._db.executemany(
                 "UPDATE entries SET size = ? WHERE kind = ? AND digest = ?", resized
             )
-            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
-            self._seen_total = int(row[0])
+            self._seen_total = self._sum(self._sum_sql)
+            self._seen_all = self._sum(_SUM)
         return len(added) + len(resized), len(dropped)

@@ -27,9 +27,10 @@ class Stores:
     blobs: BlobStore
     manifests: ManifestStore
     close: Callable[[], None] = _nothing  # releases what the backend holds open
-    # Every member of a [cluster] sees the same content (one bucket): what the owner
-    # committed is there already, and a forwarding member need not write it again.
-    # False for the filesystem (each member keeps its own copy).
+    # Every member of a cluster sees the same content (one bucket, or the one cache
+    # directory of a server's workers): what the owner committed is there already,
+    # so a member that gets a blob from its owner relays it and writes nothing.
+    # False for a filesystem cache of its own (each member keeps its own copy).
     shared: bool = False
 
     def of(self, kind: str) -> ContentStore:
@@ -46,6 +47,7 @@ def open_stores(
     storage: StorageConfig | None = None,
     *,
     observe: Callable[[str, float, bool], None] = _unobserved,
+    shared: bool = False,
 ) -> Stores:
     """The configured backend's stores: the filesystem under ``[cache] dir`` unless
     ``[storage]`` names S3 (then ``[cache] dir`` holds only temp files and the index).
@@ -53,6 +55,8 @@ def open_stores(
     Args:
         observe: told (operation, seconds, failed) of every request a remote
             backend makes (its metrics); a local backend makes none.
+        shared: other cluster members (a server's workers) use this same directory.
+            A bucket is shared by every member that names it.
     """
     if storage is not None and storage.s3 is not None:
         from mirrorproxy.cache.s3blobs import S3BlobStore
@@ -61,8 +65,9 @@ def open_stores(
 
         conn = S3Connection(storage.s3, observe=observe)
         manifests = S3ManifestStore(conn, memory_bytes=cache.memory_manifests)
-        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close)
+        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close, shared=True)
     return Stores(
         blobs=FileBlobStore(cache.dir),
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),
+        shared=shared,
     )

@@ -30,10 +30,15 @@ def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         cache_dir=args.cache_dir,
         offline=args.offline,
+        workers=args.workers,
     )
-    configure_logging(args.log_level, args.log_format)
+    workers = config.server.workers > 1
+    configure_logging(args.log_level, args.log_format, worker="main" if workers else None)
     try:
-        serve(config)
+        if workers:
+            serve_workers(config, log_level=args.log_level, log_format=args.log_format)
+        else:
+            serve(config)
     except ServeError as err:
         logging.getLogger("mirrorproxy").debug("serve failed", exc_info=True)
         raise CliError(str(err)) from err
@@ -89,6 +94,34 @@ def serve(config: Config) -> None:
         raise ServeError(str(err)) from None
     except StoreUnavailable as err:
         raise ServeError(store_problem(config, err)) from None
+    except OSError as err:
+        raise ServeError(
+            f"cannot listen on {config.server.listen}: {err.strerror or err}"
+        ) from None
+
+
+def serve_workers(config: Config, *, log_level: str, log_format: str) -> None:
+    """Serve with ``[server] workers`` processes until SIGINT/SIGTERM (see ``workers``).
+
+    Raises:
+        ServeError: the cache directory or the address is unusable, or the workers
+            could not be started or kept running.
+    """
+    from mirrorproxy.commands.workers import Workers, WorkersError
+
+    check_cache_dir(config)
+    logger.info(
+        "mirrorproxy starting %d workers on %s, cache %s, namespaces %s%s",
+        config.server.workers,
+        config.server.listen,
+        config.cache.dir,
+        ", ".join(config.namespaces),
+        "; OFFLINE" if config.cache.offline else "",
+    )
+    try:
+        Workers(config, log_level=log_level, log_format=log_format).run()
+    except WorkersError as err:
+        raise ServeError(str(err)) from None
     except OSError as err:
         raise ServeError(
             f"cannot listen on {config.server.listen}: {err.strerror or err}"

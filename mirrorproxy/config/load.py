@@ -49,6 +49,7 @@ from mirrorproxy.config.values import (
     parse_listen,
     parse_network,
     parse_upstream_url,
+    parse_workers,
 )
 from mirrorproxy.core.units import parse_duration, parse_size
 
@@ -110,7 +111,18 @@ def parse_config(
     storage = load_storage(root.table("storage"))
     cluster = load_cluster(root.table("cluster"))
     root.done()
+    if server.workers > 1 and cluster is not None:
+        raise ConfigError(source, "server.workers", WORKERS_WITH_CLUSTER)
     return Config(server, cache, defaults, namespaces, source, metrics, storage, cluster)
+
+
+# Workers share the work through an internal cluster of their own; a worker cannot
+# also be a member of a cluster of machines (ownership would be per worker, not per
+# machine), so the two are refused together.
+WORKERS_WITH_CLUSTER = (
+    "workers > 1 cannot be combined with [cluster]: run one worker per cluster member"
+    " (or more members), or drop [cluster]"
+)
 
 
 def with_overrides(
@@ -119,9 +131,19 @@ def with_overrides(
     listen: str | None = None,
     cache_dir: str | None = None,
     offline: bool | None = None,
+    workers: str | None = None,
 ) -> Config:
     """Apply command-line overrides, validated like the file's values."""
     server, cache = config.server, config.cache
+    if workers is not None:
+        try:
+            server = replace(server, workers=parse_workers(workers))
+        except ValueError as err:
+            raise ConfigError("--workers", "", str(err)) from None
+        if server.workers > 1 and config.cluster is not None:
+            raise ConfigError(
+                "--workers", "", f"{config.source}: [cluster]: {WORKERS_WITH_CLUSTER}"
+            )
     if listen is not None:
         try:
             host, port = parse_listen(listen)
@@ -205,12 +227,25 @@ def _load_server(t: Table, namespaces: Mapping[str, Namespace]) -> ServerConfig:
         client_timeout=t.convert("client_timeout", parse_duration, d.client_timeout),
         max_header_size=t.convert("max_header_size", parse_size, d.max_header_size),
         max_url_length=t.convert("max_url_length", parse_size, d.max_url_length),
+        workers=_load_workers(t),
     )
     for key in ("max_connections", "max_header_size", "max_url_length"):
         if getattr(out, key) < 1:
             raise t.error(key, "must be at least 1")
     t.done()
     return out
+
+
+def _load_workers(t: Table) -> int:
+    """``workers``: a number, or "auto" (a TOML integer or string)."""
+    raw = t.data.get("workers", 1)
+    t.seen.add("workers")
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise t.error("workers", f'expected a number or "auto", got {tname(raw)}')
+    try:
+        return parse_workers(str(raw))
+    except ValueError as err:
+        raise t.error("workers", str(err)) from None
 
 
 def _load_metrics(t: Table) -> MetricsConfig:

@@ -148,6 +148,8 @@ class ServerConfig:
     max_header_size: int = 16 * 1024  # bytes of one request header line
     max_url_length: int = 8 * 1024  # bytes of the request line
     auth: ClientAuth | None = None  # [server.auth]; None: no client authentication
+    # Serving processes on the one address over the one cache ("auto": usable cores).
+    workers: int = 1
 
     @property
     def listen(self) -> str:

@@ -6,6 +6,7 @@ Pure; each raises ValueError with a message the loader prefixes with file and ke
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -95,3 +96,18 @@ def parse_free_space(text: str) -> tuple[float, int]:
             raise ValueError(f"percentage out of range: {text!r}")
         return share, 0
     return 0.0, parse_size(s)
+
+
+MAX_WORKERS = 256  # far beyond any machine's cores: a typo, not a plan
+
+
+def parse_workers(text: str) -> int:
+    """``"auto"`` (the cores this process may run on) or a count from 1 to MAX_WORKERS."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not text.strip().isdigit():
+        raise ValueError(f'expected a number of processes or "auto", got {text!r}')
+    count = int(text)
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS}, got {count}")
+    return count

@@ -28,6 +28,7 @@ words error answers.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Hashable
 from typing import Any, Protocol
@@ -174,7 +175,7 @@ class TcpSite(web.BaseSite):
     run by the runner's cleanup, closes it).
     """
 
-    __slots__ = ("_handshake_timeout", "_host", "_listening", "_port")
+    __slots__ = ("_handshake_timeout", "_host", "_listening", "_port", "_sock")
 
     def __init__(
         self,
@@ -185,10 +186,13 @@ class TcpSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 60.0,
         backlog: int = 128,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: a socket bound already (a worker's), used instead of host and port."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
+        self._sock = sock
         self._handshake_timeout = handshake_timeout
         self._listening: asyncio.Server | None = None
 
@@ -214,7 +218,13 @@ class TcpSite(web.BaseSite):
         tls: dict[str, Any] = {}
         if self._ssl_context is not None:
             tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
-        self._listening = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, backlog=self._backlog, **tls
-        )
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._listening = await loop.create_server(
+                server, sock=self._sock, backlog=self._backlog, **tls
+            )
+        else:
+            self._listening = await loop.create_server(
+                server, self._host, self._port, backlog=self._backlog, **tls
+            )
         self._server = self._listening  # BaseSite.stop() closes it

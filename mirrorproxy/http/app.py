@@ -23,15 +23,22 @@ from mirrorproxy.http.observability import setup_observability
 from mirrorproxy.http.requestctx import request_context_middleware
 from mirrorproxy.http.routes import setup_routes
 from mirrorproxy.observability.metrics import Metrics
-from mirrorproxy.pullthrough.engine import Engine
+from mirrorproxy.pullthrough.engine import Engine, Sharing
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, tuning: Tuning = DEFAULT_TUNING
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    tuning: Tuning = DEFAULT_TUNING,
+    sharing: Sharing | None = None,
+    metrics_listener: bool = True,
 ) -> web.Application:
-    """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it)."""
+    """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it);
+    ``sharing``: one of a server's workers over the same cache (``serve --workers``);
+    ``metrics_listener``: False in the workers that leave ``[metrics] listen`` to one."""
     app = web.Application(
         middlewares=[
             request_context_middleware,
@@ -41,7 +48,7 @@ def create_app(
         ]
     )
     metrics = metrics or Metrics()
-    engine = Engine(config, metrics, tuning=tuning)
+    engine = Engine(config, metrics, tuning=tuning, sharing=sharing)
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
     app[keys.PULLTHROUGH] = engine.pullthrough
@@ -53,7 +60,7 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_registry_headers)
-    setup_observability(app, config, metrics)
+    setup_observability(app, config, metrics, listener=metrics_listener)
     setup_routes(app, metrics_route=config.metrics.listen is None)
     setup_client_auth(app, config, metrics)  # innermost middleware; only with [server.auth]
     return app

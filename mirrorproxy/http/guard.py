@@ -60,6 +60,15 @@ def _loopback(remote: str | None) -> bool:
     return addr is not None and addr.is_loopback
 
 
+def _from_a_worker(request: web.Request) -> bool:
+    """A request another worker of this server forwarded, on a private port."""
+    ports = request.app.get(keys.INTERNAL_PORTS)
+    if not ports or not _loopback(request.remote) or request.transport is None:
+        return False
+    local = request.transport.get_extra_info("sockname")
+    return isinstance(local, tuple) and local[1] in ports
+
+
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse clients outside the allowlist, then every method but GET and HEAD."""
@@ -68,8 +77,10 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     allow = config.server.allow
     if request.path == METRICS_PATH and config.metrics.allow:
         allow = config.metrics.allow  # [metrics] allow replaces [server] allow there
-    if not client_allowed(request.remote, allow) and not (
-        request.path in PROBES and _loopback(request.remote)
+    if (
+        not client_allowed(request.remote, allow)
+        and not (request.path in PROBES and _loopback(request.remote))
+        and not _from_a_worker(request)
     ):
         logger.debug("denied %s from %s: not in [server] allow", request.method, request.remote)
         return error_response(Denied("this mirror does not serve your address"), head=head)

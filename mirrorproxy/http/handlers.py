@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.core.errors import (
@@ -240,7 +240,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[keys.METRICS].registry)
+    data = request.app[keys.METRICS].render()
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

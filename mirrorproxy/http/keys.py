@@ -20,6 +20,9 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
 ENGINE: web.AppKey[Engine] = web.AppKey("engine")  # readiness of the store
 CLIENT_AUTH: web.AppKey[Authenticator] = web.AppKey("client_auth")  # only with [server.auth]
+# A worker's private loopback ports, where only the other workers connect (they
+# pass the client allowlist: the client was checked where it connected).
+INTERNAL_PORTS: web.AppKey[frozenset[int]] = web.AppKey("internal_ports")
 
 # Per request: id, namespace, cache result, upstream used (read by the access log).
 REQUEST_INFO: web.RequestKey[RequestInfo] = web.RequestKey("request_info")

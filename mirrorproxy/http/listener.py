@@ -28,9 +28,10 @@ import logging
 import math
 import resource
 import signal
+import socket
 import ssl
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -144,11 +145,19 @@ class GuardedConnections:
 
 
 async def start(
-    app: web.Application, server: ServerConfig, **kwargs: Any
+    app: web.Application,
+    server: ServerConfig,
+    *,
+    sock: socket.socket | None = None,
+    internal: Sequence[socket.socket] = (),
+    **kwargs: Any,
 ) -> tuple[GatedRunner, TcpSite]:
     """Set up ``app`` and listen on ``server.host:port`` with every limit in force.
 
     Args:
+        sock: the listening socket, bound already (a worker's); else one is bound.
+        internal: more sockets (plain HTTP, a worker's private loopback ones) for
+            the same app under the same limits.
         kwargs: more aiohttp runner options (``access_log_class``, ``access_log_format``).
 
     Returns:
@@ -170,8 +179,11 @@ async def start(
             server.port,
             ssl_context=tls_context(server),
             handshake_timeout=server.client_timeout,
+            sock=sock,
         )
         await site.start()
+        for extra in internal:
+            await TcpSite(runner, server.host, 0, sock=extra).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -228,3 +240,42 @@ def raise_fd_limit(wanted: int) -> None:
             soft,
             FD_HEADROOM,
         )
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT, not listening yet.
+
+    Each of a server's workers listens on one of these: the kernel spreads new
+    connections over them. The server holds one that never listens, to keep the
+    port (and learn it, for port 0) while workers come and go.
+
+    Raises:
+        OSError: the address cannot be bound (taken by a process without SO_REUSEPORT,
+            or by another user).
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A socket bound to ``127.0.0.1:port`` (0: any free port), not listening yet."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

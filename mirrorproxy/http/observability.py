@@ -37,13 +37,16 @@ class MetricsListenError(Exception):
     """The metrics address cannot be bound; the message is for the operator."""
 
 
-def setup_observability(app: web.Application, config: Config, metrics: Metrics) -> None:
-    """Echo request ids, feed the cache-capacity gauges, start the metrics listener."""
+def setup_observability(
+    app: web.Application, config: Config, metrics: Metrics, *, listener: bool = True
+) -> None:
+    """Echo request ids, feed the cache-capacity gauges, start the metrics listener
+    (unless ``listener`` is False: another worker serves ``[metrics] listen``)."""
     app.on_response_prepare.append(echo_request_id)
     init_namespace_series(metrics, config)
     metrics.cache_max_size_bytes.set(config.cache.max_size)
     watch_filesystem(metrics, config.cache.dir)
-    if config.metrics.listen is not None:
+    if config.metrics.listen is not None and listener:
         # First in, last out: a taken port fails before any resource is opened.
         allow = config.metrics.allow or config.server.allow
         app.cleanup_ctx.insert(0, metrics_listener(config.metrics.listen, metrics, allow))
@@ -81,8 +84,16 @@ def watch_filesystem(metrics: Metrics, path: Path) -> None:
         st = stat()
         return float("nan") if st is None else float(st.f_blocks * st.f_frsize)
 
-    metrics.cache_filesystem_free_bytes.set_function(free)
-    metrics.cache_filesystem_size_bytes.set_function(size)
+    if not metrics.multiprocess:
+        metrics.cache_filesystem_free_bytes.set_function(free)
+        metrics.cache_filesystem_size_bytes.set_function(size)
+        return
+
+    def refresh() -> None:  # a worker's gauges live in files: set them for the scrape
+        metrics.cache_filesystem_free_bytes.set(free())
+        metrics.cache_filesystem_size_bytes.set(size())
+
+    metrics.before_scrape.append(refresh)
 
 
 def metrics_app(metrics: Metrics, allow: Sequence[Network] = ()) -> web.Application:

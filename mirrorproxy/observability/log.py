@@ -8,6 +8,11 @@ into top-level keys.
 An access line per request is the busiest thing the server logs, so the setup keeps
 it cheap: no caller lookup for records, timestamps formatted once a second, and
 lines written in batches (``BatchingHandler``).
+
+A server with workers logs as one stream: every process writes the same stderr, each
+line names its process (``worker``: ``main`` or ``w0``, ``w1``...), and a worker
+writes whole lines only, at most ``PIPE_BUF`` bytes at a time, so the kernel never
+interleaves two processes' lines inside one another (``LineWriter``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import select
 import sys
 import threading
 import time
@@ -23,7 +30,7 @@ from typing import Any, TextIO
 
 from mirrorproxy.http.requestctx import current_request_id
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s%(worker_tag)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
 class RequestIdFilter(logging.Filter):
@@ -82,6 +89,50 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.flush()
 
 
+class LineWriter:
+    """A text stream onto a descriptor that writes whole lines, ``PIPE_BUF`` at a time.
+
+    Writes of up to ``PIPE_BUF`` bytes to a pipe are atomic, and so is an append to a
+    file: lines of several processes sharing stderr then never mix. A line longer
+    than that is written alone (it may be interleaved; none of ours is that long).
+    """
+
+    LIMIT = 64 * 1024  # characters buffered before a flush is forced
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._parts: list[str] = []
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._parts.append(text)
+            self._size += len(text)
+            full = self._size >= self.LIMIT
+        if full:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            data = "".join(self._parts).encode("utf-8", "backslashreplace")
+            self._parts, self._size = [], 0
+            chunk = bytearray()
+            for line in data.splitlines(keepends=True):
+                if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                    self._write(bytes(chunk))
+                    chunk.clear()
+                chunk += line
+            if chunk:
+                self._write(bytes(chunk))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
 def _open_stderr() -> TextIO:
     """fd 2 with a buffer of its own (``sys.stderr`` flushes at every newline)."""
     try:
@@ -109,11 +160,13 @@ class _SecondCache:
 
 
 class TextFormatter(logging.Formatter):
-    """Human-readable lines; ``[request-id]`` after the logger name when there is one."""
+    """Human-readable lines; ``[request-id]`` after the logger name when there is one,
+    ``[worker]`` after the time in a server with workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str | None = None) -> None:
         super().__init__(TEXT_FORMAT)
         self._second = _SecondCache(self.default_time_format, self.converter)
+        self._worker_tag = f" [{worker}]" if worker else ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{self._second(record.created)},{int(record.msecs):03d}"
@@ -121,15 +174,17 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
         record.request_tag = f" [{rid}]" if rid else ""
+        record.worker_tag = self._worker_tag
         return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str | None = None) -> None:
         super().__init__()
         self._second = _SecondCache("%Y-%m-%dT%H:%M:%S", time.gmtime)
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -138,6 +193,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker:
+            out["worker"] = self._worker
         rid = getattr(record, "request_id", None)
         if rid:
             out["request_id"] = rid
@@ -149,12 +206,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
+def configure_logging(level: str = "info", fmt: str = "text", worker: str | None = None) -> None:
+    """``worker``: this process's name in a server with workers (on every line)."""
     # Our formats show neither caller, thread nor process: do not collect them.
     logging._srcfile = None  # what the logging HOWTO advises to skip the caller lookup
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = BatchingHandler(_open_stderr())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    stream: TextIO = _open_stderr()
+    if worker is not None and stream is not sys.stderr:
+        stream = LineWriter(sys.stderr.fileno())  # type: ignore[assignment]
+    handler = BatchingHandler(stream)
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,14 +2,22 @@
 
 Labels are bounded: a namespace is a configured name, an endpoint a configured URL;
 never a repository or a digest.
+
+With ``[server] workers`` > 1 every worker runs in prometheus-client's multiprocess
+mode (the server sets ``PROMETHEUS_MULTIPROC_DIR`` before a worker starts) and a
+scrape of any worker sums them all (``render``). Counters and histograms add up;
+each gauge says how (``multiprocess_mode``): what is in flight sums over the live
+workers, a setting or a fact about the whole cache is the largest any reports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from mirrorproxy import __version__
 
@@ -17,8 +25,18 @@ M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
+        """``multiprocess_dir``: this is one of a server's workers; scrapes sum them."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_dir is not None
+        self._scraped = self.registry
+        if multiprocess_dir is not None:
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+        # Called before each scrape: values read from the system at that moment.
+        self.before_scrape: list[Callable[[], None]] = []
         # Children by (metric, label values); bounded because the labels are.
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
@@ -51,6 +69,7 @@ class Metrics:
             "1 while an endpoint is usable, 0 while it is in cooldown.",
             ["namespace", "endpoint"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.request_duration = Histogram(
             "mirrorproxy_request_duration_seconds",
@@ -60,7 +79,10 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.inflight_requests = Gauge(
-            "mirrorproxy_inflight_requests", "Client requests being answered.", registry=r
+            "mirrorproxy_inflight_requests",
+            "Client requests being answered.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests = Counter(
             "mirrorproxy_requests",
@@ -69,7 +91,11 @@ class Metrics:
             registry=r,
         )
         self.build_info = Gauge(
-            "mirrorproxy_build_info", "Always 1; the version is a label.", ["version"], registry=r
+            "mirrorproxy_build_info",
+            "Always 1; the version is a label.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
         # Context for the cache-full alerts, set from the config and the filesystem.
@@ -77,16 +103,19 @@ class Metrics:
             "mirrorproxy_cache_max_size_bytes",
             "The configured cache budget ([cache] max_size); 0 when unlimited.",
             registry=r,
+            multiprocess_mode="max",
         )
         self.cache_filesystem_free_bytes = Gauge(
             "mirrorproxy_cache_filesystem_free_bytes",
             "Bytes available to the mirror on the cache directory's filesystem.",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.cache_filesystem_size_bytes = Gauge(
             "mirrorproxy_cache_filesystem_size_bytes",
             "Size of the cache directory's filesystem.",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.digest_mismatches = Counter(
             "mirrorproxy_digest_mismatches",
@@ -98,6 +127,7 @@ class Metrics:
             "mirrorproxy_cache_size_bytes",
             "Bytes of blobs and manifests in the cache.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.cache_evictions = Counter(
             "mirrorproxy_cache_evictions",
@@ -153,6 +183,7 @@ class Metrics:
             "mirrorproxy_cluster_members",
             "Members of this mirror's cluster as it sees them (itself included).",
             registry=r,
+            multiprocess_mode="max",
         )
         self.cluster_forwarded = Counter(
             "mirrorproxy_cluster_forwarded",
@@ -180,11 +211,25 @@ class Metrics:
             registry=r,
         )
 
+        self.workers = Gauge(
+            "mirrorproxy_workers",
+            "Serving processes alive ([server] workers; 1 without).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers.set(1)
+
     def observe_store(self, op: str, seconds: float, failed: bool) -> None:
         """One request to the content store (called from the store's own thread)."""
         self.child(self.store_request_seconds, op).observe(seconds)
         if failed:
             self.child(self.store_errors, op).inc()
+
+    def render(self) -> bytes:
+        """The text exposition of every metric (of every worker, in multiprocess mode)."""
+        for refresh in self.before_scrape:
+            refresh()
+        return generate_latest(self._scraped)
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once: labels() locks and rebuilds its

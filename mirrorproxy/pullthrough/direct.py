@@ -20,7 +20,12 @@ from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import Target
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
 from mirrorproxy.pullthrough.source import BlobFailed, ByteSink, Part
-from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from mirrorproxy.upstream.client import (
+    PeerRoute,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +41,23 @@ async def open_direct(
     metrics: Metrics,
     corrupt: CorruptBlobs,
     chunk: int,
+    route: PeerRoute | None = None,
 ) -> DirectStream:
     """Relay ``rng`` (None: the whole blob) from upstream, uncached.
 
     Args:
-        claimed: the download's own response (the whole blob from byte 0), if unused.
+        claimed: a response already open, if unused: the whole blob, or the blob
+            from some byte to its end (used when ``rng`` is exactly that).
         size: the blob's size, if the download learnt it.
+        route: in a cluster, ask the blob's owner first.
 
     Raises:
         RangeNotSatisfiable: the upstream refused the range.
         BlobUnknown: no upstream has it.
     """
     resp = claimed
-    if resp is not None and rng is not None:
-        resp.close()  # the whole blob from byte 0: not what this client wants
+    if resp is not None and not _serves(resp, rng, size):
+        resp.close()  # not the bytes this client wants
         resp = None
     if resp is None:
         start, end = rng if rng is not None else (0, None)
@@ -64,6 +72,7 @@ async def open_direct(
                 start=start,
                 end=end,
                 avoid=corrupt.avoid(digest),
+                route=route,
             )
         except UpstreamError as err:
             if any(a.status == 416 for a in err.attempts):
@@ -96,6 +105,13 @@ async def open_direct(
         verified=verified,
         corrupt=failed,
     )
+
+
+def _serves(resp: UpstreamResponse, rng: tuple[int, int] | None, size: int | None) -> bool:
+    """Whether ``resp`` (from ``resp.offset`` to the end) is exactly ``rng``."""
+    if rng is None:
+        return resp.offset == 0
+    return resp.offset == rng[0] and size is not None and rng[1] + 1 == size
 
 
 class DirectStream(Closing):

@@ -12,12 +12,17 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 
 from mirrorproxy.cache import BlobStore, ManifestStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.stores import open_stores
 from mirrorproxy.config import Config
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.rendezvous import blob_key, owner
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.policy import PullThrough
@@ -28,6 +33,39 @@ logger = logging.getLogger(__name__)
 READY_FOR = 1.5  # seconds a readiness answer of the store is reused
 
 
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """This engine is one of several over the same cache directory (a server's workers).
+
+    The stores are then shared (a blob another worker owns is relayed from it, not
+    written again), and the budget accounts for and evicts only what ``owns`` says,
+    within ``share`` of ``max_size``.
+    """
+
+    owns: Callable[[Digest], bool]
+    share: float
+    reconcile: bool = False  # this one makes the index agree with the files at start
+
+
+def bucket_sharing(config: Config) -> Sharing | None:
+    """The budget's part for a member of a static [cluster] over one bucket.
+
+    Each member accounts for, and evicts, the blobs it owns within 1/N of
+    ``max_size``, so the members together hold the bucket to ``max_size``. With
+    ``members_dns`` the member count is not known at start: each member then
+    accounts for the whole bucket (see README, "Object storage").
+    """
+    cluster = config.cluster
+    if cluster is None or not cluster.members or config.storage.s3 is None:
+        return None
+    members, me = cluster.members, cluster.self_url
+
+    def mine(digest: Digest) -> bool:
+        return owner(blob_key(str(digest)), members) == me
+
+    return Sharing(owns=mine, share=1 / len(members), reconcile=True)
+
+
 class Engine:
     """The pull-through machinery for one cache directory: stores, budget, client, policy.
 
@@ -36,10 +74,22 @@ class Engine:
     """
 
     def __init__(
-        self, config: Config, metrics: Metrics, *, tuning: Tuning = DEFAULT_TUNING
+        self,
+        config: Config,
+        metrics: Metrics,
+        *,
+        tuning: Tuning = DEFAULT_TUNING,
+        sharing: Sharing | None = None,
     ) -> None:
         self.config = config
-        stores = open_stores(config.cache, config.storage, observe=metrics.observe_store)
+        sharing = sharing if sharing is not None else bucket_sharing(config)
+        self._sharing = sharing
+        stores = open_stores(
+            config.cache,
+            config.storage,
+            observe=metrics.observe_store,
+            shared=sharing is not None,
+        )
         self._stores = stores
         self.blobs: BlobStore = stores.blobs
         self.manifests: ManifestStore = stores.manifests
@@ -50,6 +100,8 @@ class Engine:
             manifests=self.manifests,
             metrics=metrics,
             flush_interval=tuning.index_flush,
+            owns=sharing.owns if sharing is not None else None,
+            share=sharing.share if sharing is not None else 1.0,
         )
         self.pullthrough = PullThrough(
             config,
@@ -59,6 +111,7 @@ class Engine:
             client=self.client,
             metrics=metrics,
             tuning=tuning,
+            shared=stores.shared,
         )
         self._flusher: asyncio.Task[None] | None = None
         self._ready: tuple[float, str | None] | None = None  # (when, answer) of the last probe
@@ -77,7 +130,8 @@ class Engine:
             await asyncio.to_thread(self.manifests.prepare)
             if swept:
                 logger.info("removed %d temp files or uploads left by an interrupted run", swept)
-            await asyncio.to_thread(self.budget.open)
+            reconcile = self._sharing is None or self._sharing.reconcile
+            await asyncio.to_thread(partial(self.budget.open, reconcile=reconcile))
         except BaseException:
             await asyncio.to_thread(self._stores.close)
             raise

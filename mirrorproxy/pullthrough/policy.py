@@ -51,7 +51,9 @@ class PullThrough:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         tuning: Tuning = DEFAULT_TUNING,
+        shared: bool = False,
     ) -> None:
+        """``shared``: cluster members write into these stores too (``Stores.shared``)."""
         self.budget = budget
         isolation = Isolation(config, client=client, budget=budget, metrics=metrics)
         self._manifests = ManifestPolicy(
@@ -81,6 +83,7 @@ class PullThrough:
             isolation=isolation,
             corrupt=CorruptBlobs(),
             tuning=tuning,
+            shared=shared,
         )
         # What tests look at: the blob store, the downloads by digest, every running one.
         self._blobs = blobs

@@ -76,9 +76,9 @@ def test_mirror_options_land_in_their_tables_and_the_mirror_accepts_them(
 
 
 def test_scenario_choice() -> None:
-    assert _scenarios("") == [1, 2, 3, 4, 5, 6, 7]
+    assert _scenarios("") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert _scenarios("3, 1,3") == [1, 3]
     with pytest.raises(SystemExit, match="unknown scenario"):
-        _scenarios("8")
+        _scenarios("9")
     with pytest.raises(SystemExit, match="scenario numbers"):
         _scenarios("1,x")
