@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from collections.abc import Sequence
 
 from benchmarks import httpclient
 from benchmarks.data import Blob
@@ -29,7 +30,7 @@ class BenchError(RuntimeError):
     """A server answered wrongly: the run's figures would mean nothing."""
 
 
-def _fetch(
+def fetch_blob(
     ctx: Context, url: str, size: int, pid: int | None, name: str, *, settle: bool = False
 ) -> tuple[float, Meter]:
     """One timed GET on a fresh connection; returns bytes/s and the meter.
@@ -58,14 +59,14 @@ def cold_blob(ctx: Context, blob: Blob) -> Outcome:
     for r in range(ctx.plan.repeat):
         st.mirror.restart(wipe=True)
         url, pid = st.mirror.url + blob.v2_path(), st.mirror.pid
-        rate, m = _fetch(ctx, url, blob.size, pid, f"s2-{r}", settle=True)
+        rate, m = fetch_blob(ctx, url, blob.size, pid, f"s2-{r}", settle=True)
         mirror.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
         restart_registry(st.baseline, wipe=True)
         url, pid = st.baseline.url + blob.v2_path(), st.baseline.pid
-        rate, m = _fetch(ctx, url, blob.size, pid, "", settle=True)
+        rate, m = fetch_blob(ctx, url, blob.size, pid, "", settle=True)
         base.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
         url, pid = st.upstream.url + blob.v2_path(), st.upstream.pid
-        rate, m = _fetch(ctx, url, blob.size, pid, "", settle=True)
+        rate, m = fetch_blob(ctx, url, blob.size, pid, "", settle=True)
         direct.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
         ctx.log(
             f"  cold r{r}: mirror {mirror.values[-1]:.2f} GB/s"
@@ -109,13 +110,13 @@ def warm_blob(ctx: Context, blob: Blob) -> Outcome:
         ),
     }
     for _, url, proc in targets.values():  # fill caches; not measured
-        _fetch(ctx, url, blob.size, proc.pid, "")
+        fetch_blob(ctx, url, blob.size, proc.pid, "")
     for r in range(ctx.plan.repeat):
         for key, (series, url, proc) in targets.items():
             rates, clients, servers = [], [], []
             for i in range(ctx.plan.warm_samples):
                 name = f"s1-{r}-{i}" if key == "mirror" else ""
-                rate, m = _fetch(ctx, url, blob.size, proc.pid, name)
+                rate, m = fetch_blob(ctx, url, blob.size, proc.pid, name)
                 rates.append(rate / GB)
                 clients.append(m.client.cores)
                 servers.append(m.server.cores)
@@ -144,20 +145,21 @@ def warm_blob(ctx: Context, blob: Blob) -> Outcome:
     )
 
 
-def _herd(
+def run_herd(
     ctx: Context,
     series: Series,
-    url: str,
+    url: str | Sequence[str],
     blob: Blob,
     expected: bytes,
-    pid: int | None,
+    pid: int | Sequence[int] | None,
     agent: str | None,
     name: str = "",
 ) -> None:
     """Run one herd against ``url`` and record it in ``series``.
 
-    ``agent`` is the server's User-Agent in the upstream's log (None: not a cache),
-    for counting the upstream GETs the herd caused.
+    ``url`` and ``pid`` may name several servers (the clients take the URLs in turn;
+    the servers' CPU is summed). ``agent`` is the servers' User-Agent in the
+    upstream's log (None: not a cache), for counting the upstream GETs the herd caused.
     """
     n = ctx.plan.herd_clients
     before = ctx.settled_upstream_count(agent, blob.digest, "GET") if agent else 0
@@ -187,15 +189,15 @@ def herd(ctx: Context, blob: Blob) -> Outcome:
     floor = Series(f"nginx sendfile: {n} clients (same file)", "s")
     for r in range(ctx.plan.repeat):
         st.mirror.restart(wipe=True)
-        rate, m = _fetch(ctx, st.mirror.url + blob.v2_path(), blob.size, st.mirror.pid, "")
+        rate, m = fetch_blob(ctx, st.mirror.url + blob.v2_path(), blob.size, st.mirror.pid, "")
         single.add(blob.size / rate, client=m.client.cores, server=m.server.cores)
         st.mirror.restart(wipe=True)
         url = st.mirror.url + blob.v2_path()
-        _herd(ctx, crowd, url, blob, expected, st.mirror.pid, MIRROR_AGENT, f"s3-{r}")
+        run_herd(ctx, crowd, url, blob, expected, st.mirror.pid, MIRROR_AGENT, f"s3-{r}")
         restart_registry(st.baseline, wipe=True)
         url = st.baseline.url + blob.v2_path()
-        _herd(ctx, base, url, blob, expected, st.baseline.pid, BASELINE_AGENT)
-        _herd(ctx, floor, st.nginx.url_of(blob.path), blob, expected, st.nginx.pid, None)
+        run_herd(ctx, base, url, blob, expected, st.baseline.pid, BASELINE_AGENT)
+        run_herd(ctx, floor, st.nginx.url_of(blob.path), blob, expected, st.nginx.pid, None)
         gets_now = crowd.extras["upstream GETs"][-1]
         ctx.log(f"  herd r{r}: mirror {crowd.values[-1]:.2f} s, {gets_now:.0f} upstream GETs")
     q = crowd.median / single.median if single.values and crowd.values else None

@@ -90,6 +90,12 @@ async def fetch(
     return Fetch(status, size, ok, started, first_byte, elapsed)
 
 
+async def first_status(url: str) -> int:
+    """The status of a GET of ``url`` without following a redirect (body unread)."""
+    async with new_session(1) as session, session.get(url, allow_redirects=False) as resp:
+        return resp.status
+
+
 async def fetch_once(url: str, *, expect_size: int | None = None) -> Fetch:
     """One GET on a fresh session (connection set-up included in the time)."""
     async with new_session(1) as session:
@@ -97,28 +103,36 @@ async def fetch_once(url: str, *, expect_size: int | None = None) -> Fetch:
 
 
 async def fetch_concurrently(
-    url: str, clients: int, *, expect_size: int | None = None, check: Check | None = None
+    url: str | Sequence[str],
+    clients: int,
+    *,
+    expect_size: int | None = None,
+    check: Check | None = None,
 ) -> tuple[float, list[Fetch]]:
     """``clients`` simultaneous GETs of ``url``, one connection each.
 
-    Every connection is opened before the first request goes out, so all requests
-    arrive together (a herd), not spread over connection set-up.
+    Several URLs (the same blob on several servers) are given to the clients in
+    turn: client ``i`` asks ``url[i % len(url)]``. Every connection is opened before
+    the first request goes out, so all requests arrive together (a herd), not spread
+    over connection set-up.
 
     Returns:
         Wall seconds from the first request to the last byte of the last one,
         and each client's result.
     """
+    urls = [url] if isinstance(url, str) else list(url)
+    mine = [urls[i % len(urls)] for i in range(clients)]
     async with new_session(clients) as session:
         # Open the connections first (concurrent GET /v2/ leaves them pooled).
-        root = str(URL(url).with_path("/v2/").with_query(None))
-        await asyncio.gather(*(fetch(session, root) for _ in range(clients)))
+        roots = [str(URL(u).with_path("/v2/").with_query(None)) for u in mine]
+        await asyncio.gather(*(fetch(session, root) for root in roots))
         gate = asyncio.Event()
 
-        async def one() -> Fetch:
+        async def one(target: str) -> Fetch:
             await gate.wait()
-            return await fetch(session, url, expect_size=expect_size, check=check)
+            return await fetch(session, target, expect_size=expect_size, check=check)
 
-        tasks = [asyncio.create_task(one()) for _ in range(clients)]
+        tasks = [asyncio.create_task(one(target)) for target in mine]
         await asyncio.sleep(0)
         t0 = time.perf_counter()
         gate.set()

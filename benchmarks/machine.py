@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support.seaweed import weed_binary
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -84,8 +86,14 @@ def describe() -> list[str]:
         f"- Python {platform.python_version()}, aiohttp {_pkg('aiohttp')}, "
         f"uvloop {_pkg('uvloop')}",
         f"- {_run(['docker-registry', '--version'])}; {_run(['nginx', '-v'])}; "
-        f"{_run(['wrk', '-v'])}; {_run(['containerd', '--version'])}",
+        f"{_run(['wrk', '-v'])}; {_run(['containerd', '--version'])}; {_weed()}",
     ]
+
+
+def _weed() -> str:
+    """SeaweedFS's version (scenarios 8-10), or that it is missing."""
+    binary = weed_binary()
+    return f"SeaweedFS {_run([binary, 'version'])}" if binary else "SeaweedFS not installed"
 
 
 def preamble(

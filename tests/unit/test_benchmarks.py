@@ -14,7 +14,8 @@ import pytest
 
 from benchmarks.report import Outcome, Series, fmt, ratio, render
 from benchmarks.run import BEGIN, END, _scenarios, write_results
-from benchmarks.stack import NAMESPACE, with_options
+from benchmarks.sitestack import MAX_PORT, cluster_toml, low_ports
+from benchmarks.stack import NAMESPACE, BenchMirror, with_options
 from mirrorproxy.config import parse_config
 from tests.support.procs import mirror_config
 
@@ -75,10 +76,38 @@ def test_mirror_options_land_in_their_tables_and_the_mirror_accepts_them(
         with_options(text, ["max_fetches=8"])
 
 
+def test_a_cluster_member_on_a_bucket_gets_a_config_the_mirror_accepts(tmp_path: Path) -> None:
+    ports = low_ports(3)
+    assert len(set(ports)) == 3
+    assert all(p < MAX_PORT for p in ports)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    storage = (
+        '\n[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "http://127.0.0.1:2"\n'
+        'bucket = "b"\nprefix = "bench-1/"\naccess_key = "k"\nsecret_key = "s"\n'
+        "redirect = true\n"
+    )
+    member = BenchMirror(
+        tmp_path / "m",
+        "http://127.0.0.1:1",
+        options=["defaults.max_fetches=8"],
+        extra=cluster_toml(urls, urls[1]) + storage,
+        port=ports[1],
+    )
+    text = member.render(member.port)
+    config = parse_config(tomllib.loads(text), source="bench", base_dir=tmp_path)
+    assert member.port == ports[1]
+    assert config.server.port == ports[1]
+    assert config.cluster is not None
+    assert (config.cluster.self_url, config.cluster.members) == (urls[1], tuple(urls))
+    assert config.storage.s3 is not None
+    assert (config.storage.s3.prefix, config.storage.s3.redirect) == ("bench-1/", True)
+    assert config.defaults.max_fetches == 8
+
+
 def test_scenario_choice() -> None:
-    assert _scenarios("") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert _scenarios("") == list(range(1, 12))
     assert _scenarios("3, 1,3") == [1, 3]
     with pytest.raises(SystemExit, match="unknown scenario"):
-        _scenarios("9")
+        _scenarios("12")
     with pytest.raises(SystemExit, match="scenario numbers"):
         _scenarios("1,x")
