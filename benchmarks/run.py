@@ -120,13 +120,13 @@ def run_scenarios(ctx: Context, chosen: Sequence[int]) -> list[Outcome]:
     st, plan = ctx.stack, ctx.plan
     up, storage = st.upstream.url, st.upstream.storage
     steps: list[tuple[int, Callable[[], Outcome]]] = []
-    if {1, 2, 8, 9} & set(chosen):
+    if {1, 2, 9, 10} & set(chosen):
         ctx.log(f"pushing a {plan.big_blob >> 20} MiB random blob")
         big = data.push_random_blob(up, storage, "bench/big", plan.big_blob)
         # Cold first: its last repetition leaves the blob cached for the warm one.
         steps += [(2, lambda: blob_scenarios.cold_blob(ctx, big))] if 2 in chosen else []
         steps += [(1, lambda: blob_scenarios.warm_blob(ctx, big))] if 1 in chosen else []
-    if {3, 10} & set(chosen):
+    if {3, 11} & set(chosen):
         ctx.log(f"pushing a {plan.herd_blob >> 20} MiB random blob")
         herd = data.push_random_blob(up, storage, "bench/herd", plan.herd_blob)
         steps += [(3, lambda: blob_scenarios.herd(ctx, herd))] if 3 in chosen else []

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from benchmarks import wrk
-from benchmarks.blob_scenarios import MIRROR, BenchError, _herd
+from benchmarks.blob_scenarios import MIRROR, BenchError, run_herd
 from benchmarks.data import Blob, PushedImage
 from benchmarks.plan import MIRROR_AGENT, Context
 from benchmarks.rate_scenarios import NS_QUERY, _measure, _Target, _warm
@@ -98,7 +98,7 @@ def workers(ctx: Context, image: PushedImage, blobs: Sequence[Blob], herd_blob: 
         expected = herd_blob.path.read_bytes()
         for _ in range(plan.repeat):
             _restart(many)
-            _herd(
+            run_herd(
                 ctx,
                 herd,
                 many.url + herd_blob.v2_path(),

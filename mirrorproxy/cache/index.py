@@ -89,7 +89,7 @@ class CacheIndex:
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10.0)
         else:
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable to the last checkpoint
             self._db.executescript(_SCHEMA)
         self._sum_sql, self._oldest_sql = _SUM, _OLDEST
@@ -279,3 +279,22 @@ class CacheIndex:
             self._seen_total = self._sum(self._sum_sql)
             self._seen_all = self._sum(_SUM)
         return len(added) + len(resized), len(dropped)
+
+
+def _use_wal(db: sqlite3.Connection, tries: int = 50) -> None:
+    """Put the index in WAL mode (it stays so in the file).
+
+    Switching asks for a lock that sqlite's busy timeout does not wait for, and
+    another process (a server's workers starting together) may hold one: read the
+    mode first, and retry the switch a bounded number of times.
+    """
+    for attempt in range(tries):
+        try:
+            (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.1)
