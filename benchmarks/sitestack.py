@@ -15,29 +15,14 @@ A cold S3 cache is a fresh key prefix in the bucket and an emptied local directo
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.stack import BenchMirror, Stack
+from tests.support.cluster import member_ports
 from tests.support.seaweed import SeaweedFS, storage_toml, weed_binary
 
-MAX_PORT = 55535  # the machine's other work uses the ports above
 MEMBERS = 3
-
-
-def low_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports below ``MAX_PORT`` that were free a moment ago."""
-    ports: list[int] = []
-    for _ in range(100 * n):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port < MAX_PORT and port not in ports:
-            ports.append(port)
-            if len(ports) == n:
-                return ports
-    raise RuntimeError(f"no {n} free ports below {MAX_PORT} on 127.0.0.1")
 
 
 def cluster_toml(urls: list[str], own: str) -> str:
@@ -123,6 +108,6 @@ def site(st: Stack) -> Site:
         return st.exits.enter_context(made)
 
     s3, redirect = mirror("mirror-s3"), mirror("mirror-s3-redirect")
-    members = [mirror(f"member{i}", port) for i, port in enumerate(low_ports(MEMBERS))]
+    members = [mirror(f"member{i}", port) for i, port in enumerate(member_ports(MEMBERS))]
     st.site = Site(seaweedfs, s3, redirect, members)
     return st.site

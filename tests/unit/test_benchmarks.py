@@ -14,9 +14,10 @@ import pytest
 
 from benchmarks.report import Outcome, Series, fmt, ratio, render
 from benchmarks.run import BEGIN, END, _scenarios, write_results
-from benchmarks.sitestack import MAX_PORT, cluster_toml, low_ports
+from benchmarks.sitestack import cluster_toml
 from benchmarks.stack import NAMESPACE, BenchMirror, with_options
 from mirrorproxy.config import parse_config
+from tests.support.cluster import MAX_PORT, member_ports
 from tests.support.procs import mirror_config
 
 
@@ -77,7 +78,7 @@ def test_mirror_options_land_in_their_tables_and_the_mirror_accepts_them(
 
 
 def test_a_cluster_member_on_a_bucket_gets_a_config_the_mirror_accepts(tmp_path: Path) -> None:
-    ports = low_ports(3)
+    ports = member_ports(3)
     assert len(set(ports)) == 3
     assert all(p < MAX_PORT for p in ports)
     urls = [f"http://127.0.0.1:{p}" for p in ports]
