@@ -65,9 +65,7 @@ def open_stores(
 
         conn = S3Connection(storage.s3, observe=observe)
         manifests = S3ManifestStore(conn, memory_bytes=cache.memory_manifests)
-        # Not yet shared: a relay from the owner does not resume from the next member
-        # when the owner dies mid-blob, so members still write what they fetched.
-        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close)
+        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close, shared=True)
     return Stores(
         blobs=FileBlobStore(cache.dir),
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),

@@ -167,6 +167,7 @@ class BlobPolicy:
             corrupt=self.corrupt,
             chunk=self.tuning.relay_chunk,
             unclaimed=self.tuning.unclaimed_timeout,
+            resumes=self.tuning.max_resumes,
         )
 
     async def _fill(self, t: Target, digest: Digest) -> BlobFill:
@@ -238,6 +239,7 @@ class BlobPolicy:
             metrics=self._metrics,
             corrupt=self.corrupt,
             chunk=self.tuning.relay_chunk,
+            max_resumes=self.tuning.max_resumes,
         )
 
     async def head(self, t: Target, digest: Digest) -> BlobHead:

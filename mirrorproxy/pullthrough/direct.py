@@ -5,14 +5,24 @@ download got serves a client wanting the whole blob; a range is asked of the
 upstream itself. A whole blob is hashed on the way and its last byte held back
 until the digest matches; a range cannot be verified here (the client verifies the
 blob it assembles).
+
+A cut mid-body (the owner member killed, an upstream dropping the connection)
+resumes with ``Range`` from the next usable endpoint, like a download does: the
+client sees one body, and the hash of a whole blob runs on across the seam.
+
+Over 300 lines: relaying, holding the last byte, verifying and resuming are one
+body's state and stay together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import aiohttp
+
+from mirrorproxy.config import Upstream
 from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.errors import BlobUnknown, RangeNotSatisfiable
 from mirrorproxy.core.oci import Digest
@@ -29,6 +39,10 @@ from mirrorproxy.upstream.client import (
 
 logger = logging.getLogger(__name__)
 
+# Given the failed response, the byte to resume at and the last byte wanted (None:
+# to the end): the rest from the next usable endpoint.
+Reopen = Callable[["UpstreamResponse", int, int | None], Awaitable["UpstreamResponse"]]
+
 
 async def open_direct(
     t: Target,
@@ -42,6 +56,7 @@ async def open_direct(
     corrupt: CorruptBlobs,
     chunk: int,
     route: PeerRoute | None = None,
+    max_resumes: int = 3,
 ) -> DirectStream:
     """Relay ``rng`` (None: the whole blob) from upstream, uncached.
 
@@ -49,12 +64,34 @@ async def open_direct(
         claimed: a response already open, if unused: the whole blob, or the blob
             from some byte to its end (used when ``rng`` is exactly that).
         size: the blob's size, if the download learnt it.
-        route: in a cluster, ask the blob's owner first.
+        route: in a cluster, ask the blob's owner first (and resume from the
+            next member when it is cut off).
+        max_resumes: cuts resumed before the client is cut too.
 
     Raises:
         RangeNotSatisfiable: the upstream refused the range.
         BlobUnknown: no upstream has it.
     """
+    what = f"blob {digest}"
+
+    async def fetch(start: int, end: int | None) -> UpstreamResponse:
+        return await client.open(
+            t.ns,
+            t.ns_name,
+            "GET",
+            f"{t.repo}/blobs/{digest}",
+            what=what,
+            stream=True,
+            start=start,
+            end=end,
+            avoid=corrupt.avoid(digest),
+            route=route,
+        )
+
+    async def reopen(bad: UpstreamResponse, start: int, end: int | None) -> UpstreamResponse:
+        client.mark_failed(t.ns, bad.upstream)
+        return await fetch(start, end)
+
     resp = claimed
     if resp is not None and not _serves(resp, rng, size):
         resp.close()  # not the bytes this client wants
@@ -62,38 +99,26 @@ async def open_direct(
     if resp is None:
         start, end = rng if rng is not None else (0, None)
         try:
-            resp = await client.open(
-                t.ns,
-                t.ns_name,
-                "GET",
-                f"{t.repo}/blobs/{digest}",
-                what=f"blob {digest}",
-                stream=True,
-                start=start,
-                end=end,
-                avoid=corrupt.avoid(digest),
-                route=route,
-            )
+            resp = await fetch(start, end)
         except UpstreamError as err:
             if any(a.status == 416 for a in err.attempts):
-                raise RangeNotSatisfiable(
-                    f"upstreams refused the range of blob {digest}"
-                ) from None
+                raise RangeNotSatisfiable(f"upstreams refused the range of {what}") from None
             raise err.registry_error(BlobUnknown) from None
     if size is None and rng is None:
         size = resp.content_length
     start, length = (0, size) if rng is None else (rng[0], rng[1] - rng[0] + 1)
     whole = rng is None or (rng[0] == 0 and rng[1] + 1 == size)
-    upstream = resp.upstream
 
-    def verified() -> None:
-        client.mark_verified(t.ns, upstream)
+    def verified(up: Upstream) -> None:
+        client.mark_verified(t.ns, up)
 
-    def failed() -> None:
+    def failed(sources: list[Upstream]) -> None:
         metrics.digest_mismatches.labels(t.ns.name).inc()
-        client.mark_failed(t.ns, upstream, corrupt=True)
-        corrupt.record(digest, [upstream.url])
-        logger.error("blob %s streamed through from %s failed verification", digest, upstream.url)
+        for up in dict.fromkeys(sources):
+            client.mark_failed(t.ns, up, corrupt=True)
+        corrupt.record(digest, [up.url for up in sources])
+        urls = ", ".join(up.url for up in sources)
+        logger.error("blob %s streamed through from %s failed verification", digest, urls)
 
     return DirectStream(
         resp,
@@ -104,6 +129,8 @@ async def open_direct(
         chunk=chunk,
         verified=verified,
         corrupt=failed,
+        reopen=reopen,
+        max_resumes=max_resumes,
     )
 
 
@@ -117,9 +144,9 @@ def _serves(resp: UpstreamResponse, rng: tuple[int, int] | None, size: int | Non
 class DirectStream(Closing):
     """One upstream response, relayed from ``start`` for ``length`` bytes (None: to its end).
 
-    It owns that response (released on close, dropped unless read to the end) and
-    the hash of a whole blob; it must not send the last byte of a whole blob that
-    did not verify, nor cache anything.
+    It owns that response (released on close, dropped unless read to the end), the
+    responses it resumes with, and the hash of a whole blob; it must not send the
+    last byte of a whole blob that did not verify, nor cache anything.
     """
 
     failed: asyncio.Future[None] | None = None  # a failure shows as an error from ``next``
@@ -133,20 +160,27 @@ class DirectStream(Closing):
         size: int | None,
         digest: Digest | None,
         chunk: int,
-        verified: Callable[[], None],
-        corrupt: Callable[[], None],
+        verified: Callable[[Upstream], None],
+        corrupt: Callable[[list[Upstream]], None],
+        reopen: Reopen | None = None,
+        max_resumes: int = 0,
     ) -> None:
         """``digest``: the whole blob is relayed and must hash to it.
 
-        ``verified`` and ``corrupt`` are told how the hash came out.
+        ``verified`` is told the endpoint whose bytes completed a matching hash,
+        ``corrupt`` every endpoint that sent bytes of one that did not match.
         """
         self._resp, self._digest, self._chunk = resp, digest, chunk
         self._verified, self._corrupt = verified, corrupt
+        self._reopen, self._resumes_left = reopen, max_resumes
+        self._sources = [resp.upstream]
         self.size = size
         self.upstream: str | None = resp.upstream.url
         self.pos = start
         self.end = start + length if length is not None else None
-        self._skip, self._left = start - resp.offset, length
+        self._at = resp.offset  # blob offset of the next byte ``_resp`` gives
+        self._want = start  # blob offset of the next byte this stream takes
+        self._left = length
         self._hasher = digest.hasher() if digest is not None else None
         self._hashing: asyncio.Future[None] | None = None  # one chunk behind the sending
         self._held = b""  # the last byte so far, while the digest is unchecked
@@ -160,22 +194,23 @@ class DirectStream(Closing):
 
         Raises:
             BlobFailed: the bytes are not the blob (its last byte was not sent).
-            EOFError: the upstream body ended early.
+            EOFError: the upstream body ended early (and could not be resumed).
         """
         while not self._body_done:
-            chunk = await self._resp.read(self._chunk)
+            chunk = await self._read()
             if not chunk:
                 self._body_done = True
                 break
-            if self._skip:
-                cut = min(self._skip, len(chunk))
-                chunk, self._skip = chunk[cut:], self._skip - cut
+            at, self._at = self._at, self._at + len(chunk)
+            if at < self._want:  # a resume from before where we are (or from 0)
+                chunk = chunk[self._want - at :]
             if self._left is not None:
                 chunk, self._left = chunk[: self._left], self._left - min(self._left, len(chunk))
                 if self._left == 0:
                     self._body_done = True
             if not chunk:
                 continue
+            self._want += len(chunk)
             if self._hasher is not None:
                 if self._hashing is not None:
                     await self._hashing  # in order, one chunk behind the sending
@@ -185,6 +220,58 @@ class DirectStream(Closing):
             if chunk:
                 return chunk
         return await self._last()
+
+    async def _read(self) -> bytes:
+        """The next piece of the body; a cut resumes from the next usable endpoint.
+
+        Raises:
+            aiohttp.ClientError, TimeoutError: cut, and out of resumes (or none
+                could be opened: the original error is raised).
+        """
+        while True:
+            try:
+                chunk = await self._resp.read(self._chunk)
+            except (aiohttp.ClientError, TimeoutError) as err:
+                if not await self._resume(err):
+                    raise
+                continue
+            if chunk or not self._left:
+                return chunk
+            # Ended early without an error (a body without a length): resume too.
+            if not await self._resume(EOFError(f"body ended {self._left} bytes early")):
+                return chunk
+
+    async def _resume(self, err: BaseException) -> bool:
+        """Swap the cut response for the rest from the next endpoint; False: cannot."""
+        if self._reopen is None or self._resumes_left <= 0:
+            return False
+        self._resumes_left -= 1
+        bad = self._resp
+        logger.warning(
+            "relaying %s: %s failed at byte %d (%s); resuming",
+            self._digest or "a blob range",
+            bad.upstream.url,
+            self._want,
+            str(err) or type(err).__name__,
+        )
+        bad.close()
+        to_end = self.end is None or self.end == self.size
+        end = None if to_end or self.end is None else self.end - 1
+        try:
+            resp = await self._reopen(bad, self._want, end)
+        except UpstreamError as again:
+            logger.warning("cannot resume at byte %d: %s", self._want, again)
+            return False
+        total = None if resp.content_length is None else resp.offset + resp.content_length
+        other_size = None not in (total, self.size) and total != self.size
+        if resp.offset > self._want or (end is None and other_size):
+            resp.close()
+            logger.warning("cannot resume at byte %d from %s", self._want, resp.upstream.url)
+            return False
+        self._resp, self._at = resp, resp.offset
+        self._sources.append(resp.upstream)
+        self.upstream = resp.upstream.url
+        return True
 
     async def _last(self) -> bytes | None:
         """At the body's end: the held byte once the digest matches, then None."""
@@ -198,12 +285,12 @@ class DirectStream(Closing):
                 await self._hashing
             got = self._hasher.hexdigest()
             if got != self._digest.hex:
-                self._corrupt()
+                self._corrupt(self._sources)
                 raise BlobFailed(
                     "the blob failed verification"
                     f" (expected {self._digest}, got {self._digest.algorithm}:{got})"
                 )
-            self._verified()
+            self._verified(self._resp.upstream)
         self._complete = True  # read whole: the connection may go back to the pool
         return self._held or None
 

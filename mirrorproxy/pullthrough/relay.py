@@ -52,12 +52,15 @@ class OwnerRelay:
         corrupt: CorruptBlobs,
         chunk: int,
         unclaimed: float,
+        resumes: int,
     ) -> None:
         """``unclaimed``: seconds after which the first answer is dropped if no read
-        took it (a client answered 416 or gone before its body)."""
+        took it (a client answered 416 or gone before its body); ``resumes``: cuts
+        (the owner dying mid-blob) resumed from the next member, then upstream."""
         self._t, self._digest, self._route = t, digest, route
         self._resp: UpstreamResponse | None = resp
         self._client, self._metrics, self._corrupt, self._chunk = client, metrics, corrupt, chunk
+        self._resumes = resumes
         self._size = _total(resp)
         self._upstream = resp.upstream.url
         asyncio.get_running_loop().call_later(unclaimed, self.close)
@@ -93,6 +96,7 @@ class OwnerRelay:
             corrupt=self._corrupt,
             chunk=self._chunk,
             route=self._route,
+            max_resumes=self._resumes,
         )
 
     async def cached(self, progress: Callable[[int], None]) -> int:

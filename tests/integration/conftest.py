@@ -102,6 +102,7 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
         members: Mapping[int, Sequence[str | int]] | None = None,
         cluster: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        storage: Mapping[str, Any] | None = None,
     ) -> list[Mirror]:
         ports = member_ports(n)
         urls = [f"http://127.0.0.1:{port}" for port in ports]
@@ -115,7 +116,11 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
                 **(cluster or {}),
             }
             config = mirror_config(
-                tmp_path / f"member{i}" / "cache", upstreams, cluster=table, server=server
+                tmp_path / f"member{i}" / "cache",
+                upstreams,
+                cluster=table,
+                server=server,
+                storage=storage,
             )
             client = await aiohttp_client(
                 create_app(config), server_kwargs={"host": "127.0.0.1", "port": port}

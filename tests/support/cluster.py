@@ -36,7 +36,8 @@ class ClusterFactory(Protocol):
     ``members`` gives member ``i`` its own member list (indexes into the cluster's
     URLs, or URLs where ``{0}``, ``{1}``... stand for the members' ports); by default
     every member lists all of them. ``cluster`` adds
-    ``[cluster]`` keys; ``server`` adds ``[server]`` keys.
+    ``[cluster]`` keys; ``server`` adds ``[server]`` keys; ``storage`` is the
+    ``[storage]`` table every member shares (one bucket).
     """
 
     def __call__(
@@ -47,4 +48,5 @@ class ClusterFactory(Protocol):
         members: Mapping[int, Sequence[str | int]] | None = None,
         cluster: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        storage: Mapping[str, Any] | None = None,
     ) -> Awaitable[list[Mirror]]: ...
