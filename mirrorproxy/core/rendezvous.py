@@ -53,3 +53,7 @@ def manifest_key(digest: str) -> str:
 
 def tag_key(registry: str, repo: str, tag: str) -> str:
     return f"tag:{registry}/{repo}:{tag}"
+
+
+def referrers_key(registry: str, repo: str, subject: str) -> str:
+    return f"referrers:{registry}/{repo}@{subject}"

@@ -264,7 +264,8 @@ class BlobPolicy:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
         path, what = f"{t.repo}/blobs/{digest}", f"blob {digest}"
         try:
-            resp = await self._client.open(t.ns, t.ns_name, "HEAD", path, what=what)
+            route = t.route(blob_key(str(digest)), "blob")  # the owner may have it
+            resp = await self._client.open(t.ns, t.ns_name, "HEAD", path, what=what, route=route)
         except UpstreamError as err:
             raise err.registry_error(BlobUnknown) from None
         resp.release()

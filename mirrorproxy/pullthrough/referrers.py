@@ -17,6 +17,7 @@ from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.config import Config
 from mirrorproxy.core.errors import BadGateway, NotFound
 from mirrorproxy.core.oci import OCI_INDEX, Digest
+from mirrorproxy.core.rendezvous import referrers_key
 from mirrorproxy.core.singleflight import SingleFlight
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import (
@@ -30,7 +31,7 @@ from mirrorproxy.pullthrough.answers import (
     count,
 )
 from mirrorproxy.pullthrough.manifests import keep
-from mirrorproxy.upstream.client import TooLarge, UpstreamClient, UpstreamError
+from mirrorproxy.upstream.client import PeerRoute, TooLarge, UpstreamClient, UpstreamError
 from mirrorproxy.upstream.response import next_page
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,13 @@ class ReferrerPolicy:
                 raise NotFound(f"referrers of {t.repo}@{subject} are not cached and {OFFLINE}")
             count(self._metrics, t, "referrers", STALE)
             return ManifestAnswer(cached, STALE)
+        # A request forwarded by a member never joins one this member forwards (see
+        # manifests): members that disagree on the owner would wait on each other.
+        route = t.route(referrers_key(t.ns_name, t.repo, str(subject)), "manifest")
         try:
             answer = await self._fetching.run(
-                ("r", t.ns_name, t.repo, subject), lambda: self._fetch_referrers(t, subject)
+                ("r", t.ns_name, t.repo, subject, self._client.forwards(route)),
+                lambda: self._fetch_referrers(t, subject, route),
             )
         except UpstreamError as err:
             if cached is None or not err.outage:
@@ -103,7 +108,9 @@ class ReferrerPolicy:
         count(self._metrics, t, "referrers", answer.result)
         return answer
 
-    async def _fetch_referrers(self, t: Target, subject: Digest) -> ManifestAnswer:
+    async def _fetch_referrers(
+        self, t: Target, subject: Digest, route: PeerRoute
+    ) -> ManifestAnswer:
         """GET every page of the list upstream (bounded), merge, store as one index."""
         path = f"{t.repo}/referrers/{subject}"
         limit = self._config.cache.max_manifest_size
@@ -120,6 +127,8 @@ class ReferrerPolicy:
                     limit=limit,
                     headers={"Accept": OCI_INDEX},
                     query=query,
+                    # The key's owner answers the first page with its merged list.
+                    route=None if query else route,
                 )
             except TooLarge as err:
                 raise BadGateway(str(err)) from None
