@@ -9,6 +9,7 @@ same member is spelt the same everywhere: rendezvous hashing ranks by the text.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -85,14 +86,38 @@ def load_cluster(t: Table) -> ClusterConfig | None:
         members_dns=dns,
         refresh=t.convert("refresh", parse_duration, d.refresh),
         peer_timeout=t.convert("peer_timeout", parse_duration, d.peer_timeout),
+        ca=t.file("ca"),
+        server_name=_server_name(t),
     )
     for key in ("refresh", "peer_timeout"):
         if getattr(out, key) <= 0:
             raise t.error(key, "must be longer than 0s")
     if dns is None and "refresh" in t.data:
         raise t.error("refresh", "only with members_dns")
+    _check_tls(t, out)
     t.done()
     return out
+
+
+def _server_name(t: Table) -> str | None:
+    name = t.take("server_name", str, "").strip().lower()
+    if "server_name" in t.data and not HOST_RE.fullmatch(name):
+        raise t.error("server_name", f"not a host name: {name!r}")
+    return name or None
+
+
+def _check_tls(t: Table, c: ClusterConfig) -> None:
+    """TLS settings apply to https:// members only, and a bad PEM is an error now."""
+    urls = [c.self_url, *c.members]
+    https = any(u.startswith("https:") for u in urls)
+    for key in ("ca", "server_name"):
+        if key in t.data and not https:
+            raise t.error(key, "only applies to https:// members (self and members are http)")
+    if c.ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(c.ca))
+        except (ssl.SSLError, ValueError) as err:
+            raise t.error("ca", f"not a PEM CA bundle ({err})") from None
 
 
 def _convert(t: Table, key_path: str, text: str) -> str:

@@ -219,6 +219,10 @@ class ClusterConfig:
     members_dns: tuple[str, int] | None = None  # e.g. a headless Service's name and port
     refresh: float = 10.0  # seconds between lookups of members_dns
     peer_timeout: float = 2.0  # connect timeout to a member; it then cools down
+    ca: Path | None = None  # PEM bundle that https:// members' certificates chain to
+    # The name every https:// member's certificate is checked against (members from
+    # DNS are addresses; one certificate for the Service name then serves them all).
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ touch the cache.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -91,11 +92,18 @@ class Peers:
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=self._defaults.max_fetches),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=self._defaults.max_fetches, ssl=self._tls()
+            ),
             trust_env=False,  # members talk directly, never through an HTTP proxy
             read_bufsize=4 * 1024 * 1024,
         )
         await self.members.start()
+
+    def _tls(self) -> ssl.SSLContext | bool:
+        """How https:// members are checked: the system's CAs, or ``[cluster] ca``."""
+        ca = self._cluster.ca
+        return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
 
     async def close(self) -> None:
         await self.members.close()
@@ -218,7 +226,13 @@ class Peers:
         )
         count = self._metrics.cluster_forwarded
         try:
-            resp = await self._session.request(method, url, headers=sent, timeout=timeout)
+            resp = await self._session.request(
+                method,
+                url,
+                headers=sent,
+                timeout=timeout,
+                server_hostname=self._cluster.server_name if url.scheme == "https" else None,
+            )
         except (aiohttp.ClientError, TimeoutError) as err:
             reason = "timeout" if isinstance(err, TimeoutError) else "unreachable"
             count.labels(route.kind, "error").inc()

@@ -79,14 +79,17 @@ def make_ca(directory: Path, name: str = "mirrorproxy test CA") -> CertKey:
     return ca
 
 
-def issue_server_cert(ca: CertKey, directory: Path, *, ip: str = "127.0.0.1") -> CertKey:
-    """Create a server certificate for ``ip`` (subjectAltName=IP:...), signed by ``ca``."""
+def issue_server_cert(
+    ca: CertKey, directory: Path, *, ip: str = "127.0.0.1", dns: str | None = None
+) -> CertKey:
+    """Create a server certificate for ``ip`` (subjectAltName=IP:...), or for the host
+    name ``dns`` only (subjectAltName=DNS:...), signed by ``ca``."""
     directory.mkdir(parents=True, exist_ok=True)
     out = CertKey(directory / "server.pem", directory / "server.key")
     csr = directory / "server.csr"
     ext = directory / "server.ext"
     ext.write_text(
-        f"subjectAltName=IP:{ip}\n"
+        f"subjectAltName={f'DNS:{dns}' if dns else f'IP:{ip}'}\n"
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\n"
         "extendedKeyUsage=serverAuth\n"
@@ -95,7 +98,7 @@ def issue_server_cert(ca: CertKey, directory: Path, *, ip: str = "127.0.0.1") ->
         [
             "openssl", "req", "-new", "-nodes",
             "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", str(out.key), "-out", str(csr), "-subj", f"/CN={ip}",
+            "-keyout", str(out.key), "-out", str(csr), "-subj", f"/CN={dns or ip}",
         ]
     )  # fmt: skip
     _run(
