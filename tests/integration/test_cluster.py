@@ -46,6 +46,16 @@ async def get_blob(m: Mirror, digest: str, **headers: str) -> tuple[int, bytes]:
     return resp.status, await resp.read()
 
 
+async def herd(mirrors: list[Mirror], digest: str, clients: int = 30) -> None:
+    """``clients`` concurrent GETs of ``digest`` spread over ``mirrors``: all whole."""
+    async with asyncio.timeout(WAIT):
+        got = await asyncio.gather(
+            *(get_blob(mirrors[i % len(mirrors)], digest) for i in range(clients))
+        )
+    assert [status for status, _ in got] == [200] * clients
+    assert all(hashlib.sha256(body).hexdigest() == digest.split(":")[1] for _, body in got)
+
+
 async def test_thirty_clients_over_three_members_make_one_upstream_get(
     start_fake: FakeFactory, start_cluster: ClusterFactory
 ) -> None:
@@ -55,10 +65,7 @@ async def test_thirty_clients_over_three_members_make_one_upstream_get(
     slow(fake.registry)
     mirrors = await start_cluster([fake.url])
 
-    async with asyncio.timeout(WAIT):
-        got = await asyncio.gather(*(get_blob(mirrors[i % 3], digest) for i in range(30)))
-    assert [status for status, _ in got] == [200] * 30
-    assert all(hashlib.sha256(body).hexdigest() == digest.split(":")[1] for _, body in got)
+    await herd(mirrors, digest)
     assert len(fake.registry.calls("GET", "blobs")) == 1
 
     owner, *others = by_rank(blob_key(digest), mirrors)
@@ -200,9 +207,10 @@ async def test_members_that_disagree_on_the_owner_do_not_wait_on_each_other(
     assert 1 <= len(fake.registry.calls("GET", "blobs")) <= 2
 
 
-def _owned_by(member: str, members: list[str], seed: str) -> bytes:
+def owned_by(member: str, members: list[str], seed: str, size: int = 256 * 1024) -> bytes:
+    """A blob whose owner among ``members`` is ``member``."""
     for i in range(1000):
-        blob = payload(256 * 1024, f"{seed}-{i}")
+        blob = payload(size, f"{seed}-{i}")
         if rank(blob_key(sha256(blob)), members)[0] == member:
             return blob
     raise AssertionError("no such blob among 1000")
@@ -214,7 +222,7 @@ async def test_what_a_member_is_sent_and_its_bytes_verified(
     """A fake registry stands in for the owner: it records what it is sent."""
     upstream, owner = await start_fake(), await start_fake()
     (m,) = await start_cluster([upstream.url], n=1, members={0: [0, owner.url]})
-    blob = _owned_by(owner.url, [url_of(m), owner.url], "fake-owner")
+    blob = owned_by(owner.url, [url_of(m), owner.url], "fake-owner")
     digest = upstream.registry.add_blob(blob)
     owner.registry.add_blob(blob)
 
@@ -228,7 +236,7 @@ async def test_what_a_member_is_sent_and_its_bytes_verified(
 
     # Bytes from a member are verified like an upstream's: wrong ones are never
     # served whole, the member cools down, and the next try goes upstream.
-    other = _owned_by(owner.url, [url_of(m), owner.url], "fake-owner-corrupt")
+    other = owned_by(owner.url, [url_of(m), owner.url], "fake-owner-corrupt")
     other_digest = upstream.registry.add_blob(other)
     owner.registry.add_blob(other)
     owner.registry.faults.wrong_bytes = True

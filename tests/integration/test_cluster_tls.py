@@ -16,9 +16,8 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from mirrorproxy.config import ConfigError
-from mirrorproxy.core.rendezvous import blob_key, rank
-from tests.fakes.registry import FakeRegistry, payload, sha256
-from tests.integration.test_cluster import get_blob, url_of
+from tests.fakes.registry import FakeRegistry
+from tests.integration.test_cluster import get_blob, owned_by, url_of
 from tests.support.cluster import ClusterFactory
 from tests.support.mirror import FakeFactory, RunningFake, mirror_config
 from tests.support.tls import CertKey, issue_server_cert, make_ca
@@ -42,14 +41,6 @@ async def tls_owner(aiohttp_server: AiohttpServer, cert: CertKey) -> RunningFake
     return RunningFake(registry, server)
 
 
-def owned_by(member: str, members: list[str], seed: str) -> bytes:
-    for i in range(1000):
-        blob = payload(64 * 1024, f"{seed}-{i}")
-        if rank(blob_key(sha256(blob)), members)[0] == member:
-            return blob
-    raise AssertionError("no such blob among 1000")
-
-
 @pytest.mark.parametrize("named", [True, False], ids=["server_name", "no-server_name"])
 async def test_an_https_member_is_checked_against_the_ca_and_server_name(
     named: bool,
@@ -63,7 +54,7 @@ async def test_an_https_member_is_checked_against_the_ca_and_server_name(
     owner_url = f"https://127.0.0.1:{owner.server.port}"
     cluster = {"ca": str(ca.cert), **({"server_name": NAME} if named else {})}
     (m,) = await start_cluster([upstream.url], n=1, members={0: [0, owner_url]}, cluster=cluster)
-    blob = owned_by(owner_url, [url_of(m), owner_url], "tls-owner")
+    blob = owned_by(owner_url, [url_of(m), owner_url], "tls-owner", size=64 * 1024)
     digest = upstream.registry.add_blob(blob)
     owner.registry.add_blob(blob)
 
