@@ -46,6 +46,10 @@ class Tuning:
     # clients shared a 1 GiB download on two busy cores; 32 MiB kept it near 100 MiB.
     write_ahead: int = 32 * MIB
     write_ahead_min: int = 8 * MIB
+    # Temp files written with O_DIRECT where the filesystem allows (cache/appender):
+    # the page-cache copy cost 0.2-1.6 CPU-s/GB of a cold fill; the price is that the
+    # first reader of a new blob's file reads the disk.
+    direct_write: bool = True
     index_flush: float = 10.0  # seconds between writes of last-use times to the index
 
     # -- sending to clients (http) --
