@@ -28,6 +28,7 @@ from mirrorproxy.cache import BLOB, BlobInfo
 from mirrorproxy.cache import CacheWriteError as CacheWriteError
 from mirrorproxy.cache import Chunk as Chunk
 from mirrorproxy.cache import DigestMismatch as DigestMismatch
+from mirrorproxy.cache.appender import Appender
 from mirrorproxy.cache.files import FileContent, StagedFile, stage_file
 from mirrorproxy.cache.publish import publish, sweep_temp, temp_name
 from mirrorproxy.core.oci import Digest
@@ -35,7 +36,6 @@ from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 
 logger = logging.getLogger(__name__)
 
-IOV_MAX = 1024  # buffers per pwritev on Linux
 READ_CHUNK = 1024 * 1024  # bytes per read when a blob is streamed instead of sent by file
 
 
@@ -139,6 +139,8 @@ class BlobWriter:
         self._ahead, self._ahead_min = tuning.write_ahead, tuning.write_ahead_min
         self.tmp_path = store.tmp / temp_name(digest.hex)
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # Past the page cache where the filesystem allows (see ``appender``).
+        self._out = Appender(self.tmp_path, self._fd, direct=tuning.direct_write)
         self.written = 0  # on disk, contiguous from 0: what followers may read
         self.queued = 0  # handed to ``write``: written plus in flight
         self._hashed = 0
@@ -223,7 +225,7 @@ class BlobWriter:
         if self._stop or self._failure is not None:
             raise WriteSkipped("an earlier write failed or the blob is dropped")
         try:
-            _write_all(self._fd, chunks, offset)
+            _write_all(self._out, chunks, offset)
         except OSError as err:
             raise CacheWriteError(err.errno, err.strerror or str(err)) from err
 
@@ -326,18 +328,13 @@ class BlobWriter:
             self._track()
             self._writing.shutdown(wait=False)
             self._hashing.shutdown(wait=False)
+            self._out.close()
             os.close(self._fd)
 
 
-def _write_all(fd: int, chunks: Sequence[Chunk], offset: int) -> None:
-    views = [memoryview(c) for c in chunks]
-    while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset)
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
+def _write_all(out: Appender, chunks: Sequence[Chunk], offset: int) -> None:
+    """Write ``chunks`` at ``offset`` of the temp file (tests wrap it to fail or stall)."""
+    out.append(chunks, offset)
 
 
 def _publish(fd: int, tmp_path: Path, final: Path) -> None:

@@ -370,8 +370,8 @@ class BlobFill:
         batched = 0
         try:
             while True:
-                part = t.stream_buffer // 8 if self._streaming else t.read_piece
-                chunk = await resp.read_chunk(part, piece=t.read_piece, limit=t.read_ahead)
+                part = min(t.read_piece, t.stream_buffer // 8) if self._streaming else t.read_piece
+                chunk = await resp.read_chunk(part, piece=part, limit=t.read_ahead)
                 if not chunk:
                     break
                 if skip:

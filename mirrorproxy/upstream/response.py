@@ -151,12 +151,14 @@ class UpstreamResponse:
 
         Once aiohttp's buffer is drained, a body of known length with at least
         ``piece`` bytes to come is read by a ``BodyReader``: into buffers of
-        ``piece`` bytes, at most ``limit`` of them unread, and no copy on the way
+        ``piece`` bytes (as asked by the latest call), at most ``limit`` of them
+        unread, and no copy on the way
         (the connection is then closed on release, not reused). Otherwise as
         aiohttp reads it, piece by piece as received (``readany`` would join them
         into a new copy).
         """
         if self._body is not None:
+            self._body.set_piece(piece)
             return await self._body.read(at_most)
         content = self._resp.content
         data = content.read_nowait()

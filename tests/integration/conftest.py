@@ -22,6 +22,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.cache.appender import Appender
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http.app import create_app
 from tests.fakes.registry import FakeRegistry
@@ -160,10 +161,10 @@ def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = blobs_module._write_all
     budget: list[int] = []
 
-    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
         if budget and offset + sum(len(c) for c in chunks) > budget[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, chunks, offset)
+        real(out, chunks, offset)
 
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     return budget
@@ -175,8 +176,9 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
     state = Disk()
     real = blobs_module._write_all
 
-    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
         state.started += 1
+        fd = out.fd
         mine = os.dup(fd)  # keeps the temp file (and its inode number) alive
         try:
             state.go.wait(WAIT)
@@ -191,7 +193,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
                 raise OSError(errno.EBADF, "descriptor reused")
             if state.fail_from is not None and offset >= state.fail_from:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            real(fd, chunks, offset)
+            real(out, chunks, offset)
         finally:
             os.close(mine)
             state.finished += 1

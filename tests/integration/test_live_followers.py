@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from mirrorproxy.cache import blobs as blobs_module
+from mirrorproxy.cache.appender import Appender
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.chunkwindow import LiveFollower
 from mirrorproxy.pullthrough.followers import FillClients
@@ -44,9 +45,9 @@ def disk_stalled(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     go = threading.Event()
     real = blobs_module._write_all
 
-    def write_all(fd: int, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
         go.wait(WAIT)
-        real(fd, chunks, offset)
+        real(out, chunks, offset)
 
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     yield go

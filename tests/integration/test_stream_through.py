@@ -91,6 +91,9 @@ async def test_memory_for_an_uncached_download_is_bounded_by_its_slowest_client(
     async with slow_get(port, blob_path(REPO, digest)) as slow:
         await slow.body(256 * KIB)
         fill = running_fill(mirror)
+        # Until the first write fails the download holds its first write batch, as
+        # any download does; the bound is for the memory-only download after it.
+        await wait_for(lambda: fill.streaming)
         held: list[int] = []
         for _ in range(30):  # the slow client pauses: the download must wait for it
             held.append(fill.held)

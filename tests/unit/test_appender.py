@@ -1,0 +1,111 @@
+"""The temp file's writer: whole blocks past the page cache, every byte in the file at once.
+
+Runs on the test machine's temp directory (a filesystem that takes ``O_DIRECT`` on
+the CI machines); the fallback to buffered writes is forced by refusing the direct
+write the way a filesystem that cannot do it refuses it (EINVAL).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrorproxy.cache.appender import ALIGN, STAGE, Appender
+from tests.fakes.registry import payload
+
+KIB = 1024
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    path = tmp_path / "blob.tmp"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    yield path, fd
+    os.close(fd)
+
+
+def pieces(data: bytes, sizes: list[int]) -> list[memoryview]:
+    """``data`` cut at ``sizes`` (views on one buffer, as the download hands them on)."""
+    buf, out, at = bytearray(data), [], 0
+    for n in sizes:
+        out.append(memoryview(buf)[at : at + n])
+        at += n
+    return out
+
+
+def test_writes_of_any_size_and_alignment_land_whole_and_in_order(
+    target: tuple[Path, int],
+) -> None:
+    path, fd = target
+    rng = random.Random(7)  # noqa: S311 - sizes, not secrets
+    data = payload(3 * STAGE + 12_345, "aligned or not")
+    out = Appender(path, fd, direct=True)
+    at = 0
+    while at < len(data):
+        sizes = [rng.choice([1, 100, ALIGN - 1, ALIGN, 64 * KIB + 3, 300 * KIB]) for _ in range(5)]
+        sizes = [min(n, len(data) - at - sum(sizes[:i])) for i, n in enumerate(sizes)]
+        sizes = [n for n in sizes if n > 0]
+        batch = pieces(data[at : at + sum(sizes)], sizes)
+        out.append(batch, at)
+        at += sum(sizes)
+        assert out.end == at  # every byte handed over is in the file
+        assert os.pread(fd, at, 0) == data[:at]
+    assert out.direct  # nothing refused on this filesystem
+    out.close()
+    assert path.read_bytes() == data
+
+
+def test_a_filesystem_refusing_direct_writes_gets_the_bytes_buffered(
+    target: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, fd = target
+    refused: list[int] = []
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        refused.append(offset)
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = payload(2 * STAGE + 777, "refused")
+    out = Appender(path, fd, direct=True)
+    out.append(pieces(data[:5000], [5000]), 0)
+    out.append(pieces(data[5000:], [STAGE, len(data) - 5000 - STAGE]), 5000)
+    assert refused == [0]  # tried once (the first whole block), then never again
+    assert not out.direct
+    assert out.end == len(data)
+    out.close()
+    assert path.read_bytes() == data
+
+
+def test_other_write_errors_are_the_callers(
+    target: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, fd = target
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = Appender(path, fd, direct=True)
+    with pytest.raises(OSError, match="No space left") as err:
+        out.append([bytes(4 * ALIGN)], 0)
+    assert err.value.errno == errno.ENOSPC
+    assert out.end == 0
+    out.close()
+
+
+def test_buffered_only_when_asked(target: tuple[Path, int]) -> None:
+    path, fd = target
+    out = Appender(path, fd, direct=False)
+    assert not out.direct
+    out.append([b"x" * (3 * ALIGN)], 0)
+    assert out.end == 3 * ALIGN
+    with pytest.raises(ValueError, match="ends at"):
+        out.append([b"y"], 0)  # only ever at the end
+    out.close()
+    assert path.read_bytes() == b"x" * (3 * ALIGN)
