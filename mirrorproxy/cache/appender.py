@@ -54,8 +54,9 @@ class Appender:
         """Whether whole blocks bypass the page cache (until a write is refused)."""
         return self._direct is not None
 
-    def append(self, chunks: Sequence[Chunk], offset: int) -> None:
-        """Write ``chunks`` at ``offset``, where the file written so far ends.
+    def append(self, chunks: Sequence[Chunk], offset: int, *, direct: bool = True) -> None:
+        """Write ``chunks`` at ``offset``, where the file written so far ends
+        (``direct=False``: all of them through the page cache).
 
         Raises:
             ValueError: ``offset`` is not ``end``.
@@ -66,7 +67,7 @@ class Appender:
         views = deque(memoryview(c) for c in chunks if len(c))
         size = sum(len(v) for v in views)
         head = -offset % ALIGN
-        if self._direct is None or size < head + ALIGN:
+        if not direct or self._direct is None or size < head + ALIGN:
             self._buffered(views)
             return
         if head:

@@ -141,6 +141,7 @@ class BlobWriter:
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         # Past the page cache where the filesystem allows (see ``appender``).
         self._out = Appender(self.tmp_path, self._fd, direct=tuning.direct_write)
+        self._direct_backlog = tuning.direct_backlog
         self.written = 0  # on disk, contiguous from 0: what followers may read
         self.queued = 0  # handed to ``write``: written plus in flight
         self._hashed = 0
@@ -225,7 +226,9 @@ class BlobWriter:
         if self._stop or self._failure is not None:
             raise WriteSkipped("an earlier write failed or the blob is dropped")
         try:
-            _write_all(self._out, chunks, offset)
+            # Read across threads: a stale count only moves the switch by a batch.
+            keeping_up = self.queued - self.written <= self._direct_backlog
+            _write_all(self._out, chunks, offset, direct=keeping_up)
         except OSError as err:
             raise CacheWriteError(err.errno, err.strerror or str(err)) from err
 
@@ -332,9 +335,9 @@ class BlobWriter:
             os.close(self._fd)
 
 
-def _write_all(out: Appender, chunks: Sequence[Chunk], offset: int) -> None:
+def _write_all(out: Appender, chunks: Sequence[Chunk], offset: int, *, direct: bool) -> None:
     """Write ``chunks`` at ``offset`` of the temp file (tests wrap it to fail or stall)."""
-    out.append(chunks, offset)
+    out.append(chunks, offset, direct=direct)
 
 
 def _publish(fd: int, tmp_path: Path, final: Path) -> None:

@@ -51,6 +51,10 @@ class Tuning:
     # the page-cache copy cost 0.2-1.6 CPU-s/GB of a cold fill; the price is that the
     # first reader of a new blob's file reads the disk.
     direct_write: bool = True
+    # ...while the disk keeps up: past this many bytes queued and not yet on disk, a
+    # batch goes through the page cache (a disk slower than the download must not
+    # slow its clients; the page cache absorbs the difference as before).
+    direct_backlog: int = 8 * MIB
     index_flush: float = 10.0  # seconds between writes of last-use times to the index
 
     # -- sending to clients (http) --

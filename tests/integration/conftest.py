@@ -161,10 +161,12 @@ def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = blobs_module._write_all
     budget: list[int] = []
 
-    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(
+        out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int, *, direct: bool
+    ) -> None:
         if budget and offset + sum(len(c) for c in chunks) > budget[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(out, chunks, offset)
+        real(out, chunks, offset, direct=direct)
 
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     return budget
@@ -176,7 +178,9 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
     state = Disk()
     real = blobs_module._write_all
 
-    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(
+        out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int, *, direct: bool
+    ) -> None:
         state.started += 1
         fd = out.fd
         mine = os.dup(fd)  # keeps the temp file (and its inode number) alive
@@ -193,7 +197,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
                 raise OSError(errno.EBADF, "descriptor reused")
             if state.fail_from is not None and offset >= state.fail_from:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            real(out, chunks, offset)
+            real(out, chunks, offset, direct=direct)
         finally:
             os.close(mine)
             state.finished += 1

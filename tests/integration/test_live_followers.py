@@ -45,9 +45,11 @@ def disk_stalled(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     go = threading.Event()
     real = blobs_module._write_all
 
-    def write_all(out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int) -> None:
+    def write_all(
+        out: Appender, chunks: Sequence[blobs_module.Chunk], offset: int, *, direct: bool
+    ) -> None:
         go.wait(WAIT)
-        real(out, chunks, offset)
+        real(out, chunks, offset, direct=direct)
 
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     yield go

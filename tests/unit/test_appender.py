@@ -10,13 +10,19 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.appender import ALIGN, STAGE, Appender
+from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.core.oci import Digest
+from mirrorproxy.core.tuning import Tuning
 from tests.fakes.registry import payload
+from tests.support.waiting import wait_for
 
 KIB = 1024
 
@@ -109,3 +115,37 @@ def test_buffered_only_when_asked(target: tuple[Path, int]) -> None:
         out.append([b"y"], 0)  # only ever at the end
     out.close()
     assert path.read_bytes() == b"x" * (3 * ALIGN)
+
+
+async def test_a_writer_falls_back_to_the_page_cache_while_the_disk_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slower than the download must not slow its clients: past
+    ``direct_backlog`` bytes queued and not yet written, batches go buffered."""
+    go = threading.Event()
+    flags: list[bool] = []
+    real = blobs_module._write_all
+
+    def write_all(out: Appender, chunks: list[bytes], offset: int, *, direct: bool) -> None:
+        go.wait(10)  # the disk is stalled until the backlog has built up
+        flags.append(direct)
+        real(out, chunks, offset, direct=direct)
+
+    monkeypatch.setattr(blobs_module, "_write_all", write_all)
+    piece = 256 * KIB
+    data = payload(40 * piece, "lagging disk")
+    tuning = Tuning(direct_backlog=4 * piece, write_ahead=64 * piece, write_ahead_min=64 * piece)
+    store = FileBlobStore(tmp_path)
+    store.prepare()
+    writer = store.begin(Digest.of(data), tuning=tuning)
+    for at in range(0, 20 * piece, piece):  # queued while the disk stalls
+        await writer.write(data[at : at + piece])
+    go.set()
+    for at in range(20 * piece, len(data), piece):
+        await writer.write(data[at : at + piece])
+        await wait_for(lambda: writer.written == writer.queued)  # a disk keeping up
+    info = await writer.commit()
+    assert info.size == len(data)
+    # The first job asked before the backlog grew; the next ones found 19 pieces queued.
+    assert flags[1] is False  # through the page cache
+    assert flags[-1] is True  # caught up: past the page cache again
