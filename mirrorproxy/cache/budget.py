@@ -157,22 +157,21 @@ class CacheBudget:
 
     def _recounted(self, change: int) -> None:
         self.total += change
-        self._metrics.cache_size_bytes.set(self.total)
         self._make_room(0)  # a smaller share, say
+        self._metrics.cache_size_bytes.set(self.total)
 
-    async def used_elsewhere(self, served: set[str], reading: set[str], *, pin_for: float) -> int:
-        """Other members served ``served`` and read ``reading`` from the store: used
-        now, and those read never evicted for ``pin_for`` seconds unless reported
-        again. Only entries the index holds (a report never adds one); how many."""
+    async def used_elsewhere(
+        self, served: set[str], reading: set[str], *, pin_for: float
+    ) -> set[str]:
+        """Other members served or read these: used now, those read pinned ``pin_for``
+        seconds (unless reported again). Only entries the index holds: returned."""
         if self.index is None or self.remote is None:
-            return 0
+            return set()
         known = await asyncio.to_thread(self.index.known, BLOB, served | reading)
         now = self._clock()
         self._used.update(dict.fromkeys([(BLOB, digest) for digest in known], now))
         self.remote.hold(known & reading, until=now + pin_for)
-        return len(known)
-
-    # -- use -------------------------------------------------------------------
+        return known
 
     def now(self) -> float:
         """The budget's clock (wall-clock seconds), for ``vanished``'s ``since``."""
