@@ -238,14 +238,13 @@ class CacheBudget:
         self._blocked_until = self._clock() + self.write_retry
 
     def reserve(self, digest: Digest, size: int | None) -> Reservation:
-        """Promise room for a blob about to be written, if it can be had.
-
-        Nothing is evicted unless eviction can make all the room the blob needs.
+        """Promise room for a blob about to be written, if it can be had (nothing is
+        evicted unless eviction can make all of it; a blob another budget of a split
+        accounts for needs room on the disk only).
 
         Returns:
             The fill's reservation; its ``refused`` is None when the blob may be
-            cached, else why not ("budget" or "write-error"), and the caller
-            streams the blob through uncached.
+            cached, else why not ("budget" or "write-error": stream it through).
         """
         key = str(digest)
         if self._clock() < self._blocked_until:
@@ -255,7 +254,7 @@ class CacheBudget:
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
             return Reservation(key, 0, refused=BUDGET)
-        if not self._make_room(need):
+        if not self._make_room(need, mine=self.index is None or self.index.accounts_for(key)):
             if self._clock() < self._blocked_until:
                 return Reservation(key, 0, refused=WRITE_ERROR)  # eviction hit a broken disk
             logger.warning("no room in the cache for blob %s (%d bytes): not cached", digest, need)
@@ -294,16 +293,17 @@ class CacheBudget:
         self._metrics.cache_size_bytes.set(self.total)
         self._make_room(0)  # its size was not known up front (or a manifest)
 
-    def _shortfall(self, need: int) -> int:
+    def _shortfall(self, need: int, *, mine: bool = True) -> int:
         """Bytes that must be freed before ``need`` more fit (0 or less: it fits).
 
-        Both the budget and the disk are asked. Room reserved by running fills
-        counts as taken on both, though part of it may be written already: on a
-        tight disk that errs toward streaming through.
+        Both the budget (for what it accounts for: ``mine``) and the disk are asked.
+        Room reserved by running fills counts as taken, though part of it may be
+        written already: on a tight disk that errs toward streaming through.
         """
-        reserved = sum(r.size for r in self._reservations)
+        index, reserved = self.index, sum(r.size for r in self._reservations)
+        ours = sum(r.size for r in self._reservations if index and index.accounts_for(r.digest))
         limit = self.limit
-        short = self.total + reserved + need - limit if limit else 0
+        short = self.total + ours + (need if mine else 0) - limit if limit else 0
         disk = disk_shortfall(self._config, need + reserved)
         return short if disk is None else max(short, disk)
 
@@ -326,7 +326,7 @@ class CacheBudget:
         )
         return self.total - unindexed - in_use
 
-    def _make_room(self, need: int) -> bool:
+    def _make_room(self, need: int, *, mine: bool = True) -> bool:
         """Evict least recently used entries until ``need`` more bytes fit.
 
         Nothing is evicted unless evicting what is not in use can make all the
@@ -334,7 +334,7 @@ class CacheBudget:
         """
         if self.index is None:
             return True
-        target = self._shortfall(need)
+        target = self._shortfall(need, mine=mine)
         if target <= 0:
             return True
         reclaimable = self._reclaimable()
@@ -350,7 +350,7 @@ class CacheBudget:
             self.index.touch_many(used)
         freed = 0
         in_use = self._in_use()
-        while self._shortfall(need) > 0:
+        while self._shortfall(need, mine=mine) > 0:
             if freed >= target:
                 return False  # deleting files frees less than it should (held open?)
             victims = [e for e in self.index.oldest() if e.digest not in in_use]
@@ -360,7 +360,7 @@ class CacheBudget:
                 if not self._evict(entry):
                     return False
                 freed += entry.size
-                if self._shortfall(need) <= 0 or freed >= target:
+                if self._shortfall(need, mine=mine) <= 0 or freed >= target:
                     break
         return True
 
