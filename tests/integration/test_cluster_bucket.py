@@ -15,7 +15,8 @@ import hashlib
 import uuid
 from typing import Any
 
-from mirrorproxy.core.rendezvous import blob_key, owner
+from mirrorproxy.core.rendezvous import FORWARDED_HEADER, blob_key, owner
+from mirrorproxy.core.touches import MAX_BODY, TOUCHES_PATH, encode_report
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
 from tests.fakes.registry import payload
@@ -184,3 +185,39 @@ async def test_members_from_dns_hold_max_size_for_the_bucket_as_a_whole(
     assert all(m.budget.total <= m.budget.limit for m in two)
     assert members[2].budget.total == 0  # not a member any more: owns nothing
     assert len(fake.registry.calls("GET", "blobs")) == len(blobs)  # once per cluster
+
+
+async def test_the_report_endpoint_takes_bounded_json_from_members_only(
+    seaweedfs: SeaweedFS, start_fake: FakeFactory, start_cluster: ClusterFactory
+) -> None:
+    fake = await start_fake()
+    (a,) = await start_cluster([fake.url], 1, storage=bucket(seaweedfs), tuning=FAST)
+    known = fake.registry.add_blob(payload(64 * KIB, "known"))
+    await get(a, known)
+    await a.settled()
+    unknown = "sha256:" + "ab" * 32
+    marker = {FORWARDED_HEADER: "http://127.0.0.9:5000"}
+
+    async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+        resp = await a.client.post(TOUCHES_PATH, data=body, headers=headers)
+        return resp.status, await resp.json()
+
+    report = encode_report([unknown], [known])
+    status, answer = await post(report, {})
+    assert (status, answer["errors"][0]["code"]) == (403, "DENIED")
+    status, answer = await post(b"{not json", marker)
+    assert (status, answer["errors"][0]["code"]) == (400, "UNSUPPORTED")
+    status, answer = await post(b'{"served": ["sha256:nope"]}', marker)
+    assert status == 400
+    assert "served" in answer["errors"][0]["message"]
+    status, answer = await post(b" " * (MAX_BODY + 1), marker)
+    assert (status, answer["errors"][0]["code"]) == (413, "SIZE_INVALID")
+    status, answer = await post(report, marker)
+    assert (status, answer) == (200, {"known": 1})
+    assert a.budget.index is not None
+    assert a.budget.index.get("blob", unknown) is None  # a report never adds an entry
+    remote = a.budget.remote
+    assert remote is not None
+    assert remote.held(a.budget.now()) == {known}
+    assert await a.metric("mirrorproxy_cluster_touches_received_total", use="reading") == 1
+    assert await a.metric("mirrorproxy_cluster_touches_received_total", use="served") == 0
