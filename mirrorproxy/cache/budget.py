@@ -1,31 +1,27 @@
 """CacheBudget: keeps the cache inside ``max_size``, ``min_free`` and the disk.
 
-A fill reserves its size before writing a byte, and gets a ``Reservation`` that is
-its own: only that fill releases it (at commit or failure), so a failing fill
-cleaning up late cannot release the room of the retry that replaced it. Before
-admitting a fill the budget asks the filesystem (statvfs) whether the blob fits,
-whatever ``min_free`` says; room is made by evicting the least recently used
-entries (blobs before manifests, never one being served or filled), but only when
-eviction can make enough of it: a blob that can never fit (bigger than the budget
-or the disk, or held back by entries in use) evicts nothing and is streamed through
-uncached.
+A fill reserves its size before writing a byte and gets a ``Reservation`` of its
+own. Before admitting it the budget asks the filesystem (statvfs) too; room is made
+by evicting the least recently used entries (blobs before manifests, never one
+being served or filled), but only when eviction can make all of it: a blob that
+can never fit evicts nothing and is streamed through uncached.
 
 The in-memory total is the sum of committed entries: every change the server makes
 is applied to it in the same step as to the index, and what other processes change
 (``cache prune``/``verify``, ``import``) is picked up by the flush as a difference
-(``CacheIndex.external_change``), never by overwriting the total with a read that
-a concurrent commit could outdate. So the bytes on disk stay within ``max_size``
-plus what running fills have reserved. Last use is tracked in memory and written
-to the index in batches, off the hot path.
+(``CacheIndex.external_change``), never by overwriting the total with a read that a
+concurrent commit could outdate. Last use is kept in memory and written to the
+index in batches, off the hot path.
 
 With S3 the index stays local, is rebuilt from the bucket's listing at start, and
 eviction deletes objects; objects a lifecycle rule deleted are forgotten when a
 lookup misses (``vanished``). statvfs then guards the local disk (temp files).
 
-Budgets splitting one cache (``[server] workers``; a static [cluster] over one
-bucket) get ``owns`` and ``share``: each accounts for, and evicts, only the entries
-whose digest it owns (whoever wrote them), within ``share`` of ``max_size``; use by
-the others reaches the index (last_used) at their next flush.
+Budgets splitting one cache (``[server] workers``; a [cluster] over one bucket)
+get ``owns`` and ``share``: each accounts for, and evicts, only the entries whose
+digest it owns (whoever wrote them), within ``share`` of ``max_size``. Members
+report their use to the owner (``used_elsewhere``, which pins what they read:
+``remotepins``); when the members change, ``reshare`` recounts (``resplit``).
 
 Over 300 lines because admission, accounting and eviction share one total, the
 pins and the reservations: split apart, each part would reach into the others'
@@ -36,16 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import chain
 
-from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, ManifestStore
+from mirrorproxy.cache import BLOB, MANIFEST, BlobStore, Content, ManifestStore
 from mirrorproxy.cache.index import CacheIndex, Entry
 from mirrorproxy.cache.ownership import OwnedDigests
+from mirrorproxy.cache.remotepins import RemoteUse
+from mirrorproxy.cache.reservation import Reservation as Reservation
+from mirrorproxy.cache.resplit import Resplit
+from mirrorproxy.cache.room import disk_shortfall
 from mirrorproxy.config import CacheConfig
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.core.tuning import DEFAULT_TUNING
@@ -55,32 +54,6 @@ logger = logging.getLogger(__name__)
 
 BUDGET, WRITE_ERROR = "budget", "write-error"  # why a blob was not cached
 WRITE_RETRY = 30.0  # after a failed cache write, stream through this long, then try again
-
-
-class Reservation:
-    """Room promised to one fill; ``refused`` says why there is none (then nothing is held).
-
-    Released once, by ``release()`` or when the blob is committed; releasing again
-    is a no-op, and never touches another fill's reservation.
-    """
-
-    __slots__ = ("_on_release", "digest", "refused", "size")
-
-    def __init__(
-        self,
-        digest: str,
-        size: int,
-        *,
-        refused: str | None = None,
-        on_release: Callable[[Reservation], None] | None = None,
-    ) -> None:
-        self.digest, self.size, self.refused = digest, size, refused
-        self._on_release = on_release
-
-    def release(self) -> None:
-        on_release, self._on_release = self._on_release, None
-        if on_release is not None:
-            on_release(self)
 
 
 class CacheBudget:
@@ -94,13 +67,16 @@ class CacheBudget:
         clock: Callable[[], float] = time.time,
         flush_interval: float = DEFAULT_TUNING.index_flush,
         owns: Callable[[Digest], bool] | None = None,
-        share: float = 1.0,
+        share: float | Callable[[], float] = 1.0,
+        remote: RemoteUse | None = None,
     ) -> None:
         """``owns``: the digests this budget accounts for and may evict (None: all);
-        ``share``: its part of ``max_size`` (0 < share <= 1)."""
+        ``share``: its part of ``max_size`` (0 < share <= 1), or what gives it now;
+        ``remote``: what the other members of a cluster over one bucket use."""
         self._config = config
-        self._owns = owns
-        self.limit = int(config.max_size * share)
+        self._owned = None if owns is None else OwnedDigests(owns)
+        self._share = share
+        self.remote = remote
         self.flush_interval = flush_interval  # seconds between index flushes
         self._blobs = blobs
         self._manifests = manifests
@@ -114,24 +90,31 @@ class CacheBudget:
         self._blocked_until = 0.0  # set by a failed write (disk full, read-only)
         self._unindexed: dict[tuple[str, str], tuple[int, str]] = {}  # retried by flush
         self.write_retry = WRITE_RETRY
+        self._resplit: Resplit | None = None  # set by open
+
+    @property
+    def limit(self) -> int:
+        """The bytes this budget may hold: its share of ``max_size`` now (0: no limit)."""
+        share = self._share() if callable(self._share) else self._share
+        return int(self._config.max_size * share)
 
     def open(self, *, reconcile: bool = True) -> None:
         """Open the index and make it agree with the stores (run once at start;
         ``reconcile=False``: another process serving this cache did that)."""
-        self.index = CacheIndex.of_cache(
-            self._config.dir, owns=None if self._owns is None else OwnedDigests(self._owns)
-        )
-        added = dropped = 0
-        if reconcile:
-            added, dropped = self.index.reconcile_with(
-                chain(self._blobs.contents(), self._manifests.contents())
-            )
+        self.index = CacheIndex.of_cache(self._config.dir, owns=self._owned)
+        self._resplit = Resplit(self.index, self._contents, self._recounted)
+        added, dropped = self.index.reconcile_with(self._contents()) if reconcile else (0, 0)
         if added or dropped:
             logger.info("cache index reconciled: %d entries added, %d dropped", added, dropped)
         self.total = self.index.total_size()
         self._metrics.cache_size_bytes.set(self.total)
 
+    def _contents(self) -> Iterator[Content]:
+        return chain(self._blobs.contents(), self._manifests.contents())
+
     async def close(self) -> None:
+        if self._resplit is not None:
+            await self._resplit.close()
         try:
             await self.flush()
         finally:
@@ -165,7 +148,30 @@ class CacheBudget:
             self.total += change
         self._metrics.cache_size_bytes.set(self.total)
 
-    # -- use -------------------------------------------------------------------
+    def reshare(self, *, relist_after: float) -> None:
+        """Who owns what changed: recount now, list the store again later (``Resplit``)."""
+        if self._owned is not None:
+            self._owned.forget()
+        if self._resplit is not None:
+            self._resplit.changed(relist_after=relist_after)
+
+    def _recounted(self, change: int) -> None:
+        self.total += change
+        self._make_room(0)  # a smaller share, say
+        self._metrics.cache_size_bytes.set(self.total)
+
+    async def used_elsewhere(
+        self, served: set[str], reading: set[str], *, pin_for: float
+    ) -> set[str]:
+        """Other members served or read these: used now, those read pinned ``pin_for``
+        seconds (unless reported again). Only entries the index holds: returned."""
+        if self.index is None or self.remote is None:
+            return set()
+        known = await asyncio.to_thread(self.index.known, BLOB, served | reading)
+        now = self._clock()
+        self._used.update(dict.fromkeys([(BLOB, digest) for digest in known], now))
+        self.remote.hold(known & reading, until=now + pin_for)
+        return known
 
     def now(self) -> float:
         """The budget's clock (wall-clock seconds), for ``vanished``'s ``since``."""
@@ -189,12 +195,16 @@ class CacheBudget:
         except sqlite3.Error as err:
             logger.error("cannot update the cache index: %s", err)
             return
+        if self._resplit is not None:
+            self._resplit.removed(key)
         self.total -= removed
         self._metrics.cache_size_bytes.set(self.total)
         logger.info("%s %s left the store behind the index's back: forgotten", kind, digest)
 
     def touch(self, kind: str, digest: Digest) -> None:
         self._used[(kind, str(digest))] = self._clock()
+        if self.remote is not None and kind == BLOB:
+            self.remote.note(str(digest))  # for the report to its owner
 
     def pin(self, digest: Digest) -> None:
         self._pins[str(digest)] += 1
@@ -228,14 +238,13 @@ class CacheBudget:
         self._blocked_until = self._clock() + self.write_retry
 
     def reserve(self, digest: Digest, size: int | None) -> Reservation:
-        """Promise room for a blob about to be written, if it can be had.
-
-        Nothing is evicted unless eviction can make all the room the blob needs.
+        """Promise room for a blob about to be written, if it can be had (nothing is
+        evicted unless eviction can make all of it; a blob another budget of a split
+        accounts for needs room on the disk only).
 
         Returns:
             The fill's reservation; its ``refused`` is None when the blob may be
-            cached, else why not ("budget" or "write-error"), and the caller
-            streams the blob through uncached.
+            cached, else why not ("budget" or "write-error": stream it through).
         """
         key = str(digest)
         if self._clock() < self._blocked_until:
@@ -245,7 +254,7 @@ class CacheBudget:
         if limit and need > limit:
             logger.info("blob %s (%d bytes) exceeds the cache budget: not cached", digest, need)
             return Reservation(key, 0, refused=BUDGET)
-        if not self._make_room(need):
+        if not self._make_room(need, mine=self.index is None or self.index.accounts_for(key)):
             if self._clock() < self._blocked_until:
                 return Reservation(key, 0, refused=WRITE_ERROR)  # eviction hit a broken disk
             logger.warning("no room in the cache for blob %s (%d bytes): not cached", digest, need)
@@ -284,44 +293,32 @@ class CacheBudget:
         self._metrics.cache_size_bytes.set(self.total)
         self._make_room(0)  # its size was not known up front (or a manifest)
 
-    def _reserved(self) -> int:
-        return sum(r.size for r in self._reservations)
-
-    def _shortfall(self, need: int) -> int:
+    def _shortfall(self, need: int, *, mine: bool = True) -> int:
         """Bytes that must be freed before ``need`` more fit (0 or less: it fits).
 
-        Both the budget and the filesystem are asked; the disk is asked whatever
-        ``min_free`` says (a full disk cuts a fill mid-way otherwise). Room reserved
-        by running fills counts as taken on both, though part of it may be
+        Both the budget (for what it accounts for: ``mine``) and the disk are asked.
+        Room reserved by running fills counts as taken, though part of it may be
         written already: on a tight disk that errs toward streaming through.
         """
-        reserved = self._reserved()
-        short = 0
+        index, reserved = self.index, sum(r.size for r in self._reservations)
+        ours = sum(r.size for r in self._reservations if index and index.accounts_for(r.digest))
         limit = self.limit
-        if limit:
-            short = self.total + reserved + need - limit
-        try:
-            st = os.statvfs(self._config.dir)
-        except OSError:
-            return short
-        free = st.f_bavail * st.f_frsize
-        wanted = max(
-            int(self._config.min_free * st.f_blocks * st.f_frsize), self._config.min_free_bytes
-        )
-        return max(short, wanted + need + reserved - free)
+        short = self.total + ours + (need if mine else 0) - limit if limit else 0
+        disk = disk_shortfall(self._config, need + reserved)
+        return short if disk is None else max(short, disk)
 
     def _reclaimable(self) -> int:
         """Bytes eviction could free now: indexed entries that are not in use."""
         if self.index is None:
             return 0
-        held = set(self._pins) | {r.digest for r in self._reservations}
-        in_use = 0
-        for digest in held:
-            if not self.index.accounts_for(digest):
-                continue
-            for kind in (BLOB, MANIFEST):
-                entry = self.index.get(kind, digest)
-                in_use += entry.size if entry is not None else 0
+        index = self.index
+        in_use = sum(
+            entry.size
+            for digest in self._in_use()
+            if index.accounts_for(digest)
+            for entry in (index.get(BLOB, digest), index.get(MANIFEST, digest))
+            if entry is not None
+        )
         unindexed = sum(
             size
             for (_, digest), (size, _) in self._unindexed.items()
@@ -329,7 +326,7 @@ class CacheBudget:
         )
         return self.total - unindexed - in_use
 
-    def _make_room(self, need: int) -> bool:
+    def _make_room(self, need: int, *, mine: bool = True) -> bool:
         """Evict least recently used entries until ``need`` more bytes fit.
 
         Nothing is evicted unless evicting what is not in use can make all the
@@ -337,7 +334,7 @@ class CacheBudget:
         """
         if self.index is None:
             return True
-        target = self._shortfall(need)
+        target = self._shortfall(need, mine=mine)
         if target <= 0:
             return True
         reclaimable = self._reclaimable()
@@ -352,24 +349,27 @@ class CacheBudget:
             used, self._used = self._used, {}
             self.index.touch_many(used)
         freed = 0
-        while self._shortfall(need) > 0:
+        in_use = self._in_use()
+        while self._shortfall(need, mine=mine) > 0:
             if freed >= target:
                 return False  # deleting files frees less than it should (held open?)
-            victims = [e for e in self.index.oldest() if self._evictable(e)]
+            victims = [e for e in self.index.oldest() if e.digest not in in_use]
             if not victims:
                 return False
             for entry in victims:
                 if not self._evict(entry):
                     return False
                 freed += entry.size
-                if self._shortfall(need) <= 0 or freed >= target:
+                if self._shortfall(need, mine=mine) <= 0 or freed >= target:
                     break
         return True
 
-    def _evictable(self, entry: Entry) -> bool:
-        if entry.digest in self._pins:
-            return False
-        return all(r.digest != entry.digest for r in self._reservations)
+    def _in_use(self) -> set[str]:
+        """Digests never evicted now: served or filled here, reserved, read elsewhere."""
+        held = set(self._pins) | {r.digest for r in self._reservations}
+        if self.remote is not None:
+            held |= self.remote.held(self._clock())
+        return held
 
     def _evict(self, entry: Entry) -> bool:
         """Delete one entry; False when the disk refused (read-only, say)."""
@@ -390,6 +390,8 @@ class CacheBudget:
             logger.error("cannot update the cache index while evicting: %s", err)
             return False
         self._used.pop((entry.kind, entry.digest), None)
+        if self._resplit is not None:
+            self._resplit.removed(entry.digest)
         self.total -= removed
         self._metrics.cache_size_bytes.set(self.total)
         self._metrics.cache_evictions.labels(entry.kind).inc()

@@ -13,7 +13,12 @@ the others did, however its own writes interleave with that read.
 
 A connection given ``owns`` (a serving worker, which accounts for a share of the
 cache) sees only the entries whose digest it owns in every total, change and
-eviction candidate; the table itself stays whole for everyone.
+eviction candidate; the table itself stays whole for everyone. When ``owns``
+changes (a cluster's member list did), ``recount`` and ``merge_listing`` say by
+how much its part changed.
+
+Over 300 lines because every way the total changes (writes, other processes, a
+new split, a merged listing) goes through the one account of what was seen.
 """
 
 from __future__ import annotations
@@ -208,6 +213,73 @@ class CacheIndex:
             change = mine - self._seen_total
             self._seen_total = mine
         return change
+
+    def _resync(self) -> int:
+        """Recount this connection's part (lock held); return by how much it changed
+        since last seen. A difference, so the caller's total keeps its own updates."""
+        every = self._sum(_SUM)
+        mine = every if self._owns is None else self._sum(self._sum_sql)
+        change = mine - self._seen_total
+        self._seen_total, self._seen_all = mine, every
+        return change
+
+    def recount(self) -> int:
+        """After ``owns`` changed: by how much the part this connection accounts for
+        changed (changes by other processes since ``external_change`` included)."""
+        with self._lock:
+            return self._resync()
+
+    def merge_listing(
+        self, contents: Iterable[Content], *, since: float, skip: Callable[[str], bool]
+    ) -> int:
+        """Make the index agree with a listing of a store others write too (a bucket)
+        taken while this server runs; return by how much this connection's part changed.
+
+        Entries listed but missing are added, sizes corrected; an entry not listed
+        is dropped only if it was recorded before ``since`` (when the listing began:
+        newer ones were committed meanwhile). ``skip``: digests removed here while
+        the listing ran (an eviction), never added back.
+        """
+        listed: dict[tuple[str, str], tuple[int, float]] = {}
+        for c in contents:  # the slow part (a bucket listing), outside the lock
+            listed[(c.kind, str(c.digest))] = (c.size, c.stored)
+        with self._lock, self._db:
+            known = {
+                (k, d): (s, a)
+                for k, d, s, a in self._db.execute("SELECT kind, digest, size, added FROM entries")
+            }
+            gone = [k for k, (_, added) in known.items() if k not in listed and added < since]
+            self._db.executemany("DELETE FROM entries WHERE kind = ? AND digest = ?", gone)
+            new = [
+                (k, d, size, "", stored, stored)
+                for (k, d), (size, stored) in listed.items()
+                if (k, d) not in known and not skip(d)
+            ]
+            self._db.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?, ?, ?, ?)", new)
+            resized = [
+                (size, k, d)
+                for (k, d), (size, _) in listed.items()
+                if (k, d) in known and known[(k, d)][0] != size
+            ]
+            self._db.executemany(
+                "UPDATE entries SET size = ? WHERE kind = ? AND digest = ?", resized
+            )
+            return self._resync()
+
+    def known(self, kind: str, digests: Iterable[str]) -> set[str]:
+        """Which of ``digests`` the index holds (as ``kind``)."""
+        wanted = list(dict.fromkeys(digests))
+        found: set[str] = set()
+        with self._lock:
+            for i in range(0, len(wanted), 500):  # under SQLite's variable limit
+                part = wanted[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(
+                    f"SELECT digest FROM entries WHERE kind = ? AND digest IN ({marks})",  # noqa: S608
+                    (kind, *part),
+                )
+                found.update(str(row[0]) for row in rows)
+        return found
 
     def touch_many(self, used: dict[tuple[str, str], float]) -> None:
         with self._lock, self._db:

@@ -9,7 +9,11 @@ from mirrorproxy.core.oci import Digest
 
 class OwnedDigests:
     """``owns`` over the index's digest strings, remembered: recounting a share asks
-    it of every entry, and rendezvous hashing costs a hash per worker."""
+    it of every entry, and rendezvous hashing costs a hash per worker.
+
+    When what ``owns`` answers changes (a cluster's member list did), ``forget``
+    must be called before anything asks again.
+    """
 
     LIMIT = 1 << 18  # entries remembered (then forgotten at once, and relearnt)
 
@@ -25,3 +29,6 @@ class OwnedDigests:
             algorithm, _, hex_ = text.partition(":")  # the index holds valid digests only
             known = self._known[text] = self._owns(Digest(algorithm, hex_))
         return known
+
+    def forget(self) -> None:
+        self._known.clear()

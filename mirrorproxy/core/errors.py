@@ -97,6 +97,12 @@ class BadRequest(RegistryError):
     code, status = "UNSUPPORTED", 400
 
 
+class BodyTooLarge(RegistryError):
+    """A request body over the size an internal endpoint accepts."""
+
+    code, status = "SIZE_INVALID", 413
+
+
 class Denied(RegistryError):
     """The client's address is outside ``[server] allow``, or a logged-in user may
     not pull through that namespace (``access``)."""

@@ -57,6 +57,12 @@ class Tuning:
     direct_backlog: int = 8 * MIB
     index_flush: float = 10.0  # seconds between writes of last-use times to the index
 
+    # -- a cluster over one bucket (pullthrough/touchreports, cache/budget) --
+    touch_report: float = 3.0  # seconds between reports of use to the owners of blobs
+    touch_batch: int = 512  # digests in one report at most (the rest wait for the next)
+    remote_pin: float = 15.0  # seconds a blob read elsewhere stays pinned unless re-reported
+    relist_after: float = 5.0  # seconds the member list must hold still before a re-list
+
     # -- sending to clients (http) --
     slice_time: float = 0.1  # seconds one sendfile slice should take
     min_slice: int = 64 * KIB  # a client slower than this per client_timeout is stalled

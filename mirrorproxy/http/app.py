@@ -24,6 +24,7 @@ from mirrorproxy.http.requestctx import request_context_middleware
 from mirrorproxy.http.routes import setup_routes
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.engine import Engine, Sharing
+from mirrorproxy.upstream.members import Resolver, resolve_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,12 @@ def create_app(
     tuning: Tuning = DEFAULT_TUNING,
     sharing: Sharing | None = None,
     metrics_listener: bool = True,
+    resolver: Resolver = resolve_addresses,
 ) -> web.Application:
     """The mirror's aiohttp app; ``tuning`` bounds how blob bytes move (tests shrink it);
     ``sharing``: one of a server's workers over the same cache (``serve --workers``);
-    ``metrics_listener``: False in the workers that leave ``[metrics] listen`` to one."""
+    ``metrics_listener``: False in the workers that leave ``[metrics] listen`` to one;
+    ``resolver``: how ``[cluster] members_dns`` is looked up (tests give their own)."""
     app = web.Application(
         middlewares=[
             request_context_middleware,
@@ -48,7 +51,7 @@ def create_app(
         ]
     )
     metrics = metrics or Metrics()
-    engine = Engine(config, metrics, tuning=tuning, sharing=sharing)
+    engine = Engine(config, metrics, tuning=tuning, sharing=sharing, resolver=resolver)
     app[keys.CONFIG] = config
     app[keys.METRICS] = metrics
     app[keys.PULLTHROUGH] = engine.pullthrough

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from mirrorproxy.core.errors import Denied, Unsupported
+from mirrorproxy.core.touches import TOUCHES_PATH
 from mirrorproxy.http import keys
 from mirrorproxy.http.errors import Handler, error_response
 
@@ -69,6 +70,11 @@ def _from_a_worker(request: web.Request) -> bool:
     return isinstance(local, tuple) and local[1] in ports
 
 
+def _a_report(request: web.Request) -> bool:
+    """A member's report of use (its handler checks it is from a member)."""
+    return request.method == "POST" and request.path == TOUCHES_PATH
+
+
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse clients outside the allowlist, then every method but GET and HEAD."""
@@ -84,7 +90,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     ):
         logger.debug("denied %s from %s: not in [server] allow", request.method, request.remote)
         return error_response(Denied("this mirror does not serve your address"), head=head)
-    if request.method not in ALLOWED_METHODS:
+    if request.method not in ALLOWED_METHODS and not _a_report(request):
         return error_response(
             Unsupported(
                 f"{request.method[:20]} is not supported by a pull-through mirror",

@@ -15,7 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.core.errors import (
     API_VERSION_HEADER,
+    BadRequest,
     BlobUnknown,
+    BodyTooLarge,
+    Denied,
     NotFound,
     Unavailable,
     Unsupported,
@@ -32,6 +35,7 @@ from mirrorproxy.core.oci import (
     parse_tags_query,
 )
 from mirrorproxy.core.rendezvous import FORWARDED_HEADER
+from mirrorproxy.core.touches import MAX_BODY, decode_report
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
 from mirrorproxy.http.blobrules import (
@@ -244,6 +248,36 @@ async def metrics(request: web.Request) -> web.Response:
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
+
+
+async def touches(request: web.Request) -> web.Response:
+    """Another member's report of the blobs it served and reads (``core.touches``):
+    they count as used here, and those read are pinned for a while. Only from a
+    member (the cluster marker), bounded, and about entries the index holds."""
+    if request.app[keys.CONFIG].cluster is None:
+        raise NotFound("not a cluster member")
+    if FORWARDED_HEADER not in request.headers:
+        raise Denied("only cluster members report blob use")
+    if (request.content_length or 0) > MAX_BODY:
+        raise BodyTooLarge(f"a report is at most {MAX_BODY} bytes")
+    body = bytearray()
+    while chunk := await request.content.read(64 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BodyTooLarge(f"a report is at most {MAX_BODY} bytes")
+    try:
+        report = decode_report(bytes(body))
+    except ValueError as err:
+        raise BadRequest(f"bad report: {err}") from None
+    engine = request.app[keys.ENGINE]
+    reading = set(report.reading)
+    known = await engine.budget.used_elsewhere(
+        set(report.served), reading, pin_for=engine.pullthrough.tuning.remote_pin
+    )
+    metrics = request.app[keys.METRICS]
+    metrics.cluster_touches_received.labels("reading").inc(len(known & reading))
+    metrics.cluster_touches_received.labels("served").inc(len(known - reading))
+    return web.json_response({"known": len(known)})
 
 
 async def healthz(request: web.Request) -> web.Response:

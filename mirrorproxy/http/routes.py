@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mirrorproxy.core.touches import TOUCHES_PATH
 from mirrorproxy.http import handlers
 
 
@@ -22,3 +23,4 @@ def setup_routes(app: web.Application, *, metrics_route: bool = True) -> None:
         r.add_get("/metrics", handlers.metrics)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
+    r.add_post(TOUCHES_PATH, handlers.touches)  # between cluster members only

@@ -204,6 +204,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.cluster_touches_sent = Counter(
+            "mirrorproxy_cluster_touches_sent",
+            "Blobs of a shared bucket reported to their owner as served or being read here.",
+            ["use"],
+            registry=r,
+        )
+        self.cluster_touches_received = Counter(
+            "mirrorproxy_cluster_touches_received",
+            "Blobs this member owns that another reported as served or being read"
+            " (only those in the index count).",
+            ["use"],
+            registry=r,
+        )
         self.cluster_peer_failures = Counter(
             "mirrorproxy_cluster_peer_failures",
             "Members that failed a request and cooled down, by reason.",

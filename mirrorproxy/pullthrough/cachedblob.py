@@ -2,7 +2,9 @@
 
 A local file is sent as it is (``sendfile``); content in a remote store is streamed
 from it (``StoredStream``) or, with ``[storage.s3] redirect``, the client is sent
-to a presigned URL of it.
+to a presigned URL of it. An object found by the lookup but gone when read (another
+member evicted it meanwhile) is found gone before any header is sent: ``open``
+answers None, and the request is asked again, as a miss.
 """
 
 from __future__ import annotations
@@ -73,7 +75,18 @@ class CachedBlob:
         self._budget.pin(self.digest)  # never evicted while being sent
         if not self._info.local:
             chunks = self._store.read(self.digest, start, end)
-            return StoredStream(chunks, start, end, size=self._info.size, release=self._release)
+            first = b""
+            if start < end:
+                try:  # the GET itself, before any header: a gone object is a miss
+                    first = await anext(chunks, b"")
+                except BaseException as err:  # a store down is a 503, also before headers
+                    self._budget.unpin(self.digest)
+                    if isinstance(err, FileNotFoundError):  # evicted since the lookup
+                        return None
+                    raise
+            return StoredStream(
+                chunks, start, end, size=self._info.size, release=self._release, first=first
+            )
         f = _open(self._info.path)
         if f is None:
             self._budget.unpin(self.digest)

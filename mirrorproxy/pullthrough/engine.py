@@ -2,7 +2,8 @@
 
 The server wires it into the aiohttp app; ``preload`` runs it on its own. Building
 it opens nothing; ``start`` prepares the cache directory, the index and the client
-sessions, and ``close`` undoes that.
+sessions, and ``close`` undoes that. In a [cluster] it holds the one live member
+list (``members``) that the client's peers and the budget's split both follow.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from types import TracebackType
 
 from mirrorproxy.cache import BlobStore, ManifestStore
 from mirrorproxy.cache.budget import CacheBudget
+from mirrorproxy.cache.remotepins import RemoteUse
 from mirrorproxy.cache.stores import open_stores
 from mirrorproxy.config import Config
 from mirrorproxy.core.oci import Digest
-from mirrorproxy.core.rendezvous import blob_key, owner
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.policy import PullThrough
+from mirrorproxy.pullthrough.touchreports import MemberSplit, TouchReporter
 from mirrorproxy.upstream.client import UpstreamClient
+from mirrorproxy.upstream.members import Members, Resolver, resolve_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +46,21 @@ class Sharing:
     """
 
     owns: Callable[[Digest], bool]
-    share: float
+    share: float | Callable[[], float]  # or what gives it now (the members change)
     reconcile: bool = False  # this one makes the index agree with the files at start
 
 
-def bucket_sharing(config: Config) -> Sharing | None:
-    """The budget's part for a member of a static [cluster] over one bucket.
+def bucket_split(config: Config, members: Members | None) -> MemberSplit | None:
+    """How a member of a [cluster] over one bucket splits it with the others.
 
     Each member accounts for, and evicts, the blobs it owns within 1/N of
-    ``max_size``, so the members together hold the bucket to ``max_size``. With
-    ``members_dns`` the member count is not known at start: each member then
-    accounts for the whole bucket (see README, "Object storage").
+    ``max_size``, by the live member list (``members_dns``: as DNS says now), so
+    the members together hold the bucket to ``max_size``.
     """
     cluster = config.cluster
-    if cluster is None or not cluster.members or config.storage.s3 is None:
+    if cluster is None or members is None or config.storage.s3 is None:
         return None
-    members, me = cluster.members, cluster.self_url
-
-    def mine(digest: Digest) -> bool:
-        return owner(blob_key(str(digest)), members) == me
-
-    return Sharing(owns=mine, share=1 / len(members), reconcile=True)
+    return MemberSplit(cluster.self_url, members)
 
 
 class Engine:
@@ -80,9 +77,15 @@ class Engine:
         *,
         tuning: Tuning = DEFAULT_TUNING,
         sharing: Sharing | None = None,
+        resolver: Resolver = resolve_addresses,
     ) -> None:
+        """``resolver``: how ``members_dns`` is looked up (tests give their own)."""
         self.config = config
-        sharing = sharing if sharing is not None else bucket_sharing(config)
+        cluster = config.cluster
+        self.members = Members(cluster, metrics, resolver=resolver) if cluster else None
+        split = bucket_split(config, self.members) if sharing is None else None
+        if split is not None:
+            sharing = Sharing(owns=split.owns, share=split.share, reconcile=True)
         self._sharing = sharing
         stores = open_stores(
             config.cache,
@@ -93,7 +96,7 @@ class Engine:
         self._stores = stores
         self.blobs: BlobStore = stores.blobs
         self.manifests: ManifestStore = stores.manifests
-        self.client = UpstreamClient(config, metrics)
+        self.client = UpstreamClient(config, metrics, members=self.members)
         self.budget = CacheBudget(
             config.cache,
             blobs=self.blobs,
@@ -102,7 +105,13 @@ class Engine:
             flush_interval=tuning.index_flush,
             owns=sharing.owns if sharing is not None else None,
             share=sharing.share if sharing is not None else 1.0,
+            remote=RemoteUse() if split is not None else None,
         )
+        self.reporter: TouchReporter | None = None
+        if split is not None and self.members is not None:
+            reshare = partial(self.budget.reshare, relist_after=tuning.relist_after)
+            self.members.on_change.append(reshare)
+            self.reporter = TouchReporter(split, self.budget, self.client, metrics, tuning)
         self.pullthrough = PullThrough(
             config,
             blobs=self.blobs,
@@ -114,6 +123,7 @@ class Engine:
             shared=stores.shared,
         )
         self._flusher: asyncio.Task[None] | None = None
+        self._reporting: asyncio.Task[None] | None = None
         self._ready: tuple[float, str | None] | None = None  # (when, answer) of the last probe
 
     async def start(self) -> None:
@@ -126,6 +136,8 @@ class Engine:
         # Blocking calls (a bucket check and listing, say) in a thread: the
         # loop may already serve another app (tests) or a metrics listener.
         try:
+            if self.members is not None:  # first: the budget's split follows the list
+                await self.members.start()
             swept = await asyncio.to_thread(self.blobs.prepare)
             await asyncio.to_thread(self.manifests.prepare)
             if swept:
@@ -133,17 +145,24 @@ class Engine:
             reconcile = self._sharing is None or self._sharing.reconcile
             await asyncio.to_thread(partial(self.budget.open, reconcile=reconcile))
         except BaseException:
+            if self.members is not None:
+                await self.members.close()
             await asyncio.to_thread(self._stores.close)
             raise
         self._flusher = asyncio.create_task(self.budget.run_flusher(), name="index flusher")
         await self.client.start()
+        if self.reporter is not None:
+            self._reporting = asyncio.create_task(self.reporter.run(), name="touch reports")
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(BaseException):
-                await self._flusher
-            self._flusher = None
+        for task in (self._reporting, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._reporting = self._flusher = None
+        if self.members is not None:
+            await self.members.close()
         try:
             await self.pullthrough.close()
             try:

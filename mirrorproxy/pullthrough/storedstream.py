@@ -35,8 +35,10 @@ class StoredStream(Closing):
         *,
         size: int,
         release: Callable[[], None],
+        first: bytes = b"",
     ) -> None:
-        self._chunks, self._release = chunks, release
+        """``first``: the first chunk, already read from ``chunks``."""
+        self._chunks, self._release, self._first = chunks, release, first
         self.pos, self.end, self._size = start, end, size
         self._open = True
         self._closing: asyncio.Task[None] | None = None
@@ -48,8 +50,9 @@ class StoredStream(Closing):
     async def next(self) -> Part | None:
         if self.pos >= self.end:
             return None
+        chunk, self._first = self._first, b""
         try:
-            chunk = await anext(self._chunks, b"")
+            chunk = chunk or await anext(self._chunks, b"")
         except (StoreUnavailable, FileNotFoundError, EOFError) as err:
             raise BlobFailed(f"reading the stored blob failed: {err}") from None
         if not chunk:

@@ -26,6 +26,7 @@ from mirrorproxy.config import Config, Namespace, Upstream
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.upstream.auth import Authenticator, AuthError, parse_www_authenticate, scope_for
 from mirrorproxy.upstream.health import EndpointHealth
+from mirrorproxy.upstream.members import Members
 from mirrorproxy.upstream.peers import Peer, PeerRoute, Peers
 from mirrorproxy.upstream.response import (
     Attempt,
@@ -66,7 +67,10 @@ class UpstreamClient:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        members: Members | None = None,
     ) -> None:
+        """``members``: the server's live member list (its owner starts it; without
+        one, the configured ``members`` are used as they are)."""
         self._config = config
         self._metrics = metrics
         self._clock = clock
@@ -74,7 +78,10 @@ class UpstreamClient:
         self._health = EndpointHealth(config.defaults, metrics, clock)
         self._auth = Authenticator(clock=clock)
         cluster = config.cluster
-        self._peers = Peers(cluster, config.defaults, metrics, clock) if cluster else None
+        self._peers = None
+        if cluster is not None:
+            members = members or Members(cluster, metrics)
+            self._peers = Peers(cluster, members, config.defaults, metrics, clock)
 
     async def start(self) -> None:
         if self._peers is not None:
@@ -115,6 +122,10 @@ class UpstreamClient:
     def forwards(self, route: PeerRoute | None) -> bool:
         """Whether a request for ``route`` would go to another cluster member first."""
         return self._peers is not None and self._peers.forwards(route)
+
+    async def post_member(self, member: str, path: str, body: bytes) -> bool:
+        """POST JSON to a cluster member's internal ``path`` (see ``Peers.post_json``)."""
+        return self._peers is not None and await self._peers.post_json(member, path, body)
 
     def is_peer(self, url: str | None) -> bool:
         """Whether ``url`` is a cluster member's (an answer came from a member)."""

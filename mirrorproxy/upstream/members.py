@@ -4,7 +4,9 @@ With ``members_dns`` the members are ``<scheme>://<address>:<port>`` for every A
 record of the name (a Kubernetes headless Service lists its ready pods that way),
 sorted, re-resolved every ``refresh``. A failed lookup keeps the last good list: a
 DNS hiccup must not turn every member into a cluster of one. It owns that list and
-the ``cluster_members`` gauge; it must not send requests to the members.
+the ``cluster_members`` gauge, and tells ``on_change`` listeners when the list
+changed (a cache budget split by owner follows it); it must not send requests to
+the members. One per server: everything that needs the list asks this one.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Members:
         self._metrics = metrics
         self._resolver = resolver
         self.current: tuple[str, ...] = cluster.members
+        # Called (on the loop) right after ``current`` changed.
+        self.on_change: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         metrics.cluster_members.set(len(self.current))
 
@@ -87,6 +91,8 @@ class Members:
             return
         self.current = members
         self._metrics.cluster_members.set(len(members))
+        for listener in self.on_change:
+            listener()
         logger.info("cluster: %d members: %s", len(members), ", ".join(members))
         if self._cluster.self_url not in members:
             logger.warning(

@@ -76,12 +76,14 @@ class Peers:
     def __init__(
         self,
         cluster: ClusterConfig,
+        members: Members,
         defaults: UpstreamDefaults,
         metrics: Metrics,
         clock: Callable[[], float],
     ) -> None:
+        """``members``: the server's member list (started and closed by its owner)."""
         self.self_url = cluster.self_url
-        self.members = Members(cluster, metrics)
+        self.members = members
         self._cluster, self._defaults = cluster, defaults
         self._metrics, self._clock = metrics, clock
         self._peers: dict[str, Peer] = {}
@@ -98,7 +100,6 @@ class Peers:
             trust_env=False,  # members talk directly, never through an HTTP proxy
             read_bufsize=4 * 1024 * 1024,
         )
-        await self.members.start()
 
     def _tls(self) -> ssl.SSLContext | bool:
         """How https:// members are checked: the system's CAs, or ``[cluster] ca``."""
@@ -106,7 +107,6 @@ class Peers:
         return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
 
     async def close(self) -> None:
-        await self.members.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -166,6 +166,27 @@ class Peers:
     def mark_ok(self, peer: Upstream) -> None:
         if self._health.pop(peer.url, None) is not None:
             logger.info("cluster member %s is answering again", peer.url)
+
+    async def post_json(self, member: str, path: str, body: bytes) -> bool:
+        """POST ``body`` (JSON) to ``member``'s internal ``path``, marked as from a
+        member; whether it answered 2xx. A failure cools nobody down: it is a report,
+        not a request a client waits for."""
+        assert self._session is not None  # noqa: S101 - started before any report
+        headers = {FORWARDED_HEADER: self.self_url, "Content-Type": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=self._cluster.peer_timeout * 2)
+        try:
+            async with self._session.post(
+                f"{member}{path}", data=body, headers=headers, timeout=timeout
+            ) as resp:
+                await resp.read()
+                ok = 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError) as err:
+            why = str(err) or type(err).__name__
+            logger.info("cluster member %s: cannot report use: %s", member, why)
+            return False
+        if not ok:
+            logger.info("cluster member %s answered %d to a report", member, resp.status)
+        return ok
 
     async def open(
         self,

@@ -25,6 +25,7 @@ from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.appender import Appender
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
 from mirrorproxy.http.app import create_app
+from mirrorproxy.upstream.members import Resolver, resolve_addresses
 from tests.fakes.registry import FakeRegistry
 from tests.support.cluster import ClusterFactory, member_ports
 from tests.support.downloads import Disk
@@ -104,28 +105,35 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
         cluster: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         storage: Mapping[str, Any] | None = None,
+        cache: Mapping[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
+        dns: Resolver | None = None,
     ) -> list[Mirror]:
-        ports = member_ports(n)
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        # With ``dns`` every member finds the others by ``members_dns``: member i
+        # listens on 127.0.0.<i+1>, all on one port, as pods behind a headless Service.
+        hosts = [f"127.0.0.{i + 1}" if dns else "127.0.0.1" for i in range(n)]
+        ports = member_ports(1) * n if dns else member_ports(n)
+        urls = [f"http://{host}:{port}" for host, port in zip(hosts, ports, strict=True)]
         started = []
         for i, port in enumerate(ports):
             listed = (members or {}).get(i, range(n))
-            table = {
-                "self": urls[i],
-                "members": [urls[m] if isinstance(m, int) else m.format(*ports) for m in listed],
-                "peer_timeout": "1s",
-                **(cluster or {}),
-            }
+            table: dict[str, Any] = {"self": urls[i], "peer_timeout": "1s", **(cluster or {})}
+            if dns is None:
+                table["members"] = [
+                    urls[m] if isinstance(m, int) else m.format(*ports) for m in listed
+                ]
+            else:
+                table["members_dns"] = f"mirrors.test.internal:{port}"
             config = mirror_config(
                 tmp_path / f"member{i}" / "cache",
                 upstreams,
                 cluster=table,
                 server=server,
                 storage=storage,
+                cache=cache,
             )
-            client = await aiohttp_client(
-                create_app(config), server_kwargs={"host": "127.0.0.1", "port": port}
-            )
+            app = create_app(config, tuning=tuning, resolver=dns or resolve_addresses)
+            client = await aiohttp_client(app, server_kwargs={"host": hosts[i], "port": port})
             started.append(Mirror(client, config))
         return started
 

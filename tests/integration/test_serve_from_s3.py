@@ -19,9 +19,10 @@ from typing import Any
 
 import aiohttp
 
+from mirrorproxy.cache import BlobInfo
 from mirrorproxy.cache.s3blobs import S3BlobStore
 from mirrorproxy.commands.cache import cmd_du, cmd_ls, cmd_prune, cmd_verify
-from mirrorproxy.core.oci import OCI_MANIFEST, parse_digest
+from mirrorproxy.core.oci import OCI_MANIFEST, Digest, parse_digest
 from mirrorproxy.http import keys
 from mirrorproxy.pullthrough.answers import Target
 from mirrorproxy.pullthrough.source import FileRange
@@ -144,6 +145,37 @@ async def test_a_blob_deleted_from_the_bucket_is_forgotten_and_fetched_again(
     fake.registry.add_blob(data)
     resp = await mirror.client.get(blob_path(REPO, digest))
     assert await resp.read() == data
+    await cached(mirror, digest)
+    assert mirror.budget.total == len(data)
+
+
+async def test_an_object_gone_between_lookup_and_read_is_a_miss_before_any_header(
+    seaweedfs: SeaweedFS, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    """The index and the HEAD say cached, the GET finds no such key (the owner of the
+    blob evicted it meanwhile): the client gets the whole blob, fetched again."""
+    data = payload(300 * KIB, "s3 evicted under a reader")
+    digest = fake.registry.add_blob(data)
+    mirror = await start_mirror([fake.url], storage=storage(seaweedfs))
+    assert await (await mirror.client.get(blob_path(REPO, digest))).read() == data
+    await cached(mirror, digest)
+    store = s3_store(mirror)
+    looked_up = store.lookup
+    evicted: list[str] = []
+
+    async def lookup_then_evicted(d: Digest) -> BlobInfo | None:
+        found = await looked_up(d)
+        if found is not None and not evicted:  # deleted in the bucket after the HEAD
+            await asyncio.to_thread(store.delete, d)
+            evicted.append(str(d))
+        return found
+
+    store.lookup = lookup_then_evicted  # type: ignore[method-assign,assignment]  # a fault
+    resp = await mirror.client.get(blob_path(REPO, digest))
+    assert resp.status == 200
+    assert await resp.read() == data  # not a cut response
+    assert evicted == [digest]
+    assert blob_gets(fake) == 2  # the miss path fetched it again
     await cached(mirror, digest)
     assert mirror.budget.total == len(data)
 

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
+from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
+from mirrorproxy.upstream.members import Resolver
 from tests.support.mirror import Mirror
 
 MAX_PORT = 55535  # the machine's other work uses the ports above
@@ -36,8 +38,10 @@ class ClusterFactory(Protocol):
     ``members`` gives member ``i`` its own member list (indexes into the cluster's
     URLs, or URLs where ``{0}``, ``{1}``... stand for the members' ports); by default
     every member lists all of them. ``cluster`` adds
-    ``[cluster]`` keys; ``server`` adds ``[server]`` keys; ``storage`` is the
-    ``[storage]`` table every member shares (one bucket).
+    ``[cluster]`` keys; ``server`` adds ``[server]`` keys; ``storage`` is a
+    ``[storage]`` table (one bucket for all), ``cache`` adds ``[cache]`` keys.
+    ``dns``: the members find each other with ``members_dns``, looked up with this
+    resolver; member i then listens on 127.0.0.<i+1>, all on the same port.
     """
 
     def __call__(
@@ -49,4 +53,7 @@ class ClusterFactory(Protocol):
         cluster: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         storage: Mapping[str, Any] | None = None,
+        cache: Mapping[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
+        dns: Resolver | None = None,
     ) -> Awaitable[list[Mirror]]: ...

@@ -7,7 +7,7 @@ every wait has the same upper bound, so a broken condition fails instead of hang
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 WAIT = 5.0  # upper bound for any wait on a background condition, in seconds
 
@@ -19,3 +19,12 @@ async def wait_for(condition: Callable[[], bool], *, within: float = WAIT) -> No
             if condition():
                 return
             await asyncio.sleep(0.01)
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], *, within: float = WAIT) -> None:
+    """``wait_for`` a condition that must be awaited (a metric scraped, a bucket listed)."""
+    async with asyncio.timeout(within):
+        while True:
+            if await condition():
+                return
+            await asyncio.sleep(0.05)
