@@ -5,8 +5,11 @@ No policy and no I/O of its own beyond writing the response body.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -254,9 +257,11 @@ async def touches(request: web.Request) -> web.Response:
     """Another member's report of the blobs it served and reads (``core.touches``):
     they count as used here, and those read are pinned for a while. Only from a
     member (the cluster marker), bounded, and about entries the index holds."""
-    if request.app[keys.CONFIG].cluster is None:
+    cluster, engine = request.app[keys.CONFIG].cluster, request.app[keys.ENGINE]
+    if cluster is None or engine.members is None:
         raise NotFound("not a cluster member")
-    if FORWARDED_HEADER not in request.headers:
+    others = [m for m in engine.members.current if m != cluster.self_url]
+    if not _from_member(request, others):
         raise Denied("only cluster members report blob use")
     if (request.content_length or 0) > MAX_BODY:
         raise BodyTooLarge(f"a report is at most {MAX_BODY} bytes")
@@ -269,7 +274,6 @@ async def touches(request: web.Request) -> web.Response:
         report = decode_report(bytes(body))
     except ValueError as err:
         raise BadRequest(f"bad report: {err}") from None
-    engine = request.app[keys.ENGINE]
     reading = set(report.reading)
     known = await engine.budget.used_elsewhere(
         set(report.served), reading, pin_for=engine.pullthrough.tuning.remote_pin
@@ -278,6 +282,24 @@ async def touches(request: web.Request) -> web.Response:
     metrics.cluster_touches_received.labels("reading").inc(len(known & reading))
     metrics.cluster_touches_received.labels("served").inc(len(known - reading))
     return web.json_response({"known": len(known)})
+
+
+def _from_member(request: web.Request, members: Sequence[str]) -> bool:
+    """Whether the sender names itself as a current member and, where that member
+    is an address (``members_dns`` lists addresses), connects from that address: a
+    client that may reach the mirror cannot pin its blobs by claiming the marker."""
+    sender = request.headers.get(FORWARDED_HEADER, "")
+    if sender not in members:
+        return False
+    host = (urlsplit(sender).hostname or "").strip("[]")
+    try:
+        claimed = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a host name: its addresses are not looked up here
+    try:
+        return ipaddress.ip_address(request.remote or "") == claimed
+    except ValueError:
+        return False
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -201,20 +201,27 @@ async def test_the_report_endpoint_takes_bounded_json_from_members_only(
     seaweedfs: SeaweedFS, start_fake: FakeFactory, start_cluster: ClusterFactory
 ) -> None:
     fake = await start_fake()
-    (a,) = await start_cluster([fake.url], 1, storage=bucket(seaweedfs), tuning=FAST)
-    known = fake.registry.add_blob(payload(64 * KIB, "known"))
+    # Two other members, never started: one at this test's address, one elsewhere.
+    near, far = "http://127.0.0.1:1", "http://127.0.0.9:5000"
+    (a,) = await start_cluster(
+        [fake.url], 1, members={0: [0, near, far]}, storage=bucket(seaweedfs), tuning=FAST
+    )
+    (data,) = owned_payloads(1, 64 * KIB, "known", [url_of(a), near, far], url_of(a))
+    known = fake.registry.add_blob(data)
     await get(a, known)
     await a.settled()
     unknown = "sha256:" + "ab" * 32
-    marker = {FORWARDED_HEADER: "http://127.0.0.9:5000"}
+    marker = {FORWARDED_HEADER: near}
 
     async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
         resp = await a.client.post(TOUCHES_PATH, data=body, headers=headers)
         return resp.status, await resp.json()
 
     report = encode_report([unknown], [known])
-    status, answer = await post(report, {})
-    assert (status, answer["errors"][0]["code"]) == (403, "DENIED")
+    # Not a member, this member itself, a member at another address than the sender's.
+    for claimed in ({}, {FORWARDED_HEADER: url_of(a)}, {FORWARDED_HEADER: far}):
+        status, answer = await post(report, claimed)
+        assert (status, answer["errors"][0]["code"]) == (403, "DENIED")
     status, answer = await post(b"{not json", marker)
     assert (status, answer["errors"][0]["code"]) == (400, "UNSUPPORTED")
     status, answer = await post(b'{"served": ["sha256:nope"]}', marker)
