@@ -14,8 +14,8 @@ concurrent commit could outdate. Last use is kept in memory and written to the
 index in batches, off the hot path.
 
 With S3 the index stays local, is rebuilt from the bucket's listing at start, and
-eviction deletes objects; objects a lifecycle rule deleted are forgotten when a
-lookup misses (``vanished``). statvfs then guards the local disk (temp files).
+eviction deletes objects (never one out as a presigned URL: ``lend``); objects a
+lifecycle rule deleted are forgotten when a lookup misses (``vanished``).
 
 Budgets splitting one cache (``[server] workers``; a [cluster] over one bucket)
 get ``owns`` and ``share``: each accounts for, and evicts, only the entries whose
@@ -23,9 +23,8 @@ digest it owns (whoever wrote them), within ``share`` of ``max_size``. Members
 report their use to the owner (``used_elsewhere``, which pins what they read:
 ``remotepins``); when the members change, ``reshare`` recounts (``resplit``).
 
-Over 300 lines because admission, accounting and eviction share one total, the
-pins and the reservations: split apart, each part would reach into the others'
-state. It reaches content only through the store Protocols and the index.
+Over 300 lines: admission, accounting and eviction share one total, the pins and
+the reservations. It reaches content only through the store Protocols and the index.
 """
 
 from __future__ import annotations
@@ -86,6 +85,7 @@ class CacheBudget:
         self.total = 0  # bytes of committed entries
         self._reservations: set[Reservation] = set()  # room promised to running fills
         self._pins: Counter[str] = Counter()  # digests being served or filled
+        self._lent = RemoteUse()  # digests out as presigned URLs, until those expire
         self._used: dict[tuple[str, str], float] = {}
         self._blocked_until = 0.0  # set by a failed write (disk full, read-only)
         self._unindexed: dict[tuple[str, str], tuple[int, str]] = {}  # retried by flush
@@ -215,17 +215,19 @@ class CacheBudget:
         if self._pins[key] <= 0:
             del self._pins[key]
 
+    def lend(self, digest: Digest, seconds: float) -> None:
+        """A presigned URL of ``digest`` is out for ``seconds``: pinned until then."""
+        self._lent.hold([str(digest)], until=self._clock() + seconds)
+
     @property
     def pinned(self) -> frozenset[str]:
-        """Digests being served or filled (never evicted)."""
-        return frozenset(self._pins)
+        """Digests being served, filled or lent (never evicted)."""
+        return frozenset(self._pins) | self._lent.held(self._clock())
 
     @property
     def reservations(self) -> frozenset[Reservation]:
         """Reservations held by running fills."""
         return frozenset(self._reservations)
-
-    # -- admission ---------------------------------------------------------------
 
     def write_failed(self, err: OSError) -> None:
         """The disk refused a write: stream through for a while, then try again."""
@@ -238,9 +240,8 @@ class CacheBudget:
         self._blocked_until = self._clock() + self.write_retry
 
     def reserve(self, digest: Digest, size: int | None) -> Reservation:
-        """Promise room for a blob about to be written, if it can be had (nothing is
-        evicted unless eviction can make all of it; a blob another budget of a split
-        accounts for needs room on the disk only).
+        """Promise room for a blob about to be written, if eviction can make all of it
+        (a blob another budget of a split accounts for needs room on the disk only).
 
         Returns:
             The fill's reservation; its ``refused`` is None when the blob may be
@@ -366,10 +367,10 @@ class CacheBudget:
 
     def _in_use(self) -> set[str]:
         """Digests never evicted now: served or filled here, reserved, read elsewhere."""
-        held = set(self._pins) | {r.digest for r in self._reservations}
+        held = self.pinned | {r.digest for r in self._reservations}
         if self.remote is not None:
             held |= self.remote.held(self._clock())
-        return held
+        return set(held)
 
     def _evict(self, entry: Entry) -> bool:
         """Delete one entry; False when the disk refused (read-only, say)."""

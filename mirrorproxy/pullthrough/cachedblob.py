@@ -68,7 +68,9 @@ class CachedBlob:
     async def location(self) -> str | None:
         if self._redirect is None or self._info.local:
             return None
-        return await self._store.url(self.digest, expires=self._redirect)
+        url = await self._store.url(self.digest, expires=self._redirect)
+        self._budget.lend(self.digest, self._redirect)  # the client reads it meanwhile
+        return url
 
     async def open(self, rng: tuple[int, int] | None) -> CachedStream | StoredStream | None:
         start, end = (0, self._info.size) if rng is None else (rng[0], rng[1] + 1)

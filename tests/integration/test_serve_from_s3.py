@@ -361,3 +361,27 @@ async def test_a_client_joining_a_download_once_it_is_in_the_bucket_reads_it_the
             stream.advance(stream.pos + len(part))
     assert bytes(got) == data[1000:200_001]
     assert blob_gets(fake) == 1  # from the bucket, not another upstream GET
+
+
+async def test_a_blob_out_as_a_presigned_url_is_not_evicted_while_the_url_lives(
+    seaweedfs: SeaweedFS, fake: RunningFake, start_mirror: MirrorFactory
+) -> None:
+    lent, newcomer = payload(MIB + 200 * KIB, "lent"), payload(MIB + 200 * KIB, "newcomer")
+    a, b = fake.registry.add_blob(lent), fake.registry.add_blob(newcomer)
+    mirror = await start_mirror(
+        [fake.url], storage=storage(seaweedfs, redirect=True), cache={"max_size": "2MiB"}
+    )
+    assert await (await mirror.client.get(blob_path(REPO, a))).read() == lent
+    await cached(mirror, a)
+    resp = await mirror.client.get(blob_path(REPO, a), allow_redirects=False)
+    assert resp.status == 307  # the client now reads A from the bucket for 20 minutes
+    assert a in mirror.budget.pinned
+    # B needs A's room: A is lent, so B is streamed through and A stays.
+    assert await (await mirror.client.get(blob_path(REPO, b))).read() == newcomer
+    await mirror.settled()
+    assert await mirror.stored(a)
+    assert not await mirror.stored(b)
+    assert await mirror.metric("mirrorproxy_cache_passthrough_total", reason="budget") == 1
+    async with aiohttp.ClientSession() as s3, s3.get(resp.headers["Location"]) as got:
+        assert got.status == 200  # the URL still works: nothing was deleted under it
+        assert await got.read() == lent
