@@ -29,9 +29,14 @@ class Stores:
     close: Callable[[], None] = _nothing  # releases what the backend holds open
     # Every member of a cluster sees the same content (one bucket, or the one cache
     # directory of a server's workers): what the owner committed is there already,
-    # so a member that gets a blob from its owner relays it and writes nothing.
-    # False for a filesystem cache of its own (each member keeps its own copy).
-    shared: bool = False
+    # so a member that gets a blob from its owner writes it to ``scratch`` for its
+    # own clients, and never commits it. None: a filesystem cache of its own (each
+    # member keeps its own copy).
+    scratch: BlobStore | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.scratch is not None
 
     def of(self, kind: str) -> ContentStore:
         """The store holding content of ``kind`` (BLOB or MANIFEST)."""
@@ -65,9 +70,12 @@ def open_stores(
 
         conn = S3Connection(storage.s3, observe=observe)
         manifests = S3ManifestStore(conn, memory_bytes=cache.memory_manifests)
-        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close, shared=True)
+        # Temp files of relayed blobs go where the S3 writer keeps its own.
+        scratch = FileBlobStore(cache.dir)
+        return Stores(S3BlobStore(conn, cache.dir), manifests, conn.close, scratch=scratch)
+    blobs = FileBlobStore(cache.dir)
     return Stores(
-        blobs=FileBlobStore(cache.dir),
+        blobs=blobs,
         manifests=FileManifestStore(cache.dir, memory_bytes=cache.memory_manifests),
-        shared=shared,
+        scratch=blobs if shared else None,
     )

@@ -7,7 +7,7 @@ worker listens on the server's address with SO_REUSEPORT (the kernel spreads the
 connections) and on its own private loopback socket, bound by the server, where
 the other workers reach it: together they are a cluster whose members are those
 private URLs, so each blob and tag has one owning worker that fetches it from
-upstream, and the others relay it (``OwnerRelay``) from the one cache directory.
+upstream and commits it; the others follow its answer without committing it.
 It prints ``ready`` on standard output once it listens.
 """
 

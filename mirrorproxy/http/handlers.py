@@ -5,11 +5,8 @@ No policy and no I/O of its own beyond writing the response body.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Sequence
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -18,10 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mirrorproxy.clientauth.middleware import authorize_target
 from mirrorproxy.core.errors import (
     API_VERSION_HEADER,
-    BadRequest,
     BlobUnknown,
-    BodyTooLarge,
-    Denied,
     NotFound,
     Unavailable,
     Unsupported,
@@ -38,7 +32,6 @@ from mirrorproxy.core.oci import (
     parse_tags_query,
 )
 from mirrorproxy.core.rendezvous import FORWARDED_HEADER
-from mirrorproxy.core.touches import MAX_BODY, decode_report
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.http import keys
 from mirrorproxy.http.blobrules import (
@@ -251,55 +244,6 @@ async def metrics(request: web.Request) -> web.Response:
     resp = web.Response(body=data)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
-
-
-async def touches(request: web.Request) -> web.Response:
-    """Another member's report of the blobs it served and reads (``core.touches``):
-    they count as used here, and those read are pinned for a while. Only from a
-    member (the cluster marker), bounded, and about entries the index holds."""
-    cluster, engine = request.app[keys.CONFIG].cluster, request.app[keys.ENGINE]
-    if cluster is None or engine.members is None:
-        raise NotFound("not a cluster member")
-    others = [m for m in engine.members.current if m != cluster.self_url]
-    if not _from_member(request, others):
-        raise Denied("only cluster members report blob use")
-    if (request.content_length or 0) > MAX_BODY:
-        raise BodyTooLarge(f"a report is at most {MAX_BODY} bytes")
-    body = bytearray()
-    while chunk := await request.content.read(64 * 1024):
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise BodyTooLarge(f"a report is at most {MAX_BODY} bytes")
-    try:
-        report = decode_report(bytes(body))
-    except ValueError as err:
-        raise BadRequest(f"bad report: {err}") from None
-    reading = set(report.reading)
-    known = await engine.budget.used_elsewhere(
-        set(report.served), reading, pin_for=engine.pullthrough.tuning.remote_pin
-    )
-    metrics = request.app[keys.METRICS]
-    metrics.cluster_touches_received.labels("reading").inc(len(known & reading))
-    metrics.cluster_touches_received.labels("served").inc(len(known - reading))
-    return web.json_response({"known": len(known)})
-
-
-def _from_member(request: web.Request, members: Sequence[str]) -> bool:
-    """Whether the sender names itself as a current member and, where that member
-    is an address (``members_dns`` lists addresses), connects from that address: a
-    client that may reach the mirror cannot pin its blobs by claiming the marker."""
-    sender = request.headers.get(FORWARDED_HEADER, "")
-    if sender not in members:
-        return False
-    host = (urlsplit(sender).hostname or "").strip("[]")
-    try:
-        claimed = ipaddress.ip_address(host)
-    except ValueError:
-        return True  # a host name: its addresses are not looked up here
-    try:
-        return ipaddress.ip_address(request.remote or "") == claimed
-    except ValueError:
-        return False
 
 
 async def healthz(request: web.Request) -> web.Response:

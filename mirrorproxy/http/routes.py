@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirrorproxy.core.touches import TOUCHES_PATH
-from mirrorproxy.http import handlers
+from mirrorproxy.http import handlers, touches
 
 
 def setup_routes(app: web.Application, *, metrics_route: bool = True) -> None:
@@ -23,4 +23,4 @@ def setup_routes(app: web.Application, *, metrics_route: bool = True) -> None:
         r.add_get("/metrics", handlers.metrics)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
-    r.add_post(TOUCHES_PATH, handlers.touches)  # between cluster members only
+    r.add_post(TOUCHES_PATH, touches.touches)  # between cluster members only

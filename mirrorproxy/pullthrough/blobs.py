@@ -5,8 +5,8 @@ A cached blob is a ``CachedBlob``; a miss joins the running download of the dige
 that cannot be cached is relayed from upstream to the client (``DirectStream``),
 verified when whole. HEAD learns the size from the cache, a running download or the
 upstream. In a [cluster] a download asks the blob's owner first (see ``BlobFill``);
-over a store the members share, a blob another member owns is relayed from it and
-not written here (``OwnerRelay``).
+over a store the members share, a download from the owner writes to ``scratch``
+only: its clients follow it as any other, and the owner commits the blob.
 
 Over 300 lines because the running downloads' registry (start, join, refusing a
 cluster loop, shutdown) and the HEAD probes share the policy's state.
@@ -35,7 +35,6 @@ from mirrorproxy.pullthrough.direct import DirectStream, open_direct
 from mirrorproxy.pullthrough.fill import BlobFill
 from mirrorproxy.pullthrough.fillsource import FillSource
 from mirrorproxy.pullthrough.isolation import Isolation
-from mirrorproxy.pullthrough.relay import OwnerRelay
 from mirrorproxy.pullthrough.source import BlobSource, BlobStream
 from mirrorproxy.upstream.client import UpstreamClient, UpstreamError
 
@@ -63,11 +62,12 @@ class BlobPolicy:
         isolation: Isolation,
         corrupt: CorruptBlobs,
         tuning: Tuning,
-        shared: bool = False,
+        scratch: BlobStore | None = None,
     ) -> None:
-        """``shared``: the other cluster members write into ``blobs`` too (see ``relay``)."""
+        """``scratch``: the other cluster members commit into ``blobs`` too; a blob
+        from its owner is written here for our clients and never committed."""
         self._config = config
-        self.shared = shared
+        self._scratch = scratch
         self._blobs = blobs
         self._budget = budget
         self._client = client
@@ -131,44 +131,12 @@ class BlobPolicy:
         self._budget.vanished(BLOB, digest, since=asked)  # a lifecycle rule deleted it?
         if self._config.cache.offline:
             raise BlobUnknown(f"blob {digest} is not cached and {OFFLINE}")
-        relay = await self._from_owner(t, digest, first_byte) if self.shared else None
-        if relay is not None:
-            count(self._metrics, t, "blob", relay.result)
-            return relay
         fill = await self._fill(t, digest)
         source = FillSource(
             fill, partial(self._stream_through, t, digest, fill), partial(self._stored, digest)
         )
         count(self._metrics, t, "blob", source.result)
         return source
-
-    async def _from_owner(self, t: Target, digest: Digest, first_byte: int) -> OwnerRelay | None:
-        """The owner's answer, relayed unwritten (it commits into our shared store);
-        None: we own the blob, fill it already, or no member ahead could answer."""
-        route = t.route(blob_key(str(digest)), "blob")
-        if digest in self.fills or not self._client.forwards(route):
-            return None
-        what = f"blob {digest}"
-        try:
-            resp = await self._client.open_member(
-                t.ns_name, f"{t.repo}/blobs/{digest}", what=what, start=first_byte, route=route
-            )
-        except UpstreamError as err:
-            raise err.registry_error(BlobUnknown) from None
-        if resp is None:
-            return None
-        return OwnerRelay(
-            t,
-            digest,
-            resp,
-            route=route,
-            client=self._client,
-            metrics=self._metrics,
-            corrupt=self.corrupt,
-            chunk=self.tuning.relay_chunk,
-            unclaimed=self.tuning.unclaimed_timeout,
-            resumes=self.tuning.max_resumes,
-        )
 
     async def _fill(self, t: Target, digest: Digest) -> BlobFill:
         """The running download of ``digest`` for this namespace, or a new one; once ready."""
@@ -201,6 +169,7 @@ class BlobPolicy:
                 tuning=self.tuning,
                 on_done=self._fill_done,
                 route=route,
+                scratch=self._scratch,
             )
             self.fills[digest] = fill
             self.running.add(fill)

@@ -120,7 +120,7 @@ class Engine:
             client=self.client,
             metrics=metrics,
             tuning=tuning,
-            shared=stores.shared,
+            scratch=stores.scratch,
         )
         self._flusher: asyncio.Task[None] | None = None
         self._reporting: asyncio.Task[None] | None = None

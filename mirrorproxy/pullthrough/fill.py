@@ -45,7 +45,7 @@ from mirrorproxy.core.oci import Digest
 from mirrorproxy.core.tuning import Tuning
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
-from mirrorproxy.pullthrough.fillerrors import client_error, describe, log_failure
+from mirrorproxy.pullthrough.fillerrors import check_resumed, client_error, describe, log_failure
 from mirrorproxy.pullthrough.followers import FillClients
 from mirrorproxy.pullthrough.source import BlobFailed
 from mirrorproxy.upstream.client import PeerRoute, UpstreamClient, UpstreamResponse
@@ -77,8 +77,12 @@ class BlobFill:
         tuning: Tuning,
         on_done: Callable[[BlobFill], None],
         route: PeerRoute | None = None,
+        scratch: BlobStore | None = None,
     ) -> None:
+        """``scratch``: members share ``store``; a blob its owner sends goes here only."""
         self.ns, self.ns_name, self.repo, self.digest = ns, ns_name, repo, digest
+        self._scratch = scratch
+        self.relayed = False  # from the owner into scratch: never committed here
         self._client, self._store, self._metrics, self._on_done = client, store, metrics, on_done
         self._budget, self._corrupt, self._tuning, self._route = budget, corrupt, tuning, route
         # Set instead of a writer when the blob cannot be cached: the upstream
@@ -192,8 +196,6 @@ class BlobFill:
             logger.info("blob %s: no client to stream the uncached download to", self.digest)
             self.task.cancel()
 
-    # -- the download --------------------------------------------------------------
-
     async def _run(self) -> None:
         resp: UpstreamResponse | None = None
         what = f"blob {self.digest}"
@@ -209,10 +211,10 @@ class BlobFill:
                 self._hand_over(resp, refused)
                 resp = None
                 return
+            self.relayed = self._scratch is not None and self._client.is_peer(self.upstream)
+            store = self._scratch if self._scratch is not None and self.relayed else self._store
             try:
-                self._writer = self._store.begin(
-                    self.digest, self._on_written, tuning=self._tuning
-                )
+                self._writer = store.begin(self.digest, self._on_written, tuning=self._tuning)
             except OSError as err:
                 self._reservation.release()
                 self._budget.write_failed(err)
@@ -245,7 +247,7 @@ class BlobFill:
                     resp = await self._open(self.received, avoid)
                     self._sources.append(resp.upstream)
                     self.upstream = resp.upstream.url
-                    self._check_resumed(resp)
+                    check_resumed(resp, self.size, self.digest, self._client, self.ns)
             if self.size is not None and self.received != self.size:
                 raise BadGateway(f"upstream sent {self.received} bytes of {self.size} for {what}")
             # The last byte goes out as soon as the digest matches (to live clients
@@ -256,7 +258,9 @@ class BlobFill:
             self.verified = True
             self._client.mark_verified(self.ns, resp.upstream)
             self.clients.verified()
-            if not self._streaming:
+            if self.relayed and not self._streaming:
+                await self._let_go()
+            elif not self._streaming:
                 try:
                     self.result = await self._writer.commit()
                 except CacheWriteError as err:  # fsync or rename: the file is whole
@@ -318,6 +322,18 @@ class BlobFill:
             route=self._route,
         )
 
+    async def _let_go(self) -> None:
+        """The owner commits the blob into the store we share: once the followers
+        have read the temp file, drop it (later requests find the owner's commit)."""
+        self._on_done(self)
+        await self.clients.drain()
+        writer = self._writer
+        assert writer is not None  # noqa: S101 - relayed implies a writer
+        await writer.abort()
+        if self._reservation is not None:
+            self._reservation.release()
+        logger.info("blob %s relayed from %s to its clients", self.digest, self.upstream)
+
     async def _stream_out(self) -> None:
         """Verified but not cached: let the followers finish from memory, then clean up."""
         self._finishing = True
@@ -333,22 +349,6 @@ class BlobFill:
         for up in dict.fromkeys(self._sources):
             self._client.mark_failed(self.ns, up, corrupt=True)
         self._corrupt.record(self.digest, (up.url for up in self._sources))
-
-    def _check_resumed(self, resp: UpstreamResponse) -> None:
-        """A resumed response must be the same blob's rest: same total size.
-
-        Raises:
-            BadGateway: the endpoint announces a different size (and is cooled down).
-        """
-        if self.size is None or resp.content_length is None:
-            return
-        total = resp.offset + resp.content_length
-        if total != self.size:
-            self._client.mark_failed(self.ns, resp.upstream)
-            raise BadGateway(
-                f"{resp.upstream.url} has {total} bytes for blob {self.digest},"
-                f" not the {self.size} the download started with"
-            )
 
     def _hand_over(self, resp: UpstreamResponse, reason: str) -> None:
         """Serve this blob straight from upstream, uncached, to the client that claims it."""

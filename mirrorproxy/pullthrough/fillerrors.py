@@ -7,10 +7,11 @@ import asyncio
 import logging
 
 from mirrorproxy.cache.blobs import CacheWriteError, DigestMismatch
+from mirrorproxy.config import Namespace
 from mirrorproxy.core.errors import BadGateway, BlobUnknown, RegistryError
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.observability.metrics import Metrics
-from mirrorproxy.upstream.client import UpstreamError, UpstreamResponse
+from mirrorproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +53,22 @@ def client_error(err: BaseException, what: str) -> Exception:
     if isinstance(err, RegistryError):
         return err
     return BadGateway(f"could not fetch {what}: {err}")
+
+
+def check_resumed(
+    resp: UpstreamResponse, size: int | None, digest: Digest, client: UpstreamClient, ns: Namespace
+) -> None:
+    """A resumed response must be the rest of the same blob: the same total size.
+
+    Raises:
+        BadGateway: the endpoint announces another size (and is cooled down).
+    """
+    if size is None or resp.content_length is None:
+        return
+    total = resp.offset + resp.content_length
+    if total != size:
+        client.mark_failed(ns, resp.upstream)
+        raise BadGateway(
+            f"{resp.upstream.url} has {total} bytes for blob {digest},"
+            f" not the {size} the download started with"
+        )

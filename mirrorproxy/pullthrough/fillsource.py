@@ -78,6 +78,8 @@ class FillSource:
         while not fill.task.done():
             progress(fill.received)
             await asyncio.wait({fill.task}, timeout=every)
+        if fill.relayed and fill.verified and fill.size is not None:
+            return fill.size  # from its owner, which commits it into the store we share
         if fill.result is None:
             raise BlobFailed(f"blob {fill.digest}: {fill.error or 'download failed'}")
         return fill.result.size

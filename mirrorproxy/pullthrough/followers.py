@@ -157,6 +157,8 @@ class FillClients:
         self.followers.discard(follower)
         self.moved()
         d = self.download
+        if not d.streaming:
+            self.wake_download()  # a download letting go of its copy waits for this
         if d.streaming and not self.followers and not d.finished:
             self._alone()
 

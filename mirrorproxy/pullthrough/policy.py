@@ -51,9 +51,9 @@ class PullThrough:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         tuning: Tuning = DEFAULT_TUNING,
-        shared: bool = False,
+        scratch: BlobStore | None = None,
     ) -> None:
-        """``shared``: cluster members write into these stores too (``Stores.shared``)."""
+        """``scratch``: cluster members share these stores (``Stores.scratch``)."""
         self.budget = budget
         isolation = Isolation(config, client=client, budget=budget, metrics=metrics)
         self._manifests = ManifestPolicy(
@@ -83,7 +83,7 @@ class PullThrough:
             isolation=isolation,
             corrupt=CorruptBlobs(),
             tuning=tuning,
-            shared=shared,
+            scratch=scratch,
         )
         # What tests look at: the blob store, the downloads by digest, every running one.
         self._blobs = blobs
