@@ -11,8 +11,8 @@ the bucket through another member when the owner wants to evict it. So every
 ``touch_batch`` digests; reads first) of the blobs this member served and of those
 it is reading now, for the digests it does not own. The owner counts them as used
 and pins those read until ``remote_pin`` passes unless reported again, so a member
-that dies pins nothing for long. Reports are best effort: one that fails is not
-sent again (the reads in it are reported next time if still running).
+that dies pins nothing for long. A report that fails is not retried: what it
+said was served is told in the next round, the reads if they still run.
 
 It owns the report loop; it must not touch the index (the budget does) nor speak
 HTTP itself (``UpstreamClient.post_member`` does).
@@ -104,6 +104,10 @@ class TouchReporter:
         reading = reading[:batch]
         served = served[: batch - len(reading)]
         if not await self._client.post_member(to, TOUCHES_PATH, encode_report(served, reading)):
+            remote = self._budget.remote
+            if remote is not None:
+                for digest in served:
+                    remote.note(digest)  # told next time (reads are reported while they last)
             return 0
         self._count("served", served)
         self._count("reading", reading)

@@ -131,30 +131,6 @@ class UpstreamClient:
         """Whether ``url`` is a cluster member's (an answer came from a member)."""
         return self._peers is not None and self._peers.is_peer(url)
 
-    async def open_member(
-        self, ns_name: str, path: str, *, what: str, start: int, route: PeerRoute
-    ) -> UpstreamResponse | None:
-        """A streamed GET of ``path`` from the members ahead for ``route`` only (owner
-        first, the next when it is down); None: none of them could answer.
-
-        Raises:
-            UpstreamError: a member gave a definite answer (a 404, say).
-        """
-        if self._peers is None:
-            return None
-        headers = {"Range": f"bytes={start}-"} if start else {}
-        return await self._peers.open(
-            route,
-            ns_name,
-            "GET",
-            path,
-            what=what,
-            headers=headers,
-            start=start,
-            stream=True,
-            attempts=[],
-        )
-
     def url_for(self, up: Upstream, ns_name: str, path: str) -> URL:
         url = URL(up.origin + up.path + "/" + path, encoded=True)
         return url.update_query(ns=ns_name) if up.ns else url

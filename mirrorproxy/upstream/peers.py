@@ -106,6 +106,10 @@ class Peers:
         ca = self._cluster.ca
         return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
 
+    def _server_name(self, url: str) -> str | None:
+        """The name an https:// member's certificate is checked against, if not its own."""
+        return self._cluster.server_name if url.startswith("https:") else None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -176,7 +180,11 @@ class Peers:
         timeout = aiohttp.ClientTimeout(total=self._cluster.peer_timeout * 2)
         try:
             async with self._session.post(
-                f"{member}{path}", data=body, headers=headers, timeout=timeout
+                f"{member}{path}",
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                server_hostname=self._server_name(member),
             ) as resp:
                 await resp.read()
                 ok = 200 <= resp.status < 300
@@ -252,7 +260,7 @@ class Peers:
                 url,
                 headers=sent,
                 timeout=timeout,
-                server_hostname=self._cluster.server_name if url.scheme == "https" else None,
+                server_hostname=self._server_name(str(url)),
             )
         except (aiohttp.ClientError, TimeoutError) as err:
             reason = "timeout" if isinstance(err, TimeoutError) else "unreachable"
