@@ -189,8 +189,7 @@ class Peers:
                 await resp.read()
                 ok = 200 <= resp.status < 300
         except (aiohttp.ClientError, TimeoutError) as err:
-            why = str(err) or type(err).__name__
-            logger.info("cluster member %s: cannot report use: %s", member, why)
+            logger.info("cluster member %s: cannot report use: %r", member, err)
             return False
         if not ok:
             logger.info("cluster member %s answered %d to a report", member, resp.status)
