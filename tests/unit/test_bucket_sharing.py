@@ -13,7 +13,7 @@ from mirrorproxy.cache import Content
 from mirrorproxy.cache.blobs import FileBlobStore
 from mirrorproxy.cache.budget import CacheBudget
 from mirrorproxy.cache.manifests import FileManifestStore
-from mirrorproxy.config import ClusterConfig, load_config
+from mirrorproxy.config import ClusterConfig, Config, load_config
 from mirrorproxy.core.oci import Digest, parse_digest
 from mirrorproxy.core.rendezvous import blob_key, owner
 from mirrorproxy.observability.metrics import Metrics
@@ -119,6 +119,27 @@ def put(blobs: FileBlobStore, data: bytes) -> Digest:
     return digest
 
 
+def split_budget(
+    config: Config,
+    blobs: FileBlobStore,
+    manifests: FileManifestStore,
+    split: MemberSplit,
+    members: Members,
+) -> CacheBudget:
+    """An open budget whose part of the bucket follows ``members`` as it changes."""
+    budget = CacheBudget(
+        config.cache,
+        blobs=blobs,
+        manifests=manifests,
+        metrics=Metrics(),
+        owns=split.owns,
+        share=split.share,
+    )
+    members.on_change.append(lambda: budget.reshare(relist_after=RELIST_AFTER))
+    budget.open()
+    return budget
+
+
 async def test_the_budget_follows_the_members_dns_finds(tmp_path: Path) -> None:
     dns = Dns("127.0.0.1", "127.0.0.2")
     cluster = ClusterConfig(
@@ -137,16 +158,7 @@ async def test_the_budget_follows_the_members_dns_finds(tmp_path: Path) -> None:
     manifests.prepare()
     data = payloads(24, 4 * KIB)
     digests = [put(blobs, d) for d in data]
-    budget = CacheBudget(
-        config.cache,
-        blobs=blobs,
-        manifests=manifests,
-        metrics=Metrics(),
-        owns=split.owns,
-        share=split.share,
-    )
-    members.on_change.append(lambda: budget.reshare(relist_after=RELIST_AFTER))
-    budget.open()
+    budget = split_budget(config, blobs, manifests, split, members)
     try:
         assert blobs.listings == 1  # the listing at start
         mine = [d for d in digests if split.owns(d)]
@@ -204,16 +216,7 @@ async def test_a_smaller_share_evicts_down_to_it(tmp_path: Path) -> None:
     ]
     for d in ours[:14]:  # blobs this member still owns once a second one joins
         put(blobs, d)
-    budget = CacheBudget(
-        config.cache,
-        blobs=blobs,
-        manifests=manifests,
-        metrics=Metrics(),
-        owns=split.owns,
-        share=split.share,
-    )
-    members.on_change.append(lambda: budget.reshare(relist_after=RELIST_AFTER))
-    budget.open()
+    budget = split_budget(config, blobs, manifests, split, members)
     try:
         assert budget.total == 56 * KIB  # alone: within 64 KiB
         dns.answer = ["127.0.0.1", "127.0.0.2"]
