@@ -16,10 +16,9 @@ from typing import BinaryIO
 
 from mirrorproxy.cache import BlobInfo, BlobStore
 from mirrorproxy.cache.budget import CacheBudget
-from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.pullthrough.answers import HIT
-from mirrorproxy.pullthrough.source import ByteSink, FileRange, Part
+from mirrorproxy.pullthrough.source import FileRange, Part, PulledStream
 from mirrorproxy.pullthrough.storedstream import StoredStream
 
 
@@ -102,7 +101,7 @@ class CachedBlob:
         self._budget.unpin(self.digest)
 
 
-class CachedStream(Closing):
+class CachedStream(PulledStream):
     """One client's read of a cached file: one range, sent as it is.
 
     It owns the open file and the pin (both let go on ``close``); it must not offer
@@ -123,15 +122,6 @@ class CachedStream(Closing):
 
     async def next(self) -> Part | None:
         return FileRange(self._file, self.pos, self.end) if self.pos < self.end else None
-
-    def advance(self, pos: int) -> None:
-        self.pos = pos
-
-    def check(self) -> None:
-        return None
-
-    async def push(self, sink: ByteSink) -> int:
-        return 0
 
     def close(self) -> None:
         if self._open:

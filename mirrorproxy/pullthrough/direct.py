@@ -23,13 +23,12 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from mirrorproxy.config import Upstream
-from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.errors import BlobUnknown, RangeNotSatisfiable
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.observability.metrics import Metrics
 from mirrorproxy.pullthrough.answers import Target
 from mirrorproxy.pullthrough.corruption import CorruptBlobs
-from mirrorproxy.pullthrough.source import BlobFailed, ByteSink, Part
+from mirrorproxy.pullthrough.source import BlobFailed, Part, PulledStream
 from mirrorproxy.upstream.client import (
     PeerRoute,
     UpstreamClient,
@@ -141,7 +140,7 @@ def _serves(resp: UpstreamResponse, rng: tuple[int, int] | None, size: int | Non
     return resp.offset == rng[0] and size is not None and rng[1] + 1 == size
 
 
-class DirectStream(Closing):
+class DirectStream(PulledStream):
     """One upstream response, relayed from ``start`` for ``length`` bytes (None: to its end).
 
     It owns that response (released on close, dropped unless read to the end), the
@@ -262,8 +261,7 @@ class DirectStream(Closing):
         except UpstreamError as again:
             logger.warning("cannot resume at byte %d: %s", self._want, again)
             return False
-        total = None if resp.content_length is None else resp.offset + resp.content_length
-        other_size = None not in (total, self.size) and total != self.size
+        other_size = None not in (resp.total, self.size) and resp.total != self.size
         if resp.offset > self._want or (end is None and other_size):
             resp.close()
             logger.warning("cannot resume at byte %d from %s", self._want, resp.upstream.url)
@@ -293,15 +291,6 @@ class DirectStream(Closing):
             self._verified(self._resp.upstream)
         self._complete = True  # read whole: the connection may go back to the pool
         return self._held or None
-
-    def advance(self, pos: int) -> None:
-        self.pos = pos
-
-    def check(self) -> None:
-        return None
-
-    async def push(self, sink: ByteSink) -> int:
-        return 0
 
     def close(self) -> None:
         """Release the response; drop its connection unless the body was read whole."""

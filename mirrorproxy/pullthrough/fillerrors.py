@@ -63,10 +63,8 @@ def check_resumed(
     Raises:
         BadGateway: the endpoint announces another size (and is cooled down).
     """
-    if size is None or resp.content_length is None:
-        return
-    total = resp.offset + resp.content_length
-    if total != size:
+    total = resp.total
+    if None not in (size, total) and total != size:
         client.mark_failed(ns, resp.upstream)
         raise BadGateway(
             f"{resp.upstream.url} has {total} bytes for blob {digest},"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO, Protocol
 
+from mirrorproxy.core.closing import Closing
 from mirrorproxy.core.oci import Digest
 
 
@@ -112,6 +113,22 @@ class BlobStream(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+class PulledStream(Closing):
+    """A ``BlobStream`` its sender pulls part by part: nothing pushes it, and only
+    ``next`` tells of a failure. Gives the members such streams share."""
+
+    pos: int
+
+    def advance(self, pos: int) -> None:
+        self.pos = pos
+
+    def check(self) -> None:
+        return None
+
+    async def push(self, sink: ByteSink) -> int:
+        return 0
 
 
 class BlobSource(Protocol):

@@ -13,11 +13,10 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from mirrorproxy.cache import StoreUnavailable
-from mirrorproxy.core.closing import Closing
-from mirrorproxy.pullthrough.source import BlobFailed, ByteSink, Part
+from mirrorproxy.pullthrough.source import BlobFailed, Part, PulledStream
 
 
-class StoredStream(Closing):
+class StoredStream(PulledStream):
     """One client's read of a stored object, ``[pos, end)``.
 
     It owns the ranged read (closed on ``close``) and calls ``release`` once (the
@@ -58,15 +57,6 @@ class StoredStream(Closing):
         if not chunk:
             raise BlobFailed(f"the stored blob ended before byte {self.pos}")
         return chunk[: self.end - self.pos]
-
-    def advance(self, pos: int) -> None:
-        self.pos = pos
-
-    def check(self) -> None:
-        return None
-
-    async def push(self, sink: ByteSink) -> int:
-        return 0
 
     def close(self) -> None:
         if not self._open:

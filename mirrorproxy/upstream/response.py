@@ -141,6 +141,12 @@ class UpstreamResponse:
     def content_length(self) -> int | None:
         return self._resp.content_length
 
+    @property
+    def total(self) -> int | None:
+        """The blob's size as an answer running to its end states it (from ``offset``)."""
+        length = self._resp.content_length
+        return None if length is None else self.offset + length
+
     async def readany(self) -> bytes:
         """The next bytes of the body as they come (any amount); ``b""`` at its end."""
         return await self._resp.content.readany()
