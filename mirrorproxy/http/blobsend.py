@@ -5,8 +5,9 @@ get theirs through the transport this module hands to ``BlobStream.push``). The
 stream decides which bytes may go (the last one only once verified) and raises when
 they cannot be completed; this module decides how they go:
 
-- file bytes by ``sendfile`` (read and write on TLS) when the length is framed,
-  else read and written through the response (chunked);
+- file bytes by ``sendfile`` (read and write on TLS) when the length is framed
+  and the client is on another machine; else read and written through the
+  response (chunked, or a loopback client: below);
 - every body in bounded steps: a client that takes nothing for ``stall`` seconds
   (``[server] client_timeout``) raises ``Stalled`` and the caller drops the
   connection, which releases the cache pin and the file;
@@ -16,13 +17,24 @@ they cannot be completed; this module decides how they go:
 Slices are sized to take about ``Tuning.slice_time`` each: large for fast clients,
 so the calls cost nothing, and small for slow ones, so a stall or a failure is seen
 soon. A client slower than ``Tuning.min_slice`` per ``stall`` counts as stalled.
+
+A client on this machine (a loopback peer, plain TCP: the node-local mirror's
+containerd) gets file bytes copied in ``Tuning.copy_piece`` writes instead. On
+loopback the receiver's copy is the limit, and it is cheaper from the socket's own
+buffers than from page-cache pages that ``sendfile`` hands over page by page: 256 MiB
+cached went at 3.2-4.7 GB/s in 256 KiB writes against 2.5 by ``sendfile``, at less
+server CPU (0.28 against 0.34 CPU-s/GB), to an aiohttp client and curl alike. Reads
+are taken from the page cache on the loop (``RWF_NOWAIT``); what is not there is
+read in a thread, so a disk read never stalls the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from aiohttp import web
@@ -56,6 +68,9 @@ class Sender:
         self._count = count
         self._tuning = tuning
         self._slice = tuning.first_slice
+        self._copy = tuning.loopback_copy and _local_plain(request.transport)
+        self._nowait = hasattr(os, "RWF_NOWAIT")  # until the filesystem refuses it
+        self._buf: bytearray | None = None
         self.sent = 0
 
     def transport(self) -> asyncio.Transport:
@@ -102,23 +117,81 @@ class Sender:
             if part is None:
                 return
             self.transport()  # raises if the client went away while we waited
-            pos = stream.pos
             if not isinstance(part, FileRange):
-                await self.data(resp, part)
+                pos = stream.pos
+                with self._cut_on_failure(stream):
+                    await self.data(resp, part)
                 stream.advance(pos + len(part))
-            elif framed:
+            elif framed and not self._copy:
                 await self._file(stream, part)
             else:
-                data = await asyncio.to_thread(
-                    os.pread,
-                    part.file.fileno(),
-                    min(part.stop - pos, self._tuning.relay_chunk),
-                    pos,
-                )
-                if not data:
-                    raise BlobFailed(f"temp file ends before byte {pos}")
-                await self.data(resp, data)
-                stream.advance(pos + len(data))
+                with self._cut_on_failure(stream):
+                    await self._copied(resp, stream, part)
+
+    @contextlib.contextmanager
+    def _cut_on_failure(self, stream: BlobStream) -> Iterator[None]:
+        """Drop the client's connection the moment ``stream`` fails, even while a
+        write waits for a slow client (``sendfile`` slices watch for it themselves:
+        their call must be stopped before the drop)."""
+        failed = stream.failed
+        if failed is None:
+            yield
+            return
+        transport = self.transport()
+
+        def cut(_: asyncio.Future[None]) -> None:
+            transport.abort()
+
+        failed.add_done_callback(cut)
+        try:
+            yield
+        except ConnectionError:
+            if failed.done():
+                raise BlobFailed("the download failed while its client was sent bytes") from None
+            raise
+        finally:
+            failed.remove_done_callback(cut)
+
+    async def _copied(self, resp: web.StreamResponse, stream: BlobStream, part: FileRange) -> None:
+        """Send ``part`` read from its file and written through ``resp``.
+
+        Raises:
+            BlobFailed: the stream failed.
+            Stalled: the client took nothing for ``stall`` seconds.
+            EOFError: the file ends early.
+        """
+        pos = part.start
+        while pos < part.stop:
+            stream.check()
+            data = await self._read(part.file.fileno(), pos, part.stop - pos)
+            if not data:
+                raise EOFError(f"file ends before byte {pos}")
+            await self.data(resp, data)
+            if self.transport().get_write_buffer_size():
+                # It may hold a view of what it could not send yet (Python 3.12+
+                # queues views, 3.11 copies): the next read takes a new buffer.
+                self._buf = None
+            pos += len(data)
+            stream.advance(pos)
+
+    async def _read(self, fd: int, pos: int, n: int) -> bytes | memoryview:
+        """Up to ``copy_piece`` bytes at ``pos``: from the page cache on the loop when
+        they are there, else (or where ``RWF_NOWAIT`` is refused) in a thread."""
+        n = min(n, self._tuning.copy_piece)
+        if self._nowait:
+            buf = self._buf
+            if buf is None or len(buf) < n:
+                buf = self._buf = bytearray(self._tuning.copy_piece)
+            try:
+                got = os.preadv(fd, [memoryview(buf)[:n]], pos, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = -1  # not all in the page cache
+            except OSError:
+                self._nowait = False  # EOPNOTSUPP: this filesystem cannot say
+                got = -1
+            if got > 0:
+                return memoryview(buf)[:got]
+        return await asyncio.to_thread(os.pread, fd, n, pos)
 
     async def _file(self, stream: BlobStream, part: FileRange) -> None:
         """Send ``part`` by ``sendfile`` slices, advancing ``stream`` after each.
@@ -206,3 +279,19 @@ class Sender:
                 raise Stalled(f"client took nothing for {self._stall:g}s") from None
             self._adapt(loop.time() - began, len(part))
             self._sent(len(part))
+
+
+def _local_plain(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether ``transport`` is plain TCP to a loopback address (a client on this machine)."""
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return False
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback

@@ -24,6 +24,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.appender import Appender
 from mirrorproxy.core.tuning import DEFAULT_TUNING, Tuning
+from mirrorproxy.http import blobsend
 from mirrorproxy.http.app import create_app
 from mirrorproxy.upstream.members import Resolver, resolve_addresses
 from tests.fakes.registry import FakeRegistry
@@ -264,3 +265,13 @@ def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedFS]:
     """A SeaweedFS of this test's own, which it may stop and start (outages)."""
     with running_seaweedfs(tmp_path / "seaweedfs") as server:
         yield server
+
+
+@pytest.fixture(params=["copied", "sendfile"])
+def send_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a file's bytes reach a client: copied (a client on this machine, as
+    every test client is) and ``sendfile`` (a client elsewhere: the mirror is made to
+    see the test client so)."""
+    if request.param == "sendfile":
+        monkeypatch.setattr(blobsend, "_local_plain", lambda transport: False)
+    return str(request.param)

@@ -27,6 +27,9 @@ from tests.support.paths import REPO, blob_path
 from tests.support.seaweed import SeaweedFS
 from tests.support.waiting import WAIT, wait_for
 
+# Every rule holds whether file bytes are copied (loopback clients) or sent by sendfile.
+pytestmark = pytest.mark.usefixtures("send_by")
+
 KIB = 1024
 MIB = 1024 * KIB
 PATHS = ["cached", "cached-small", "downloading", "streamed", "s3-cached", "s3-downloading"]

@@ -25,6 +25,9 @@ from tests.support.paths import NS, REPO, blob_path, manifest_path
 from tests.support.rawhttp import slow_get
 from tests.support.waiting import WAIT, wait_for
 
+# Every rule holds whether file bytes are copied (loopback clients) or sent by sendfile.
+pytestmark = pytest.mark.usefixtures("send_by")
+
 KIB = 1024
 MIB = 1024 * KIB
 UP = "mirrorproxy_upstream_up"
@@ -284,6 +287,33 @@ async def test_a_failed_download_cuts_a_slow_client_on_the_file_at_once(
     await mirror.settled()
     assert mirror.tmp_files() == []
     assert mirror.blob_files() == []
+
+
+async def test_a_failed_download_drops_a_client_that_stopped_reading_without_waiting(
+    fake: RunningFake, mirror: Mirror
+) -> None:
+    """The slow client reads nothing more after the failure, yet its request ends and
+    lets go of the temp file: the drop does not wait for the client to take bytes."""
+    size = 48 * MIB
+    digest = fake.registry.add_blob(payload(size, "drop the sleeper"))
+    fake.registry.faults.flip_at = size - 10
+    fake.registry.faults.chunk_size = MIB
+    fake.registry.faults.chunk_delay = 0.002
+    port = mirror.client.port
+    assert port is not None
+    async with slow_get(port, blob_path(REPO, digest)) as reader:
+        await reader.body(MIB)  # then it stops reading
+        assert (await fetch(mirror, digest)).cut
+        await mirror.settled()
+        await assert_mirror_holds_nothing(mirror)
+        await wait_for(lambda: _inflight(mirror) == 0)
+        with pytest.raises(ConnectionError):
+            await reader.body(size)
+
+
+def _inflight(mirror: Mirror) -> float:
+    metrics = mirror.client.app[keys.METRICS]
+    return sum(s.value for family in metrics.inflight_requests.collect() for s in family.samples)
 
 
 # -- 4: a resume into a corrupt download restarts from byte 0 --------------------------

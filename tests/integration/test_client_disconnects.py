@@ -28,6 +28,9 @@ from tests.support.paths import REPO, blob_path, manifest_path
 from tests.support.rawhttp import RawResponse, request, send_raw
 from tests.support.waiting import WAIT
 
+# Every rule holds whether file bytes are copied (loopback clients) or sent by sendfile.
+pytestmark = pytest.mark.usefixtures("send_by")
+
 CLIENTS = 200
 UPSTREAM_DELAY = 0.3  # seconds the upstream waits: every client is gone by then
 MIB = 1024 * 1024

@@ -25,6 +25,9 @@ from tests.support.paths import REPO, blob_path
 from tests.support.rawhttp import slow_get
 from tests.support.waiting import WAIT, wait_for
 
+# Every rule holds whether file bytes are copied (loopback clients) or sent by sendfile.
+pytestmark = pytest.mark.usefixtures("send_by")
+
 KIB = 1024
 MIB = 1024 * KIB
 STALL = {"client_timeout": "500ms"}
