@@ -41,7 +41,11 @@ class Server(Protocol):
 
 
 class Nginx(_Process):
-    """Debian's nginx serving ``root`` read-only with sendfile: the limit to compare with."""
+    """Debian's nginx serving ``root`` read-only with sendfile: the limit to compare with.
+
+    A second port serves the same files with ``sendfile off`` (read and write
+    through nginx's buffers): on loopback that is the other way a server can send.
+    """
 
     def __init__(self, workdir: Path, root: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -49,15 +53,18 @@ class Nginx(_Process):
         self.workdir = workdir
         self.root = root
         self.port = 0
+        self.copy_port = 0
 
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8080``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def url_of(self, path: Path) -> str:
-        """The URL nginx serves ``path`` (a file under ``root``) at."""
-        return f"{self.url}/{path.relative_to(self.root)}"
+    def url_of(self, path: Path, *, copied: bool = False) -> str:
+        """The URL nginx serves ``path`` (a file under ``root``) at (``copied``:
+        with sendfile off)."""
+        base = f"http://127.0.0.1:{self.copy_port}" if copied else self.url
+        return f"{base}/{path.relative_to(self.root)}"
 
     def _write_config(self) -> Path:
         tmp = self.workdir / "tmp"
@@ -84,6 +91,12 @@ http {{
         listen 127.0.0.1:{self.port};
         root {self.root};
     }}
+    server {{
+        listen 127.0.0.1:{self.copy_port};
+        root {self.root};
+        sendfile off;
+        output_buffers 2 256k;
+    }}
 }}
 """
         )
@@ -92,7 +105,7 @@ http {{
     def start(self, *, attempts: int = 3) -> None:
         """Start on a free port; retry if it dies early (port taken meanwhile)."""
         for attempt in range(1, attempts + 1):
-            self.port = free_port()
+            self.port, self.copy_port = free_port(), free_port()
             conf = self._write_config()
             self._spawn(
                 ["nginx", "-p", str(self.workdir), "-e", str(self.log_path), "-c", str(conf)]
