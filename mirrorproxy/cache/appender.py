@@ -4,10 +4,12 @@ A buffered write copies every byte into the page cache, and that copy was the mo
 expensive and least steady part of a cold fill (0.2-1.6 CPU-s/GB on the VM that
 measures it: fresh page-cache memory is slow to touch there). With ``O_DIRECT`` the
 device takes the bytes from our own buffer. It needs aligned memory, offsets and
-lengths: the whole blocks of each write are copied into an aligned staging buffer
-and written directly; the partial blocks at either end of it (less than ``ALIGN``
-bytes each) go through the page cache, so every byte handed over is in the file when
-``append`` returns, as with plain writes. Where ``O_DIRECT`` is refused (the open or a
+lengths. Bytes whose memory is congruent to their file offset modulo ``ALIGN`` (the
+upstream body's pieces are laid out so: ``upstream/bodyreader``) have their whole
+blocks written straight from that memory; other whole blocks are copied into an
+aligned staging buffer first. The partial blocks at either end of a batch (less than
+``ALIGN`` bytes each) go through the page cache, so every byte handed over is in the
+file when ``append`` returns, as with plain writes. Where ``O_DIRECT`` is refused (the open or a
 write says EINVAL: some FUSE or network filesystems) the file is written the buffered
 way from then on.
 
@@ -21,17 +23,23 @@ It owns the writes to the file and nothing else: the caller serializes the calls
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from mirrorproxy.cache import Chunk
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 ALIGN = 4096  # offsets and lengths of direct writes: a page, a multiple of any sector size
 STAGE = 1024 * 1024  # bytes per direct write (a multiple of ALIGN)
 IOV_MAX = 1024  # buffers per pwritev on Linux
+IN_PLACE_MIN = 64 * 1024  # fewer aligned bytes than this in a region are staged instead
 
 
 class Appender:
@@ -64,10 +72,31 @@ class Appender:
         """
         if offset != self.end:
             raise ValueError(f"write at {offset}, but the file ends at {self.end}")
-        views = deque(memoryview(c) for c in chunks if len(c))
+        views = [memoryview(c) for c in chunks if len(c)]
+        if not direct or self._direct is None:
+            self._buffered(views)
+            return
+        pending: list[memoryview] = []  # bytes before the next in-place run
+        pos = offset
+        for region, address in _regions(views):
+            lo, hi = _in_place(len(region), address, pos)
+            if hi > lo and self._direct is not None:
+                pending.append(region[:lo])
+                self._staged(pending)
+                pending = [region[hi:]]
+                self._direct_from(region[lo:hi])
+            else:
+                pending.append(region)
+            pos += len(region)
+        self._staged(pending)
+
+    def _staged(self, chunks: Sequence[memoryview]) -> None:
+        """Write ``chunks`` at ``end``: whole blocks staged and written directly, the
+        partial ones at either end buffered."""
+        views = deque(v for v in chunks if len(v))
         size = sum(len(v) for v in views)
-        head = -offset % ALIGN
-        if not direct or self._direct is None or size < head + ALIGN:
+        head = -self.end % ALIGN
+        if self._direct is None or size < head + ALIGN:
             self._buffered(views)
             return
         if head:
@@ -75,7 +104,7 @@ class Appender:
         body = (size - head) // ALIGN * ALIGN
         while body and self._direct is not None:
             n = min(body, STAGE)
-            self._write_direct(_take(views, n), n)
+            self._write_staged(_take(views, n), n)
             body -= n
         self._buffered(views)  # the partial last block (and all, if direct writes stopped)
 
@@ -91,9 +120,8 @@ class Appender:
             with contextlib.suppress(BufferError):
                 stage.close()
 
-    def _write_direct(self, views: Sequence[memoryview], n: int) -> None:
-        """Stage ``n`` bytes (whole blocks) and write them directly; what a refusal
-        leaves goes through the page cache."""
+    def _write_staged(self, views: Sequence[memoryview], n: int) -> None:
+        """Stage ``n`` bytes (whole blocks) in the aligned buffer and write them directly."""
         if self._stage is None:
             self._stage = mmap.mmap(-1, STAGE)
         with memoryview(self._stage) as stage:
@@ -101,11 +129,16 @@ class Appender:
             for v in views:
                 stage[at : at + len(v)] = v
                 at += len(v)
-            done = 0
-            while done < n and self._direct is not None:
-                done += self._pwrite_direct(self._direct, stage[done:n])
-            if done < n:
-                self._buffered([stage[done:n]])
+            self._direct_from(stage[:n])
+
+    def _direct_from(self, data: memoryview) -> None:
+        """Write ``data`` (aligned memory, whole blocks, at an aligned ``end``) directly;
+        what a refusal leaves goes through the page cache."""
+        done = 0
+        while done < len(data) and self._direct is not None:
+            done += self._pwrite_direct(self._direct, data[done:])
+        if done < len(data):
+            self._buffered([data[done:]])
 
     def _pwrite_direct(self, fd: int, data: memoryview) -> int:
         """One direct write; on EINVAL or a write off the block grid, stop writing directly."""
@@ -143,3 +176,45 @@ def _take(views: deque[memoryview], n: int) -> list[memoryview]:
         out.append(v)
         n -= len(v)
     return out
+
+
+def _regions(views: Sequence[memoryview]) -> Iterator[tuple[memoryview, int | None]]:
+    """``views`` with neighbours that lie next to each other in one buffer joined (a
+    piece handed on in several reads is one region again), each with its address
+    (None for read-only memory, which is not ours to hand to the device)."""
+    obj: Buffer = b""
+    start = stop = 0  # the run so far: ``obj[start:stop]``, at address ``base + start``
+    base: int | None = None
+    for v in views:
+        if v.readonly or not v.c_contiguous:
+            if base is not None:
+                yield memoryview(obj)[start:stop], base + start
+                base = None
+            yield v, None
+            continue
+        whole = memoryview(v.obj)
+        at = _address(v) - _address(whole)
+        if base is not None and v.obj is obj and at == stop:
+            stop += len(v)
+            continue
+        if base is not None:
+            yield memoryview(obj)[start:stop], base + start
+        obj, start, stop, base = v.obj, at, at + len(v), _address(whole)
+    if base is not None:
+        yield memoryview(obj)[start:stop], base + start
+
+
+def _address(view: memoryview) -> int:
+    """Where a writable ``view``'s bytes are in memory."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _in_place(size: int, address: int | None, pos: int) -> tuple[int, int]:
+    """The part ``[lo, hi)`` of ``size`` bytes at ``address`` (file offset ``pos``)
+    that can be written directly from where they are: whole aligned blocks at aligned
+    addresses; empty if the memory is not congruent to the offset or the part small."""
+    if address is None or (address - pos) % ALIGN:
+        return 0, 0
+    lo = -pos % ALIGN
+    hi = lo + (size - lo) // ALIGN * ALIGN
+    return (lo, hi) if hi - lo >= IN_PLACE_MIN else (0, 0)

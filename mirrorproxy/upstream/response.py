@@ -183,6 +183,7 @@ class UpstreamResponse:
                     piece=piece,
                     limit=limit,
                     stall=self.upstream.read_timeout,
+                    start=self.offset + content.total_bytes,
                 )
                 return await self._body.read(at_most)
         while True:

@@ -7,9 +7,10 @@ kept or dropped the way the disk, the hash and client sockets keep or drop them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 
-from mirrorproxy.upstream.bodyreader import BodyReader
+from mirrorproxy.upstream.bodyreader import PAGE, BodyReader
 from tests.fakes.registry import payload
 
 PIECE = 64 * 1024
@@ -73,6 +74,39 @@ async def test_a_piece_is_reused_once_nothing_refers_to_it_and_never_before() ->
                 assert piece_of(kept[3]) != piece_of(kept[1])
         assert b"".join(got) == data
         assert await body.read(PIECE) == b""
+    finally:
+        transport.close()
+        theirs.close()
+
+
+async def test_each_byte_sits_at_an_address_congruent_to_its_place_in_the_blob() -> None:
+    """So whole pages of a piece can go to an ``O_DIRECT`` file as they are."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    start = 5 * PAGE + 1234  # the body's first byte is this far into the blob
+    data = payload(4 * PIECE + 100, "laid out")
+    body = BodyReader(
+        transport,
+        protocol,
+        remaining=len(data),
+        piece=PIECE,
+        limit=8 * PIECE,
+        stall=5.0,
+        start=start,
+    )
+    try:
+        theirs.setblocking(False)
+        await loop.sock_sendall(theirs, data)
+        at, got = start, bytearray()
+        async with asyncio.timeout(5):
+            while view := await body.read(PIECE):
+                assert isinstance(view, memoryview)
+                address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+                assert (address - at) % PAGE == 0
+                at += len(view)
+                got += view
+        assert got == data
     finally:
         transport.close()
         theirs.close()
