@@ -27,6 +27,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -56,6 +57,15 @@ class Appender:
             except OSError:
                 self._direct = None  # the filesystem refuses: buffered writes
         self._stage: mmap.mmap | None = None  # page-aligned; allocated on first use
+        self._device_bytes = 0  # written directly, and the seconds those writes took
+        self._device_seconds = 0.0
+
+    @property
+    def device_rate(self) -> float | None:
+        """Bytes per second the device took direct writes at (None: not measured yet)."""
+        if self._device_bytes < ALIGN or self._device_seconds <= 0:
+            return None
+        return self._device_bytes / self._device_seconds
 
     @property
     def direct(self) -> bool:
@@ -142,12 +152,15 @@ class Appender:
 
     def _pwrite_direct(self, fd: int, data: memoryview) -> int:
         """One direct write; on EINVAL or a write off the block grid, stop writing directly."""
+        began = time.perf_counter()
         try:
             n = os.pwrite(fd, data, self.end)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
             n = 0
+        self._device_seconds += time.perf_counter() - began
+        self._device_bytes += n
         self.end += n
         if n == 0 or n % ALIGN:
             os.close(fd)

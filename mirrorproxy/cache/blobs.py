@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,8 @@ class BlobWriter:
         # Past the page cache where the filesystem allows (see ``appender``).
         self._out = Appender(self.tmp_path, self._fd, direct=tuning.direct_write)
         self._direct_backlog = tuning.direct_backlog
+        self._lagged = 0  # bytes written through the page cache: the disk was behind
+        self._began: float | None = None  # when the first bytes were queued
         self.written = 0  # on disk, contiguous from 0: what followers may read
         self.queued = 0  # handed to ``write``: written plus in flight
         self._hashed = 0
@@ -186,6 +189,8 @@ class BlobWriter:
         if not size or self._stop:
             return
         loop = asyncio.get_running_loop()
+        if self._began is None:
+            self._began = time.monotonic()
         offset, self.queued = self.queued, self.queued + size
         if self._failure is None:
             wrote = loop.run_in_executor(self._writing, self._write_job, chunks, offset)
@@ -228,9 +233,27 @@ class BlobWriter:
         try:
             # Read across threads: a stale count only moves the switch by a batch.
             keeping_up = self.queued - self.written <= self._direct_backlog
+            keeping_up = keeping_up or not self._disk_bound()
+            if not keeping_up and self._out.direct:
+                self._lagged += sum(len(c) for c in chunks)
             _write_all(self._out, chunks, offset, direct=keeping_up)
         except OSError as err:
             raise CacheWriteError(err.errno, err.strerror or str(err)) from err
+
+    def _disk_bound(self) -> bool:
+        """Whether writes are behind because of the disk: at the rate it took direct
+        writes, it could not have written what the download brought in the time.
+
+        Otherwise this thread was short of CPU, and the page cache would only cost
+        more of it (buffered writes into fresh page cache were the most expensive
+        part of a cold fill): the backlog drains once the thread runs, and the
+        download waits at ``write_ahead`` meanwhile. Before anything was measured,
+        the disk is assumed to be the cause.
+        """
+        rate = self._out.device_rate
+        if rate is None or self._began is None:
+            return True
+        return rate * (time.monotonic() - self._began) < self.queued
 
     def _hash_job(self, chunks: Sequence[Chunk]) -> None:
         # Not stopped by a failed write: the clients fed from memory still get a
@@ -298,6 +321,13 @@ class BlobWriter:
             await self.abort()
             raise
         self._close()
+        if self._lagged:
+            logger.debug(
+                "blob %s: %d of %d bytes went through the page cache (the disk was behind)",
+                self.digest,
+                self._lagged,
+                self.written,
+            )
         return BlobInfo(size=self.written, path=final)
 
     async def abort(self) -> None:

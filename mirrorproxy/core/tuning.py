@@ -51,12 +51,13 @@ class Tuning:
     # the page-cache copy cost 0.2-1.6 CPU-s/GB of a cold fill; the price is that the
     # first reader of a new blob's file reads the disk.
     direct_write: bool = True
-    # ...while the disk keeps up: past this many bytes queued and not yet on disk, a
-    # batch goes through the page cache (a disk slower than the download must not
-    # slow its clients; the page cache absorbs the difference as before). Below
-    # write_ahead, where the download would wait. Cold 256 MiB medians here (9 fills
-    # each, interleaved): 8 or 24 MiB 1.27 CPU-s/GB, never switching 1.23, never
-    # direct 1.62; 24 lets the writing thread lag on busy cores before switching.
+    # ...while the disk keeps up: past this many bytes queued and not yet on disk, if
+    # the disk took direct writes slower than the download brings bytes, a batch goes
+    # through the page cache (a disk slower than the download must not slow its
+    # clients; the page cache absorbs the difference as before). Below write_ahead,
+    # where the download would wait. A backlog with a fast disk (the writing thread
+    # short of CPU on busy cores) stays direct: switching on the backlog alone sent
+    # 0-80 % of a cold 256 MiB fill through the page cache here, at up to 3 CPU-s/GB.
     direct_backlog: int = 24 * MIB
     index_flush: float = 10.0  # seconds between writes of last-use times to the index
 
