@@ -57,22 +57,25 @@ def cold_blob(ctx: Context, blob: Blob) -> Outcome:
     base = Series(f"{BASELINE} (cold)", "GB/s")
     direct = Series("upstream docker-registry (direct)", "GB/s")
     for r in range(ctx.plan.repeat):
-        st.mirror.restart(wipe=True)
-        url, pid = st.mirror.url + blob.v2_path(), st.mirror.pid
-        rate, m = fetch_blob(ctx, url, blob.size, pid, f"s2-{r}", settle=True)
-        mirror.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
-        restart_registry(st.baseline, wipe=True)
-        url, pid = st.baseline.url + blob.v2_path(), st.baseline.pid
-        rate, m = fetch_blob(ctx, url, blob.size, pid, "", settle=True)
-        base.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
-        url, pid = st.upstream.url + blob.v2_path(), st.upstream.pid
-        rate, m = fetch_blob(ctx, url, blob.size, pid, "", settle=True)
-        direct.add(rate / GB, client=m.client.cores, server=m.server.cores, **_per_gb(m, gb))
-        ctx.log(
-            f"  cold r{r}: mirror {mirror.values[-1]:.2f} GB/s"
-            f" {mirror.extras[CPU_PER_GB][-1]:.2f} CPU-s/GB,"
-            f" baseline {base.values[-1]:.2f} GB/s {base.extras[CPU_PER_GB][-1]:.2f} CPU-s/GB"
-        )
+        fills: dict[str, list[tuple[float, Meter]]] = {"mirror": [], "base": [], "direct": []}
+        for i in range(ctx.plan.cold_samples):
+            st.mirror.restart(wipe=True)
+            url, pid = st.mirror.url + blob.v2_path(), st.mirror.pid
+            name = f"s2-{r}-{i}"
+            fills["mirror"].append(fetch_blob(ctx, url, blob.size, pid, name, settle=True))
+            restart_registry(st.baseline, wipe=True)
+            url, pid = st.baseline.url + blob.v2_path(), st.baseline.pid
+            fills["base"].append(fetch_blob(ctx, url, blob.size, pid, "", settle=True))
+            url, pid = st.upstream.url + blob.v2_path(), st.upstream.pid
+            fills["direct"].append(fetch_blob(ctx, url, blob.size, pid, "", settle=True))
+            ctx.log(
+                f"  cold r{r}.{i}: mirror {fills['mirror'][-1][0] / GB:.2f} GB/s"
+                f" {fills['mirror'][-1][1].server_total / gb:.2f} CPU-s/GB,"
+                f" baseline {fills['base'][-1][0] / GB:.2f} GB/s"
+                f" {fills['base'][-1][1].server_total / gb:.2f} CPU-s/GB"
+            )
+        for series, key in ((mirror, "mirror"), (base, "base"), (direct, "direct")):
+            _add_median(series, fills[key], gb)
     q = ratio(mirror, base)
     cpu = mirror.figure(CPU_PER_GB)
     return Outcome(
@@ -85,6 +88,8 @@ def cold_blob(ctx: Context, blob: Blob) -> Outcome:
         ratio=q,
         met=q is not None and q >= COLD_RATIO and cpu <= COLD_CPU,
         notes=[
+            f"each repetition is the median of {ctx.plan.cold_samples} cold fetches per "
+            "server (fresh process and empty storage each), servers in turn. "
             f"{CPU_PER_GB}: CPU seconds of the server's process tree from the request until "
             "it went quiet after the response (the mirror's fsync and rename; the "
             "baseline's second download of the blob into its storage, which its client "
@@ -93,8 +98,14 @@ def cold_blob(ctx: Context, blob: Blob) -> Outcome:
     )
 
 
-def _per_gb(m: Meter, gb: float) -> dict[str, float]:
-    return {CPU_PER_GB: m.server_total / gb}
+def _add_median(series: Series, fills: Sequence[tuple[float, Meter]], gb: float) -> None:
+    """One repetition's figures: the medians of its fills (rate, cores, CPU per GB)."""
+    series.add(
+        statistics.median(rate for rate, _ in fills) / GB,
+        client=statistics.median(m.client.cores for _, m in fills),
+        server=statistics.median(m.server.cores for _, m in fills),
+        **{CPU_PER_GB: statistics.median(m.server_total / gb for _, m in fills)},
+    )
 
 
 def warm_blob(ctx: Context, blob: Blob) -> Outcome:

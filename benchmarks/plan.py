@@ -31,6 +31,7 @@ class Plan:
     repeat: int = 3
     big_blob: int = 256 * MiB  # scenarios 1 and 2
     warm_samples: int = 5  # fetches per server per repetition in scenario 1
+    cold_samples: int = 3  # cold fetches per server per repetition in scenario 2
     herd_blob: int = 64 * MiB
     herd_clients: int = 50
     manifest_clients: int = 64
@@ -59,6 +60,7 @@ class Plan:
             repeat=1,
             big_blob=32 * MiB,
             warm_samples=3,
+            cold_samples=1,
             herd_blob=8 * MiB,
             manifest_seconds=2.0,
             memory_blob=64 * MiB,
