@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 from collections.abc import Callable, Iterator
@@ -186,8 +187,10 @@ class Sender:
                 got = os.preadv(fd, [memoryview(buf)[:n]], pos, os.RWF_NOWAIT)
             except BlockingIOError:
                 got = -1  # not all in the page cache
-            except OSError:
-                self._nowait = False  # EOPNOTSUPP: this filesystem cannot say
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this filesystem cannot say
                 got = -1
             if got > 0:
                 return memoryview(buf)[:got]
