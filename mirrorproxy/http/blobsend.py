@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -41,6 +40,7 @@ from typing import Any, BinaryIO
 from aiohttp import web
 
 from mirrorproxy.core.tuning import Tuning
+from mirrorproxy.http.guard import peer_address
 from mirrorproxy.pullthrough.source import BlobFailed, BlobStream, FileRange
 
 
@@ -181,7 +181,7 @@ class Sender:
         n = min(n, self._tuning.copy_piece)
         if self._nowait:
             buf = self._buf
-            if buf is None or len(buf) < n:
+            if buf is None:
                 buf = self._buf = bytearray(self._tuning.copy_piece)
             try:
                 got = os.preadv(fd, [memoryview(buf)[:n]], pos, os.RWF_NOWAIT)
@@ -285,16 +285,12 @@ class Sender:
 
 
 def _local_plain(transport: asyncio.BaseTransport | None) -> bool:
-    """Whether ``transport`` is plain TCP to a loopback address (a client on this machine)."""
+    """Whether ``transport`` is plain TCP to a loopback address (a client on this machine).
+
+    The socket's own peer, not ``request.remote``: how bytes go depends on the hop.
+    """
     if transport is None or transport.get_extra_info("sslcontext") is not None:
         return False
     peer = transport.get_extra_info("peername")
-    if not isinstance(peer, tuple) or not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = peer_address(str(peer[0])) if isinstance(peer, tuple) and peer else None
+    return address is not None and address.is_loopback
