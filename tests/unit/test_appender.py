@@ -21,7 +21,7 @@ import pytest
 
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.appender import ALIGN, STAGE, Appender
-from mirrorproxy.cache.blobs import FileBlobStore
+from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.core.tuning import Tuning
 from tests.fakes.registry import payload
@@ -45,28 +45,6 @@ def pieces(data: bytes, sizes: list[int]) -> list[memoryview]:
         out.append(memoryview(buf)[at : at + n])
         at += n
     return out
-
-
-def test_writes_of_any_size_and_alignment_land_whole_and_in_order(
-    target: tuple[Path, int],
-) -> None:
-    path, fd = target
-    rng = random.Random(7)  # noqa: S311 - sizes, not secrets
-    data = payload(3 * STAGE + 12_345, "aligned or not")
-    out = Appender(path, fd, direct=True)
-    at = 0
-    while at < len(data):
-        sizes = [rng.choice([1, 100, ALIGN - 1, ALIGN, 64 * KIB + 3, 300 * KIB]) for _ in range(5)]
-        sizes = [min(n, len(data) - at - sum(sizes[:i])) for i, n in enumerate(sizes)]
-        sizes = [n for n in sizes if n > 0]
-        batch = pieces(data[at : at + sum(sizes)], sizes)
-        out.append(batch, at)
-        at += sum(sizes)
-        assert out.end == at  # every byte handed over is in the file
-        assert os.pread(fd, at, 0) == data[:at]
-    assert out.direct  # nothing refused on this filesystem
-    out.close()
-    assert path.read_bytes() == data
 
 
 def laid_out(data: bytes, lead: int, sizes: list[int]) -> list[memoryview]:
@@ -127,28 +105,47 @@ def test_bytes_not_laid_out_like_the_file_are_staged(
     assert path.read_bytes() == data
 
 
-def test_any_mix_of_laid_out_and_other_bytes_lands_whole_and_in_order(
-    target: tuple[Path, int],
+@pytest.mark.parametrize("layout", ["one buffer", "laid out or not"])
+def test_writes_of_any_size_and_alignment_land_whole_and_in_order(
+    target: tuple[Path, int], layout: str
 ) -> None:
+    """Batches cut anywhere, from one plain buffer or from a mix of bytes laid out like
+    the file (written in place), laid out off its grid, and read-only bytes."""
     path, fd = target
-    rng = random.Random(11)  # noqa: S311 - sizes, not secrets
-    data = payload(4 * STAGE + 4321, "mixed")
+    rng = random.Random(7)  # noqa: S311 - sizes, not secrets
+    data = payload(4 * STAGE + 12_345, f"aligned or not: {layout}")
     out = Appender(path, fd, direct=True)
     at = 0
     while at < len(data):
-        batch: list[memoryview | bytes] = []
-        for _ in range(rng.randint(1, 4)):
-            n = min(rng.choice([1, ALIGN, 70 * KIB, 300 * KIB, STAGE]), len(data) - at)
-            if n <= 0:
-                break
-            part = data[at : at + n]
-            lead = at % ALIGN if rng.random() < 0.7 else rng.randrange(ALIGN)
-            batch += [part] if rng.random() < 0.2 else laid_out(part, lead, [n])
-            at += n
-        out.append(batch, out.end)
+        choices = [1, 100, ALIGN - 1, ALIGN, 64 * KIB + 3, 300 * KIB, STAGE]
+        sizes = [rng.choice(choices) for _ in range(5)]
+        sizes = [min(n, len(data) - at - sum(sizes[:i])) for i, n in enumerate(sizes)]
+        sizes = [n for n in sizes if n > 0]
+        part = data[at : at + sum(sizes)]
+        if layout == "one buffer":
+            batch: list[memoryview | bytes] = list(pieces(part, sizes))
+        else:
+            batch = mixed(part, at, sizes, rng)
+        out.append(batch, at)
+        at += sum(sizes)
+        assert out.end == at  # every byte handed over is in the file
         assert os.pread(fd, at, 0) == data[:at]
+    assert out.direct  # nothing refused on this filesystem
     out.close()
     assert path.read_bytes() == data
+
+
+def mixed(data: bytes, at: int, sizes: list[int], rng: random.Random) -> list[memoryview | bytes]:
+    """``data`` (at file offset ``at``) cut at ``sizes``: mostly laid out like the file,
+    some parts off its grid, some read-only."""
+    out: list[memoryview | bytes] = []
+    done = 0
+    for n in sizes:
+        part = data[done : done + n]
+        lead = (at + done) % ALIGN if rng.random() < 0.7 else rng.randrange(ALIGN)
+        out += [part] if rng.random() < 0.2 else laid_out(part, lead, [n])
+        done += n
+    return out
 
 
 def test_a_filesystem_refusing_direct_writes_gets_the_bytes_buffered(
@@ -219,12 +216,9 @@ async def test_a_writer_falls_back_to_the_page_cache_while_the_disk_lags(
 
     monkeypatch.setattr(os, "pwrite", pwrite)  # only direct writes use pwrite
     flags = _record_direct(monkeypatch)
-    piece = 256 * KIB
+    piece = PIECE
     data = payload(40 * piece, "lagging disk")
-    tuning = Tuning(direct_backlog=4 * piece, write_ahead=64 * piece, write_ahead_min=64 * piece)
-    store = FileBlobStore(tmp_path)
-    store.prepare()
-    writer = store.begin(Digest.of(data), tuning=tuning)
+    writer = _writer(tmp_path, data)
     for at in range(0, 20 * piece, piece):  # queued far faster than the disk writes
         await writer.write(data[at : at + piece])
     await wait_for(lambda: writer.written == writer.queued)
@@ -255,12 +249,9 @@ async def test_a_writer_short_of_cpu_with_a_fast_disk_stays_direct(
     monkeypatch.setattr(blobs_module, "_write_all", write_all)
     # A disk measured at 1 GB/s (its real first writes may be slow to allocate).
     monkeypatch.setattr(Appender, "device_rate", property(lambda self: 1e9))
-    piece = 256 * KIB
+    piece = PIECE
     data = payload(24 * piece, "starved writer")
-    tuning = Tuning(direct_backlog=4 * piece, write_ahead=64 * piece, write_ahead_min=64 * piece)
-    store = FileBlobStore(tmp_path)
-    store.prepare()
-    writer = store.begin(Digest.of(data), tuning=tuning)
+    writer = _writer(tmp_path, data)
     await writer.write(data[:piece])
     await wait_for(lambda: writer.written == piece)
     await asyncio.sleep(0.05)  # the download has run a while: 50 MB at the disk's rate
@@ -270,6 +261,18 @@ async def test_a_writer_short_of_cpu_with_a_fast_disk_stays_direct(
     info = await writer.commit()
     assert info.size == len(data)
     assert flags == [True] * 24
+
+
+PIECE = 256 * KIB
+
+
+def _writer(tmp_path: Path, data: bytes) -> BlobWriter:
+    """A blob writer that may switch past 4 pieces of backlog and never makes its
+    caller wait below 64."""
+    tuning = Tuning(direct_backlog=4 * PIECE, write_ahead=64 * PIECE, write_ahead_min=64 * PIECE)
+    store = FileBlobStore(tmp_path)
+    store.prepare()
+    return store.begin(Digest.of(data), tuning=tuning)
 
 
 def _record_direct(monkeypatch: pytest.MonkeyPatch) -> list[bool]:

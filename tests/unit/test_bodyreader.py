@@ -7,13 +7,40 @@ kept or dropped the way the disk, the hash and client sockets keep or drop them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import socket
+from collections.abc import AsyncIterator
 
 from mirrorproxy.upstream.bodyreader import PAGE, BodyReader
 from tests.fakes.registry import payload
 
 PIECE = 64 * 1024
+
+
+@contextlib.asynccontextmanager
+async def reading(
+    remaining: int, *, start: int = 0
+) -> AsyncIterator[tuple[BodyReader, socket.socket]]:
+    """A ``BodyReader`` on one end of a socket pair, and the other end to send from."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    body = BodyReader(
+        transport,
+        protocol,
+        remaining=remaining,
+        piece=PIECE,
+        limit=8 * PIECE,
+        stall=5.0,
+        start=start,
+    )
+    try:
+        theirs.setblocking(False)
+        yield body, theirs
+    finally:
+        transport.close()
+        theirs.close()
 
 
 async def read_piece(body: BodyReader) -> list[memoryview]:
@@ -37,19 +64,8 @@ def piece_of(views: list[memoryview]) -> int:
 
 async def test_a_piece_is_reused_once_nothing_refers_to_it_and_never_before() -> None:
     loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    transport, protocol = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     data = payload(4 * PIECE, "pieces")
-    body = BodyReader(
-        transport,
-        protocol,
-        remaining=len(data),
-        piece=PIECE,
-        limit=8 * PIECE,
-        stall=5.0,
-    )
-    try:
-        theirs.setblocking(False)
+    async with reading(len(data)) as (body, theirs):
         got: list[bytes] = []
         kept: list[list[memoryview]] = []
         first = 0  # the first piece (its id)
@@ -74,29 +90,14 @@ async def test_a_piece_is_reused_once_nothing_refers_to_it_and_never_before() ->
                 assert piece_of(kept[3]) != piece_of(kept[1])
         assert b"".join(got) == data
         assert await body.read(PIECE) == b""
-    finally:
-        transport.close()
-        theirs.close()
 
 
 async def test_each_byte_sits_at_an_address_congruent_to_its_place_in_the_blob() -> None:
     """So whole pages of a piece can go to an ``O_DIRECT`` file as they are."""
     loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    transport, protocol = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     start = 5 * PAGE + 1234  # the body's first byte is this far into the blob
     data = payload(4 * PIECE + 100, "laid out")
-    body = BodyReader(
-        transport,
-        protocol,
-        remaining=len(data),
-        piece=PIECE,
-        limit=8 * PIECE,
-        stall=5.0,
-        start=start,
-    )
-    try:
-        theirs.setblocking(False)
+    async with reading(len(data), start=start) as (body, theirs):
         await loop.sock_sendall(theirs, data)
         at, got = start, bytearray()
         async with asyncio.timeout(5):
@@ -107,6 +108,3 @@ async def test_each_byte_sits_at_an_address_congruent_to_its_place_in_the_blob()
                 at += len(view)
                 got += view
         assert got == data
-    finally:
-        transport.close()
-        theirs.close()
