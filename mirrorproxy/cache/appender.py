@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from mirrorproxy.cache import Chunk
+from mirrorproxy.core import pages
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
@@ -133,7 +134,7 @@ class Appender:
     def _write_staged(self, views: Sequence[memoryview], n: int) -> None:
         """Stage ``n`` bytes (whole blocks) in the aligned buffer and write them directly."""
         if self._stage is None:
-            self._stage = mmap.mmap(-1, STAGE)
+            self._stage = pages.anonymous(STAGE)
         with memoryview(self._stage) as stage:
             at = 0
             for v in views:

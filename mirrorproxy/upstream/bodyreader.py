@@ -17,7 +17,8 @@ a round of page faults (and the allocator's ``brk`` churn), about 15 % of the ev
 loop's CPU in a cold fill. The connection is not reused after it (aiohttp sees an
 unfinished body and closes it on release).
 
-Pieces are page-aligned memory (anonymous ``mmap``), and the first one is filled from
+Pieces are page-aligned private memory (``core.pages``: in huge pages where a piece
+is a multiple of one, which made first touches cheap), and the first one is filled from
 the offset that puts every byte at an address congruent to its place in the blob
 modulo the page size: whole pages of a piece can then go to a file opened with
 ``O_DIRECT`` as they are, without a copy into an aligned buffer (``cache/appender``).
@@ -32,15 +33,17 @@ from collections import deque
 
 import aiohttp
 
+from mirrorproxy.core import pages
+from mirrorproxy.core.pages import PAGE
+
 SPARES = 32  # pieces handed out whole, kept for reuse (the oldest are dropped past this)
-PAGE = mmap.PAGESIZE
 
 
 def _unused_refcount() -> int:
     """``sys.getrefcount`` of a spare piece nothing else refers to, measured the way
     ``_new_piece`` measures (a view of a piece holds a reference to it, so any other
     count means a view lives)."""
-    spares = deque([mmap.mmap(-1, PAGE)])
+    spares = deque([pages.anonymous(PAGE)])
     return sys.getrefcount(spares[0])
 
 
@@ -72,7 +75,7 @@ class BodyReader(asyncio.BufferedProtocol):
         self._remaining, self._piece, self._limit, self._stall = remaining, piece, limit, stall
         # The piece being filled: at first a placeholder, full, so the first read
         # takes a real one.
-        self._buf = mmap.mmap(-1, 1)
+        self._buf = pages.anonymous(1)
         self._lead = start % PAGE  # where in the first piece its first byte goes
         self._filled = 1  # bytes of ``_buf`` received
         self._handed = 1  # bytes of ``_buf`` handed out
@@ -133,7 +136,7 @@ class BodyReader(asyncio.BufferedProtocol):
         spares = self._spares
         if spares and len(spares[0]) == size and sys.getrefcount(spares[0]) == _UNUSED:
             return spares.popleft()
-        return mmap.mmap(-1, size)
+        return pages.anonymous(size)
 
     # -- the reader's side ----------------------------------------------------------
 

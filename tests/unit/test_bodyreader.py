@@ -12,7 +12,8 @@ import ctypes
 import socket
 from collections.abc import AsyncIterator
 
-from mirrorproxy.upstream.bodyreader import PAGE, BodyReader
+from mirrorproxy.core.pages import PAGE
+from mirrorproxy.upstream.bodyreader import BodyReader
 from tests.fakes.registry import payload
 
 PIECE = 64 * 1024
