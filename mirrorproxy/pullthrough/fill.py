@@ -371,7 +371,8 @@ class BlobFill:
         try:
             while True:
                 part = min(t.read_piece, t.stream_buffer // 8) if self._streaming else t.read_piece
-                chunk = await resp.read_chunk(part, piece=part, limit=t.read_ahead)
+                view = min(part, t.read_view)
+                chunk = await resp.read_chunk(view, piece=part, limit=t.read_ahead)
                 if not chunk:
                     break
                 if skip:
