@@ -133,8 +133,7 @@ class BlobFill:
 
     @property
     def held(self) -> int:
-        """Bytes of this download held in memory (not on disk, or not yet sent once the
-        disk failed)."""
+        """Bytes held in memory: not on disk yet, or not sent yet once the disk failed."""
         return self.clients.memory.bytes
 
     @property
