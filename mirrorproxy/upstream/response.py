@@ -156,9 +156,9 @@ class UpstreamResponse:
         over (below); ``b""`` at its end.
 
         Once aiohttp's buffer is drained, a body of known length with at least
-        ``piece`` bytes to come is read by a ``BodyReader``: into buffers of
-        ``piece`` bytes (as asked by the latest call), at most ``limit`` of them
-        unread, and no copy on the way
+        ``at_most`` bytes to come is read by a ``BodyReader``: into buffers of
+        ``piece`` bytes (as asked by the latest call; smaller for a shorter body), at
+        most ``limit`` of them unread, and no copy on the way
         (the connection is then closed on release, not reused). Otherwise as
         aiohttp reads it, piece by piece as received (``readany`` would join them
         into a new copy).
@@ -172,7 +172,7 @@ class UpstreamResponse:
             return data
         remaining = (self.content_length or 0) - content.total_bytes
         conn = self._resp.connection
-        if remaining >= piece and not content.is_eof() and conn is not None:
+        if remaining >= at_most and not content.is_eof() and conn is not None:
             transport = conn.transport
             previous = transport.get_protocol() if transport is not None else None
             if isinstance(transport, asyncio.Transport) and previous is not None:
