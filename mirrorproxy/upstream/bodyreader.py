@@ -36,7 +36,10 @@ import aiohttp
 from mirrorproxy.core import pages
 from mirrorproxy.core.pages import PAGE
 
-SPARES = 32  # pieces handed out whole, kept for reuse (the oldest are dropped past this)
+# Full pieces kept for reuse, the oldest dropped past this. At least what one download
+# can have in flight (Tuning's write_ahead + read_ahead + write_batch: 44 MiB), or the
+# oldest, still in use, would be dropped and a new piece made for every read.
+SPARE_BYTES = 64 * 1024 * 1024
 
 
 def _unused_refcount() -> int:
@@ -128,7 +131,7 @@ class BodyReader(asyncio.BufferedProtocol):
         """Keep a piece whose bytes were all received, to fill again once unused."""
         if len(piece) == self._piece:
             self._spares.append(piece)
-            if len(self._spares) > SPARES:
+            if len(self._spares) * self._piece > SPARE_BYTES:
                 self._spares.popleft()
 
     def _new_piece(self, size: int) -> mmap.mmap:
