@@ -27,7 +27,9 @@ HUGE = 2 * 1024 * 1024  # a transparent huge page on x86-64 and arm64 (4 KiB pag
 
 def anonymous(size: int) -> mmap.mmap:
     """``size`` bytes of zeroed, page-aligned private memory, asking for huge pages
-    when ``size`` is a multiple of one (Linux aligns such mappings to it)."""
+    when ``size`` is a multiple of one (Linux 6.7 and later align such mappings to
+    it; on older kernels a mapping gets huge pages only where it happens to span an
+    aligned 2 MiB, and the rest is still private memory)."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     buf = mmap.mmap(-1, size, flags=flags)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)

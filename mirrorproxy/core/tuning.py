@@ -33,9 +33,10 @@ class Tuning:
     # the socket is paused.
     # 1 MiB against 256 KiB: fewer, larger reads and sends on the event loop (with
     # pieces reused, 0.60 -> 0.48 CPU-s/GB there). 2 MiB: each piece is one huge page
-    # (core.pages), so new pieces cost one fault each; cold fills 1.30 -> 1.08 CPU-s/GB
-    # (median of 27, with private memory). A download gone memory-only reads into
-    # pieces of stream_buffer / 8 at most, so memory stays bounded in fine steps.
+    # (core.pages; Linux 6.7+ aligns such mappings), so a new piece costs one fault;
+    # cold fills 1.30 -> 1.08 CPU-s/GB (median of 27, with private memory). A
+    # download gone memory-only reads into pieces of stream_buffer / 8 at most, so
+    # memory stays bounded in fine steps.
     read_piece: int = 2 * MIB
     # ...and handed on in views of at most read_view bytes (to live clients, their
     # window, the writer). Peak RSS for 10 clients of a cold 1 GiB blob: 99-131 MiB,
