@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import mmap
 import os
 import random
 import threading
@@ -22,6 +21,7 @@ import pytest
 from mirrorproxy.cache import blobs as blobs_module
 from mirrorproxy.cache.appender import ALIGN, STAGE, Appender
 from mirrorproxy.cache.blobs import BlobWriter, FileBlobStore
+from mirrorproxy.core import pages
 from mirrorproxy.core.oci import Digest
 from mirrorproxy.core.tuning import Tuning
 from tests.fakes.registry import payload
@@ -51,7 +51,7 @@ def laid_out(data: bytes, lead: int, sizes: list[int]) -> list[memoryview]:
     """``data`` in page-aligned memory from byte ``lead`` of it on, cut at ``sizes``:
     how the upstream body reader lays out a body whose first byte is at a file offset
     congruent to ``lead``."""
-    buf = mmap.mmap(-1, lead + len(data))
+    buf = pages.anonymous(lead + len(data))  # as the reader's pieces are made
     buf[lead : lead + len(data)] = data
     out, at = [], lead
     for n in sizes:
