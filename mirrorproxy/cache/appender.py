@@ -206,14 +206,14 @@ def _regions(views: Sequence[memoryview]) -> Iterator[tuple[memoryview, int | No
                 base = None
             yield v, None
             continue
-        whole = memoryview(v.obj)
-        at = _address(v) - _address(whole)
+        origin = _address(memoryview(v.obj))
+        at = _address(v) - origin
         if base is not None and v.obj is obj and at == stop:
             stop += len(v)
             continue
         if base is not None:
             yield memoryview(obj)[start:stop], base + start
-        obj, start, stop, base = v.obj, at, at + len(v), _address(whole)
+        obj, start, stop, base = v.obj, at, at + len(v), origin
     if base is not None:
         yield memoryview(obj)[start:stop], base + start
 
