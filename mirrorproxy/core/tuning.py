@@ -38,9 +38,10 @@ class Tuning:
     # download gone memory-only reads into pieces of stream_buffer / 8 at most, so
     # memory stays bounded in fine steps.
     read_piece: int = 2 * MIB
-    # ...and handed on in views of at most read_view bytes (to live clients, their
-    # window, the writer). Peak RSS for 10 clients of a cold 1 GiB blob: 99-131 MiB,
-    # against 97-147 with 2 MiB views (live clients' buffers grow in larger steps).
+    # An upstream body is handed on in parts of at most read_view bytes: a fill's
+    # views (to live clients, their window, the writer), a stream-through relay's
+    # reads. Peak RSS for 10 clients of a cold 1 GiB blob: 99-131 MiB, against
+    # 97-147 with 2 MiB views (live clients' buffers grow in larger steps).
     read_view: int = 1 * MIB
     read_ahead: int = 8 * MIB
     max_resumes: int = 3
@@ -79,7 +80,6 @@ class Tuning:
     min_slice: int = 64 * KIB  # a client slower than this per client_timeout is stalled
     first_slice: int = 1024 * KIB
     max_slice: int = 16 * MIB
-    relay_chunk: int = 1024 * KIB  # read size from an upstream body
     # Loopback clients get file bytes copied in writes of copy_piece (http/blobsend):
     # 256 MiB cached to one client here, 3.2-4.7 GB/s against 2.5 by sendfile; 1 MiB
     # writes fell to 1.7 (the piece no longer stays in the CPU cache between copies).

@@ -207,7 +207,7 @@ class BlobPolicy:
             client=self._client,
             metrics=self._metrics,
             corrupt=self.corrupt,
-            chunk=self.tuning.relay_chunk,
+            chunk=self.tuning.read_view,
             max_resumes=self.tuning.max_resumes,
         )
 
