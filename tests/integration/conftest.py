@@ -113,10 +113,8 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
         # With ``dns`` every member finds the others by ``members_dns``: member i
         # listens on 127.0.0.<i+1>, all on one port, as pods behind a headless Service.
         hosts = [f"127.0.0.{i + 1}" if dns else "127.0.0.1" for i in range(n)]
-        ports = member_ports(1) * n if dns else member_ports(n)
-        urls = [f"http://{host}:{port}" for host, port in zip(hosts, ports, strict=True)]
-        started = []
-        for i, port in enumerate(ports):
+
+        async def member(i: int, ports: list[int], urls: list[str]) -> Mirror:
             listed = (members or {}).get(i, range(n))
             table: dict[str, Any] = {"self": urls[i], "peer_timeout": "1s", **(cluster or {})}
             if dns is None:
@@ -124,7 +122,7 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
                     urls[m] if isinstance(m, int) else m.format(*ports) for m in listed
                 ]
             else:
-                table["members_dns"] = f"mirrors.test.internal:{port}"
+                table["members_dns"] = f"mirrors.test.internal:{ports[i]}"
             config = mirror_config(
                 tmp_path / f"member{i}" / "cache",
                 upstreams,
@@ -134,9 +132,23 @@ def start_cluster(aiohttp_client: AiohttpClient, tmp_path: Path) -> ClusterFacto
                 cache=cache,
             )
             app = create_app(config, tuning=tuning, resolver=dns or resolve_addresses)
-            client = await aiohttp_client(app, server_kwargs={"host": hosts[i], "port": port})
-            started.append(Mirror(client, config))
-        return started
+            server_kwargs = {"host": hosts[i], "port": ports[i]}
+            return Mirror(await aiohttp_client(app, server_kwargs=server_kwargs), config)
+
+        for tries_left in (2, 1, 0):  # a port free a moment ago may be taken before we bind
+            ports = member_ports(1) * n if dns else member_ports(n)
+            urls = [f"http://{host}:{port}" for host, port in zip(hosts, ports, strict=True)]
+            started: list[Mirror] = []
+            try:
+                for i in range(n):
+                    started.append(await member(i, ports, urls))
+                return started
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE or not tries_left:
+                    raise
+                for m in started:
+                    await m.client.close()
+        raise AssertionError("unreachable: the last try returns or raises")
 
     return start
 
