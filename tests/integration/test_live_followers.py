@@ -115,7 +115,9 @@ async def test_a_corrupt_blob_never_reaches_a_live_client_whole(
     async with asyncio.timeout(WAIT):
         with pytest.raises(aiohttp.ClientPayloadError):
             await read_all()
-    assert len(got) == len(data) - 1  # everything but the held-back last byte
+    # Never whole: the last byte is held back. Bytes still queued for the client when
+    # the digest fails go with the connection (it is cut at once), so it may be less.
+    assert 0 < len(got) <= len(data) - 1
     disk_stalled.set()
     await wait_for(lambda: not mirror.tmp_files())
     assert mirror.blob_files() == []
